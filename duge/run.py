@@ -1,0 +1,183 @@
+"""A whole unlearning job as the command line runs it: load, measure, unlearn, save, report.
+
+`run_unlearn` writes into a temporary folder beside the output folder and renames it into place
+at the end, so an interrupted run leaves no half-written output folder.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from .concepts import ConceptSet, load_concept_set, render_prompt, resolve_request
+from .errors import DugeError, OutputExistsError
+from .grids import labelled_grid, to_pil
+
+METHOD = "duge"
+
+
+def uses_builtin_world(pipe) -> bool:
+    """True when the model speaks the built-in world's vocabulary (the built-in model or an edit of it)."""
+    from .world.tokenizer import world_words
+
+    vocab = pipe.tokenizer.get_vocab()
+    return all(f"{w}</w>" in vocab for w in world_words()) and len(vocab) < 1000
+
+
+def builtin_evaluator():
+    from .world.evaluator import load_evaluator
+    from .world.model import EVALUATOR_PATH
+
+    return load_evaluator(EVALUATOR_PATH)
+
+
+def anchor_filter(backend, evaluator):
+    """Keep anchor images in which the evaluator does not see the request's target."""
+    from .world.vocabulary import concept_by_name
+
+    def keep(latents, request):
+        concept = concept_by_name(request.target)
+        predicted = evaluator.predict(backend.decode(latents))[concept.kind]
+        return torch.tensor([p != concept.name for p in predicted])
+
+    return keep
+
+
+def world_evaluate(backend, evaluator, seed: int, steps: int = 20):
+    from .evaluation import unlearning_metrics
+
+    def evaluate(_backend, requests_so_far):
+        return unlearning_metrics(lambda prompts, s: backend.generate(prompts, s, steps, 7.5), evaluator,
+                                  requests_so_far, seed=seed)
+
+    return evaluate
+
+
+def comparison_prompts(concept_set: ConceptSet, builtin_world: bool) -> list[str]:
+    """For before/after grids: each target's first template, and each preserved concept's."""
+    prompts = []
+    for spec in concept_set.requests:
+        r = resolve_request(spec, builtin_world=builtin_world)
+        prompts.append(render_prompt(r.templates[0], r.target))
+        prompts += [render_prompt(r.templates[0], p) for p in r.preserve[:2]]
+    return list(dict.fromkeys(prompts))
+
+
+def before_after_grid(before_pipe_generate, after_generate, prompts, n: int, seed: int):
+    rows, labels = [], []
+    for prompt in prompts:
+        before = before_pipe_generate([prompt] * n, seed)
+        after = after_generate([prompt] * n, seed)
+        rows.append([to_pil(x) for x in before] + [to_pil(x) for x in after])
+        labels.append(prompt)
+    columns = [f"before {i}" for i in range(n)] + [f"after {i}" for i in range(n)]
+    return labelled_grid(rows, labels, column_labels=columns)
+
+
+def prepare_output_folder(out: Path, overwrite: bool) -> Path:
+    """A fresh temporary folder beside `out`; refuses an existing non-empty `out` without overwrite."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise OutputExistsError(f"output folder '{out}' exists and is not empty; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+
+
+def publish_output_folder(tmp: Path, out: Path) -> None:
+    """Move the finished temporary folder to `out` (replacing an old one only now, at the end)."""
+    if out.exists():
+        backup = out.with_name(f".{out.name}.old")
+        if backup.exists():
+            shutil.rmtree(backup)
+        out.rename(backup)
+        tmp.rename(out)
+        shutil.rmtree(backup)
+    else:
+        tmp.rename(out)
+
+
+def run_unlearn(model: str, concepts_path: str, out: str | Path, config, overwrite: bool = False,
+                lora_rank: int | None = None, progress=None, cancel=None, log=print) -> dict:
+    """Unlearn a concept set from `model` and write model/, model.safetensors, loras/, grids and report.json."""
+    from .backends.diffusers_backend import DiffusersBackend
+    from .io import make_manifest, model_hash, save_diffusers_folder, save_lora, save_single_file
+    from .models import load_pipeline
+    from .trainer import unlearn
+
+    out = Path(out)
+    concept_set = load_concept_set(concepts_path)
+    tmp = prepare_output_folder(out, overwrite)
+    try:
+        pipe = load_pipeline(model)
+        builtin_world = uses_builtin_world(pipe)
+        backend = DiffusersBackend(pipe, dtype=config.dtype)
+        evaluator = builtin_evaluator() if builtin_world else None
+        evaluate = world_evaluate(backend, evaluator, config.seed + 999) if evaluator else None
+        base_hash = model_hash(pipe.unet.state_dict())
+        report: dict = {"model": str(model), "concept_set": concept_set.name, "method": METHOD,
+                        "setting": config.setting, "config": asdict(config), "requests": []}
+        t_start = time.time()
+        if evaluate:
+            log("measuring the unedited model ...")
+            resolved = [resolve_request(r, builtin_world=True) for r in concept_set.requests]
+            report["before"] = evaluate(backend, resolved)
+        peak_before = _peak_memory_mb()
+        result = unlearn(backend, concept_set, config, builtin_world=builtin_world,
+                         image_filter=anchor_filter(backend, evaluator) if evaluator else None,
+                         evaluate=evaluate, progress=progress, cancel=cancel)
+        for r in result.requests:
+            entry = {"target": r.target, "seconds": round(r.seconds, 2), "steps": r.steps,
+                     "final_losses": r.final_losses}
+            for key in ("UA", "IRA", "CRA"):
+                entry[key] = r.metrics.get(key)
+            entry["details"] = {k: v for k, v in r.metrics.items() if k not in ("UA", "IRA", "CRA")}
+            report["requests"].append(entry)
+        if result.requests:
+            last = result.requests[-1].metrics
+            report["final"] = {k: last.get(k) for k in ("UA", "IRA", "CRA")}
+            if "before" in report:
+                from .evaluation import retention_ratios
+
+                report["final"].update(retention_ratios(last, report["before"]))
+        report["seconds_total"] = round(time.time() - t_start, 2)
+        report["peak_memory_mb"] = max(peak_before, _peak_memory_mb())
+
+        edited = backend.edited_pipeline(result.total_delta)
+        manifest = make_manifest(METHOD, [dict(req, setting=config.setting) for req in result.manifest_requests()],
+                                 base_model_hash=base_hash, base_model=str(model),
+                                 extra={"config": asdict(config), "concept_set": concept_set.name})
+        log("saving model/, model.safetensors and loras/ ...")
+        save_diffusers_folder(edited, tmp / "model", manifest)
+        save_single_file(edited, tmp / "model.safetensors", manifest)
+        for k, r in enumerate(result.requests, start=1):
+            name = "".join(ch if ch.isalnum() else "_" for ch in r.target)[:60]
+            request_manifest = dict(manifest, request_index=k)
+            save_lora(r.delta, tmp / "loras" / f"{k:02d}_{name}.safetensors", request_manifest, rank=lora_rank)
+        log("drawing before/after grids ...")
+        prompts = comparison_prompts(concept_set, builtin_world)
+        before = backend.generate
+        after_backend = DiffusersBackend(edited, device=backend.device, dtype=config.dtype)
+        grid = before_after_grid(lambda p, s: backend.generate(p, s, 25, 7.5),
+                                 lambda p, s: after_backend.generate(p, s, 25, 7.5), prompts, 4, config.seed)
+        grid.save(tmp / "before_after.png")
+        (tmp / "report.json").write_text(json.dumps(report, indent=2))
+        publish_output_folder(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report
+
+
+def _peak_memory_mb() -> float:
+    """Peak resident memory of this process (CUDA: peak allocated) in MiB."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,0 +1,348 @@
+"""The continual unlearning loop: `UnlearnConfig` and `unlearn`.
+
+For each request the frozen model θ0 generates the images the losses need (anchor images, devoid
+of the target, and images of the related concepts to preserve), cached per request; then the
+trainable deltas on the cross-attention K/V are optimised with
+
+    L = L_xattn + λ_prior · L_prior + λ_reg · L_reg          (design doc §2)
+
+Settings: sequential (each request starts from the last result; the default), independent (each
+from θ0; the results are merged at the end), simultaneous (all requests in one optimisation).
+The host model is never changed: edits are deltas removed in `finally`, so an error, Ctrl-C or a
+cancel callback leaves the host bit-identical and returns nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .attention import reduce_token_maps
+from .concepts import ConceptSet, ResolvedRequest, render_prompt, resolve_request
+from .edits import trainable_pattern
+from .errors import DugeError
+from .losses import cross_attention_loss, prior_preservation_loss, regularization_loss
+
+SETTINGS = ("sequential", "independent", "simultaneous")
+
+
+class UnlearnCancelled(DugeError):
+    """The run was cancelled (Ctrl-C or a cancel callback); nothing was produced."""
+
+
+class TrainingDiverged(DugeError):
+    """A loss or weight became NaN/inf; the request was rolled back."""
+
+
+@dataclass
+class UnlearnConfig:
+    """Every setting of a run. The command line and the nodes fill it; defaults are DUGE's."""
+
+    setting: str = "sequential"
+    steps: int = 150  # optimisation steps per request (a request's `steps` overrides)
+    learning_rate: float = 2e-3
+    batch_size: int = 4
+    beta: float = 50.0  # weight of the attention-map term inside L_xattn
+    lambda_prior: float = 1.0
+    lambda_reg: float = 1.0
+    regularizer: str = "l2sp"  # "l2sp" (F = 1) or "fisher" (diagonal Fisher on general prompts)
+    trainable: str = "kv"  # "kv" | "qkv" | "attn2"
+    trainable_mode: str = "full"  # "full" deltas or "lora"
+    lora_rank: int = 4
+    attention_layers: list[str] | None = None  # None: every cross-attention layer
+    anchor_images: int = 16  # images from the anchor prompts, per request
+    related_images: int = 4  # images per related concept
+    cache_steps: int = 20  # sampler steps for the cached images
+    cache_guidance: float = 7.5
+    dtype: str = "auto"  # "auto" | "float32" | "float16" | "bfloat16" (autocast; deltas stay float32)
+    seed: int = 0
+    fisher_samples: int = 8
+
+    def validate(self) -> None:
+        if self.setting not in SETTINGS:
+            raise DugeError(f"setting must be one of {SETTINGS}, got {self.setting!r}")
+        for name in ("steps", "batch_size", "anchor_images"):
+            if getattr(self, name) < 1:
+                raise DugeError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise DugeError(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.regularizer not in ("l2sp", "fisher"):
+            raise DugeError(f"regularizer must be 'l2sp' or 'fisher', got {self.regularizer!r}")
+        trainable_pattern(self.trainable)
+
+
+@dataclass
+class RequestCache:
+    """What θ0 generated for one request. Latents [N, C, h, w] as the UNet sees them."""
+
+    request: ResolvedRequest
+    anchor_latents: torch.Tensor
+    anchor_templates: list[int]  # template index of each anchor latent
+    related_latents: torch.Tensor
+    related_prompts: list[str]
+    dropped_anchor_images: int = 0
+
+
+@dataclass
+class RequestResult:
+    target: str
+    delta: dict[str, torch.Tensor]  # this request's ΔW per layer [out, in], float32
+    seconds: float
+    steps: int
+    final_losses: dict[str, float]
+    metrics: dict = field(default_factory=dict)
+
+
+@dataclass
+class UnlearnResult:
+    config: UnlearnConfig
+    requests: list[RequestResult]
+    total_delta: dict[str, torch.Tensor]  # θ - θ0 per layer
+
+    def manifest_requests(self) -> list[dict]:
+        return [
+            {"target": r.target, "steps": r.steps, "seconds": round(r.seconds, 3),
+             "final_losses": r.final_losses, "metrics": r.metrics}
+            for r in self.requests
+        ]
+
+
+ProgressFn = Callable[[dict], None]
+
+
+def _check_cancel(cancel: Callable[[], bool] | None) -> None:
+    if cancel is not None and cancel():
+        raise UnlearnCancelled("unlearning cancelled; the model was left unchanged and nothing was written")
+
+
+def build_request_cache(backend, request: ResolvedRequest, config: UnlearnConfig, seed: int,
+                        image_filter=None) -> RequestCache:
+    """Generate the anchor and related images with the frozen model θ0 (edits disabled by the caller).
+
+    `image_filter(latents, request) -> keep mask [N] bool` may drop anchor images that still show
+    the target (the built-in evaluator does this); at least a quarter are always kept.
+    """
+    n = config.anchor_images
+    template_ids = [i % len(request.templates) for i in range(n)]
+    prompts = [render_prompt(request.templates[i], request.anchor) for i in template_ids]
+    latents = backend.sample_latents(prompts, seed, config.cache_steps, config.cache_guidance)
+    dropped = 0
+    if image_filter is not None:
+        keep = image_filter(latents, request)
+        if int(keep.sum()) >= max(1, n // 4):
+            dropped = int((~keep).sum())
+            latents = latents[keep]
+            template_ids = [t for t, k in zip(template_ids, keep.tolist()) if k]
+    related_prompts = []
+    for j, concept in enumerate(request.preserve):
+        for i in range(config.related_images):
+            related_prompts.append(render_prompt(request.templates[(i + j) % len(request.templates)], concept))
+    related = (backend.sample_latents(related_prompts, seed + 10_000, config.cache_steps, config.cache_guidance)
+               if related_prompts else latents[:0])
+    return RequestCache(request, latents, template_ids, related, related_prompts, dropped)
+
+
+def _reduced_maps(store, mask) -> list[torch.Tensor]:
+    return [reduce_token_maps(m, mask) for m in store.maps.values()]
+
+
+def _request_step(backend, edits, caches: list[RequestCache], config: UnlearnConfig, rng: np.random.Generator,
+                  generator: torch.Generator, theta0: dict, fisher: dict | None) -> tuple[torch.Tensor, dict]:
+    """One optimisation step's loss over a batch drawn from `caches` (one cache except when simultaneous)."""
+    device = backend.device
+    b = config.batch_size
+    which = rng.integers(0, len(caches), b)
+    anchor_z, target_prompts, anchor_prompts, target_words, anchor_words = [], [], [], [], []
+    related_z, related_prompts = [], []
+    for c in which:
+        cache = caches[c]
+        req = cache.request
+        i = rng.integers(0, len(cache.anchor_latents))
+        template = req.templates[cache.anchor_templates[i]]
+        word = ([req.target] + list(req.aliases))[rng.integers(0, 1 + len(req.aliases))]
+        anchor_z.append(cache.anchor_latents[i])
+        target_prompts.append(render_prompt(template, word))
+        anchor_prompts.append(render_prompt(template, req.anchor))
+        target_words.append(word)
+        anchor_words.append(req.anchor)
+        if len(cache.related_latents):
+            j = rng.integers(0, len(cache.related_latents))
+            related_z.append(cache.related_latents[j])
+            related_prompts.append(cache.related_prompts[j])
+
+    z0 = torch.stack(anchor_z).to(device)
+    noise = torch.randn(z0.shape, generator=generator).to(device)
+    t = torch.randint(0, backend.num_train_timesteps, (b,), generator=generator).to(device)
+    zt = backend.add_noise(z0, noise, t)
+    ctx_target = backend.encode_prompts(target_prompts)
+    ctx_anchor = backend.encode_prompts(anchor_prompts)
+    tok_target, mask_target = backend.token_indices(target_prompts, target_words)
+    tok_anchor, mask_anchor = backend.token_indices(anchor_prompts, anchor_words, eos_fallback=True)
+    use_attention = config.beta > 0
+
+    with torch.no_grad(), edits.disabled():
+        if use_attention:
+            with backend.capture_attention(config.attention_layers, tok_anchor) as store:
+                ref_anchor = backend.predict_noise(zt, t, ctx_anchor)
+                maps_anchor = _reduced_maps(store, mask_anchor)
+        else:
+            ref_anchor = backend.predict_noise(zt, t, ctx_anchor)
+            maps_anchor = []
+    if use_attention:
+        with backend.capture_attention(config.attention_layers, tok_target) as store:
+            pred_target = backend.predict_noise(zt, t, ctx_target)
+            maps_target = _reduced_maps(store, mask_target)
+    else:
+        pred_target = backend.predict_noise(zt, t, ctx_target)
+        maps_target = []
+    loss_xattn, parts = cross_attention_loss(pred_target, ref_anchor, maps_target, maps_anchor, config.beta)
+    losses = {"output": float(parts["output"]), "attention": float(parts["attention"])}
+    loss = loss_xattn
+
+    if related_z and config.lambda_prior > 0:
+        zr0 = torch.stack(related_z).to(device)
+        noise_r = torch.randn(zr0.shape, generator=generator).to(device)
+        t_r = torch.randint(0, backend.num_train_timesteps, (len(related_z),), generator=generator).to(device)
+        zr = backend.add_noise(zr0, noise_r, t_r)
+        ctx_r = backend.encode_prompts(related_prompts)
+        with torch.no_grad(), edits.disabled():
+            ref_r = backend.predict_noise(zr, t_r, ctx_r)
+        loss_prior = prior_preservation_loss(backend.predict_noise(zr, t_r, ctx_r), ref_r)
+        loss = loss + config.lambda_prior * loss_prior
+        losses["prior"] = float(loss_prior)
+
+    if config.lambda_reg > 0:
+        deltas = edits.total_deltas()
+        params = {name: theta0[name] + d for name, d in deltas.items()}
+        loss_reg = regularization_loss(params, theta0, fisher)
+        loss = loss + config.lambda_reg * loss_reg
+        losses["regularization"] = float(loss_reg)
+    losses["total"] = float(loss)
+    return loss, losses
+
+
+def estimate_fisher(backend, edits, prompts: list[str], config: UnlearnConfig, seed: int) -> dict[str, torch.Tensor]:
+    """Diagonal Fisher of the trainable weights at the current model: the mean squared gradient of
+    the denoising loss on images generated from `prompts`, normalised to mean 1 (so λ_reg keeps
+    the scale it has with L2-SP)."""
+    generator = torch.Generator().manual_seed(seed)
+    committed = [d.committed for d in edits.deltas.values()]
+    fisher = {name: torch.zeros_like(d.committed) for name, d in edits.deltas.items()}
+    latents = backend.sample_latents(prompts, seed, config.cache_steps, config.cache_guidance)
+    ctx = backend.encode_prompts(prompts)
+    for c in committed:
+        c.requires_grad_(True)
+    try:
+        for i in range(len(prompts)):
+            noise = torch.randn(latents[i : i + 1].shape, generator=generator).to(backend.device)
+            t = torch.randint(0, backend.num_train_timesteps, (1,), generator=generator).to(backend.device)
+            zt = backend.add_noise(latents[i : i + 1], noise, t)
+            loss = torch.nn.functional.mse_loss(backend.predict_noise(zt, t, ctx[i : i + 1]), noise)
+            grads = torch.autograd.grad(loss, committed, allow_unused=True)
+            for name, g in zip(edits.deltas, grads):
+                if g is not None:
+                    fisher[name] += g.detach() ** 2 / len(prompts)
+    finally:
+        for c in committed:
+            c.requires_grad_(False)
+    mean = torch.stack([f.mean() for f in fisher.values()]).mean().clamp(min=1e-20)
+    return {name: f / mean for name, f in fisher.items()}
+
+
+def unlearn(backend, concept_set: ConceptSet, config: UnlearnConfig, builtin_world: bool = False,
+            image_filter=None, evaluate=None, progress: ProgressFn | None = None,
+            cancel: Callable[[], bool] | None = None, start_deltas: dict[str, torch.Tensor] | None = None,
+            start_index: int = 0) -> UnlearnResult:
+    """Erase the concept set's requests from the backend's model, in order.
+
+    `evaluate(backend, requests_so_far) -> dict` is called after each request with the edits
+    enabled (the current model). `progress(info)` receives step-level information. Raises
+    UnlearnCancelled if `cancel()` returns True or on KeyboardInterrupt; the host is unchanged.
+    `start_deltas`/`start_index` resume a sequential run after request `start_index - 1`.
+    """
+    config.validate()
+    requests = [resolve_request(r, builtin_world=builtin_world) for r in concept_set.requests]
+    results: list[RequestResult] = []
+    torch.manual_seed(config.seed)
+    try:
+        with backend.edits(trainable_pattern(config.trainable), mode=config.trainable_mode,
+                           rank=config.lora_rank) as edits:
+            theta0 = {name: w.detach().float() for name, w in edits.originals.items()}
+            fisher = None
+            if config.regularizer == "fisher":
+                prompts = list(concept_set.general_prompts) or [render_prompt(r.templates[0], r.anchor) for r in requests]
+                fisher = estimate_fisher(backend, edits, prompts[: config.fisher_samples], config, config.seed + 7)
+            if start_deltas:
+                edits.load_committed(start_deltas)
+
+            def train(caches: list[RequestCache], steps: int, lr: float, seed: int, label: str) -> tuple[dict, dict]:
+                rng = np.random.default_rng(seed)
+                generator = torch.Generator().manual_seed(seed)
+                before = edits.committed()
+                params = edits.start_request(seed)
+                optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+                losses = {}
+                for step in range(steps):
+                    _check_cancel(cancel)
+                    loss, losses = _request_step(backend, edits, caches, config, rng, generator, theta0, fisher)
+                    if not torch.isfinite(loss):
+                        edits.discard_request()
+                        edits.load_committed(before)
+                        raise TrainingDiverged(f"request '{label}': loss became {float(loss)} at step {step + 1}; "
+                                               "the request was rolled back — lower the learning rate")
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    if progress:
+                        progress({"request": label, "step": step + 1, "steps": steps, "losses": losses})
+                delta = edits.commit_request()
+                if not all(torch.isfinite(d).all() for d in delta.values()):
+                    edits.load_committed(before)
+                    raise TrainingDiverged(f"request '{label}': a weight became NaN/inf; the request was rolled back")
+                return delta, losses
+
+            if config.setting == "simultaneous":
+                t0 = time.time()
+                with edits.disabled():
+                    caches = [build_request_cache(backend, r, config, config.seed + 100 * k, image_filter)
+                              for k, r in enumerate(requests)]
+                steps = sum(concept_set.requests[k].steps or config.steps for k in range(len(requests)))
+                delta, losses = train(caches, steps, config.learning_rate, config.seed, "all requests")
+                metrics = evaluate(backend, requests) if evaluate else {}
+                results.append(RequestResult(", ".join(r.target for r in requests), delta, time.time() - t0,
+                                             steps, losses, metrics))
+            else:
+                independent_deltas = []
+                for k, request in enumerate(requests):
+                    if k < start_index:
+                        continue
+                    _check_cancel(cancel)
+                    spec = concept_set.requests[k]
+                    t0 = time.time()
+                    if config.setting == "independent":
+                        edits.reset()
+                    seed = spec.seed if spec.seed is not None else config.seed + 100 * k
+                    with edits.disabled():
+                        cache = build_request_cache(backend, request, config, seed, image_filter)
+                    delta, losses = train([cache], spec.steps or config.steps, spec.learning_rate or config.learning_rate,
+                                          seed, request.target)
+                    seconds = time.time() - t0
+                    metrics = evaluate(backend, requests[: k + 1]) if evaluate else {}
+                    metrics["dropped_anchor_images"] = cache.dropped_anchor_images
+                    results.append(RequestResult(request.target, delta, seconds, spec.steps or config.steps, losses, metrics))
+                    independent_deltas.append(delta)
+                if config.setting == "independent":
+                    merged = {name: sum(d[name] for d in independent_deltas) for name in edits.deltas}
+                    edits.load_committed(merged)
+            total = edits.committed()
+    except KeyboardInterrupt as err:
+        raise UnlearnCancelled("unlearning interrupted; the model was left unchanged and nothing was written") from err
+    return UnlearnResult(config, results, total)
+
+
+def config_dict(config: UnlearnConfig) -> dict:
+    return asdict(config)
