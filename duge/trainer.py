@@ -26,6 +26,7 @@ from .concepts import ConceptSet, ResolvedRequest, render_prompt, resolve_reques
 from .edits import trainable_pattern
 from .errors import DugeError
 from .losses import cross_attention_loss, prior_preservation_loss, regularization_loss
+from .methods import get_method
 
 SETTINGS = ("sequential", "independent", "simultaneous")
 
@@ -42,6 +43,7 @@ class TrainingDiverged(DugeError):
 class UnlearnConfig:
     """Every setting of a run. The command line and the nodes fill it; defaults are DUGE's."""
 
+    method: str = "duge"  # "duge" or a baseline: "ca", "ft-l2sp", "esd-x", "uce" (duge.methods)
     setting: str = "sequential"
     steps: int = 150  # optimisation steps per request (a request's `steps` overrides)
     learning_rate: float = 2e-3
@@ -61,6 +63,7 @@ class UnlearnConfig:
     dtype: str = "auto"  # "auto" | "float32" | "float16" | "bfloat16" (autocast; deltas stay float32)
     seed: int = 0
     fisher_samples: int = 8
+    esd_eta: float = 1.0  # negative-guidance strength of the esd-x baseline
 
     def validate(self) -> None:
         if self.setting not in SETTINGS:
@@ -73,6 +76,7 @@ class UnlearnConfig:
         if self.regularizer not in ("l2sp", "fisher"):
             raise DugeError(f"regularizer must be 'l2sp' or 'fisher', got {self.regularizer!r}")
         trainable_pattern(self.trainable)
+        get_method(self.method)
 
 
 @dataclass
@@ -85,6 +89,7 @@ class RequestCache:
     related_latents: torch.Tensor
     related_prompts: list[str]
     dropped_anchor_images: int = 0
+    target_latents: torch.Tensor | None = None  # images of the target itself (esd-x only), one per anchor template
 
 
 @dataclass
@@ -126,6 +131,8 @@ def build_request_cache(backend, request: ResolvedRequest, config: UnlearnConfig
     `image_filter(latents, request) -> keep mask [N] bool` may drop anchor images that still show
     the target (the built-in evaluator does this); at least a quarter are always kept.
     """
+    if get_method(config.method).objective == "closed_form":  # UCE needs no images
+        return RequestCache(request, torch.zeros(0), [], torch.zeros(0), [])
     n = config.anchor_images
     template_ids = [i % len(request.templates) for i in range(n)]
     prompts = [render_prompt(request.templates[i], request.anchor) for i in template_ids]
@@ -143,7 +150,11 @@ def build_request_cache(backend, request: ResolvedRequest, config: UnlearnConfig
             related_prompts.append(render_prompt(request.templates[(i + j) % len(request.templates)], concept))
     related = (backend.sample_latents(related_prompts, seed + 10_000, config.cache_steps, config.cache_guidance)
                if related_prompts else latents[:0])
-    return RequestCache(request, latents, template_ids, related, related_prompts, dropped)
+    target = None
+    if get_method(config.method).objective == "negative_guidance":
+        target_prompts = [render_prompt(request.templates[i % len(request.templates)], request.target) for i in range(n)]
+        target = backend.sample_latents(target_prompts, seed + 20_000, config.cache_steps, config.cache_guidance)
+    return RequestCache(request, latents, template_ids, related, related_prompts, dropped, target)
 
 
 def _reduced_maps(store, mask) -> list[torch.Tensor]:
@@ -153,6 +164,7 @@ def _reduced_maps(store, mask) -> list[torch.Tensor]:
 def _request_step(backend, edits, caches: list[RequestCache], config: UnlearnConfig, rng: np.random.Generator,
                   generator: torch.Generator, theta0: dict, fisher: dict | None) -> tuple[torch.Tensor, dict]:
     """One optimisation step's loss over a batch drawn from `caches` (one cache except when simultaneous)."""
+    method = get_method(config.method)
     device = backend.device
     b = config.batch_size
     which = rng.integers(0, len(caches), b)
@@ -164,7 +176,12 @@ def _request_step(backend, edits, caches: list[RequestCache], config: UnlearnCon
         i = rng.integers(0, len(cache.anchor_latents))
         template = req.templates[cache.anchor_templates[i]]
         word = ([req.target] + list(req.aliases))[rng.integers(0, 1 + len(req.aliases))]
-        anchor_z.append(cache.anchor_latents[i])
+        if method.objective == "negative_guidance":
+            i = rng.integers(0, len(cache.target_latents))
+            template = req.templates[i % len(req.templates)]
+            anchor_z.append(cache.target_latents[i])
+        else:
+            anchor_z.append(cache.anchor_latents[i])
         target_prompts.append(render_prompt(template, word))
         anchor_prompts.append(render_prompt(template, req.anchor))
         target_words.append(word)
@@ -182,10 +199,15 @@ def _request_step(backend, edits, caches: list[RequestCache], config: UnlearnCon
     ctx_anchor = backend.encode_prompts(anchor_prompts)
     tok_target, mask_target = backend.token_indices(target_prompts, target_words)
     tok_anchor, mask_anchor = backend.token_indices(anchor_prompts, anchor_words, eos_fallback=True)
-    use_attention = config.beta > 0
+    use_attention = method.attention_term and config.beta > 0
 
     with torch.no_grad(), edits.disabled():
-        if use_attention:
+        if method.objective == "negative_guidance":
+            uncond = backend.encode_prompts([""] * b)
+            ref_uncond = backend.predict_noise(zt, t, uncond)
+            ref_anchor = ref_uncond - config.esd_eta * (backend.predict_noise(zt, t, ctx_target) - ref_uncond)
+            maps_anchor = []
+        elif use_attention:
             with backend.capture_attention(config.attention_layers, tok_anchor) as store:
                 ref_anchor = backend.predict_noise(zt, t, ctx_anchor)
                 maps_anchor = _reduced_maps(store, mask_anchor)
@@ -199,11 +221,12 @@ def _request_step(backend, edits, caches: list[RequestCache], config: UnlearnCon
     else:
         pred_target = backend.predict_noise(zt, t, ctx_target)
         maps_target = []
-    loss_xattn, parts = cross_attention_loss(pred_target, ref_anchor, maps_target, maps_anchor, config.beta)
-    losses = {"output": float(parts["output"]), "attention": float(parts["attention"])}
+    loss_xattn, parts = cross_attention_loss(pred_target, ref_anchor, maps_target, maps_anchor,
+                                             config.beta if use_attention else 0.0)
+    losses = {"output": float(parts["output"].detach()), "attention": float(parts["attention"].detach())}
     loss = loss_xattn
 
-    if related_z and config.lambda_prior > 0:
+    if related_z and method.prior_term and config.lambda_prior > 0:
         zr0 = torch.stack(related_z).to(device)
         noise_r = torch.randn(zr0.shape, generator=generator).to(device)
         t_r = torch.randint(0, backend.num_train_timesteps, (len(related_z),), generator=generator).to(device)
@@ -213,15 +236,15 @@ def _request_step(backend, edits, caches: list[RequestCache], config: UnlearnCon
             ref_r = backend.predict_noise(zr, t_r, ctx_r)
         loss_prior = prior_preservation_loss(backend.predict_noise(zr, t_r, ctx_r), ref_r)
         loss = loss + config.lambda_prior * loss_prior
-        losses["prior"] = float(loss_prior)
+        losses["prior"] = float(loss_prior.detach())
 
-    if config.lambda_reg > 0:
+    if method.regularizer and config.lambda_reg > 0:
         deltas = edits.total_deltas()
         params = {name: theta0[name] + d for name, d in deltas.items()}
         loss_reg = regularization_loss(params, theta0, fisher)
         loss = loss + config.lambda_reg * loss_reg
-        losses["regularization"] = float(loss_reg)
-    losses["total"] = float(loss)
+        losses["regularization"] = float(loss_reg.detach())
+    losses["total"] = float(loss.detach())
     return loss, losses
 
 
@@ -265,7 +288,15 @@ def unlearn(backend, concept_set: ConceptSet, config: UnlearnConfig, builtin_wor
     `start_deltas`/`start_index` resume a sequential run after request `start_index - 1`.
     """
     config.validate()
+    method = get_method(config.method)
     requests = [resolve_request(r, builtin_world=builtin_world) for r in concept_set.requests]
+    if config.setting != "independent":
+        # A concept erased by an earlier request (or by any request, when simultaneous) is not
+        # preserved later: preserving it would pull it back.
+        for k, r in enumerate(requests):
+            erased = {x.lower() for q in (requests if config.setting == "simultaneous" else requests[:k])
+                      for x in [q.target, *q.aliases]}
+            r.preserve = [p for p in r.preserve if p.lower() not in erased]
     results: list[RequestResult] = []
     torch.manual_seed(config.seed)
     try:
@@ -280,6 +311,13 @@ def unlearn(backend, concept_set: ConceptSet, config: UnlearnConfig, builtin_wor
                 edits.load_committed(start_deltas)
 
             def train(caches: list[RequestCache], steps: int, lr: float, seed: int, label: str) -> tuple[dict, dict]:
+                if method.objective == "closed_form":
+                    from .uce import uce_delta
+
+                    before = edits.committed()
+                    delta = uce_delta(backend, edits, [c.request for c in caches], config)
+                    edits.load_committed({name: before[name] + delta[name].to(before[name]) for name in before})
+                    return delta, {}
                 rng = np.random.default_rng(seed)
                 generator = torch.Generator().manual_seed(seed)
                 before = edits.committed()
