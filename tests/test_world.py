@@ -93,7 +93,7 @@ def test_builtin_model_loads_offline_with_stock_pipeline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     pipe = StableDiffusionPipeline.from_pretrained(BUILTIN_MODEL_DIR, local_files_only=True)
     assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
-    assert all(c % 32 == 0 for c in pipe.unet.config.block_out_channels + tuple(pipe.vae.config.block_out_channels))
+    assert all(c % 32 == 0 for c in [*pipe.unet.config.block_out_channels, *pipe.vae.config.block_out_channels])
 
 
 def test_shipped_weights_are_small():
