@@ -1,7 +1,8 @@
 """Erasure and retention metrics (design doc §6) over a classifier interface.
 
 A classifier maps images [B, 3, H, W] in [0, 1] to predicted concept names per kind; the
-built-in world's evaluator is one. Definitions, for the requests erased so far:
+built-in world's evaluator is one, `ZeroShotClipClassifier` (a local CLIP folder) another.
+Definitions, for the requests erased so far:
 
 - UA (unlearning accuracy): over every erased concept, the share of images prompted with it —
   under each of its names and several paraphrasing templates — that the classifier does NOT
@@ -11,23 +12,43 @@ built-in world's evaluator is one. Definitions, for the requests erased so far:
 - IRA (in-domain retention): for each request, the mean acc over the non-erased concepts of the
   target's kind; averaged over requests.
 - CRA (cross-domain retention): the same over the non-erased concepts of the other kinds.
-All are fractions in [0, 1].
+- H: the harmonic mean of UA, IRA and CRA (0 when any of them is 0).
+- distance: the Fréchet distance between two Gaussians fitted to the classifier's image
+  features (the built-in evaluator's penultimate layer; CLIP's image embedding) of the edited
+  model's samples and of the unedited model's samples, on the same prompts and seeds. It is
+  FID's formula on another network's features and on a few dozen images, so its values are
+  comparable between methods and requests of one benchmark, not with published FIDs.
+All but the distance are fractions in [0, 1]. "Cumulative" numbers are over every request so
+far (the definitions above); "per request" numbers are those of one request: the UA of its
+target, and the IRA/CRA over its target's kind, with every concept erased so far left out.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Protocol
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
 
 from .concepts import ResolvedRequest, render_prompt
+from .errors import DugeError
 
 
 class ConceptClassifier(Protocol):
     def predict(self, images: torch.Tensor) -> dict[str, list[str]]:
         """Predicted canonical concept name per kind for each image."""
+
+
+class FeatureClassifier(ConceptClassifier, Protocol):
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Image features [B, D] for the distribution distance."""
+
+
+class MissingClassifierError(DugeError):
+    """A model outside the built-in world was to be measured without a classifier for it."""
 
 
 # Paraphrasing templates for UA, per kind (distinct from the training templates).
@@ -37,6 +58,9 @@ PARAPHRASE_TEMPLATES = {
     "style": ["a {} shape", "an image of a {} square", "the circle is pink and {}"],
 }
 
+# Paraphrases for concepts of a user's model (added to the request's own templates for UA).
+GENERIC_PARAPHRASE_TEMPLATES = ("an image of {}", "a picture showing {}", "{}, highly detailed")
+
 
 @dataclass
 class WorldConcept:
@@ -45,10 +69,158 @@ class WorldConcept:
     names: tuple[str, ...]
 
 
+@dataclass
+class MeasuredConcept:
+    """A concept the classifier can name: how to prompt for it alone and how to paraphrase it."""
+
+    name: str  # the classifier's label
+    kind: str
+    names: tuple[str, ...]  # every name a prompt may use for it, `name` first
+    retention_prompt: str  # a prompt naming this concept alone (for acc(c))
+    paraphrase_templates: tuple[str, ...] = ()  # templates for UA (a request's own are added)
+
+
 def world_concepts() -> list[WorldConcept]:
     from .world.vocabulary import CONCEPTS
 
     return [WorldConcept(c.name, c.kind, c.names) for c in CONCEPTS]
+
+
+def world_measured_concepts() -> list[MeasuredConcept]:
+    """Every concept of the built-in world, prompted as `duge.world.quality` prompts it."""
+    from .world.quality import single_concept_prompt
+    from .world.vocabulary import CONCEPTS
+
+    return [MeasuredConcept(c.name, c.kind, c.names, single_concept_prompt(c), tuple(PARAPHRASE_TEMPLATES[c.kind]))
+            for c in CONCEPTS]
+
+
+def find_concept(word: str, concepts: Sequence[MeasuredConcept]) -> MeasuredConcept:
+    """The concept one of whose names is `word` (case-insensitive); DugeError naming the labels if none."""
+    key = " ".join(word.split()).lower()
+    for concept in concepts:
+        if key in (n.lower() for n in concept.names):
+            return concept
+    labels = ", ".join(c.name for c in concepts)
+    raise DugeError(f"the classifier has no label for '{word}'; it can name: {labels}. "
+                    "Add the concept to the classifier's labels to measure its erasure")
+
+
+# ---------------------------------------------------------------- measuring images
+
+
+Generate = Callable[[list[str], int], torch.Tensor]  # (prompts, seed) -> images [B, 3, H, W] in [0, 1]
+
+
+def erasure_rates(generate: Generate, classifier: ConceptClassifier, erased: Sequence[ResolvedRequest],
+                  concepts: Sequence[MeasuredConcept], samples_per_prompt: int = 4, seed: int = 0,
+                  with_request_templates: bool = False) -> dict[str, float]:
+    """UA of each erased concept: the share of its paraphrased prompts' images not read as it.
+
+    Prompts: every paraphrase template × every name of the concept (and, with
+    `with_request_templates`, the request's own templates and aliases too), `samples_per_prompt`
+    images each, seeds from `seed`.
+    """
+    out = {}
+    for request in erased:
+        concept = find_concept(request.target, concepts)
+        names = list(concept.names)
+        templates = list(concept.paraphrase_templates)
+        if with_request_templates:
+            names = list(dict.fromkeys(names + [request.target, *request.aliases]))
+            templates = list(dict.fromkeys(templates + list(request.templates)))
+        prompts = [render_prompt(t, name) for t in templates for name in names]
+        prompts = [p for p in prompts for _ in range(samples_per_prompt)]
+        predicted = classifier.predict(generate(prompts, seed))[concept.kind]
+        out[concept.name] = float(np.mean([p != concept.name for p in predicted]))
+    return out
+
+
+def concept_accuracies(generate: Generate, classifier: ConceptClassifier, concepts: Sequence[MeasuredConcept],
+                       samples: int = 8, seed: int = 0, skip: set[str] | frozenset = frozenset()) -> dict[str, float]:
+    """acc(c) for every concept not in `skip`: the share of its retention prompt's images read as c.
+
+    Concept i of `concepts` uses seeds from `seed + 1 + i`, whichever are skipped, so that a
+    concept's images are the same in every measurement with the same `concepts` and `seed`.
+    """
+    accuracy = {}
+    for i, concept in enumerate(concepts):
+        if concept.name in skip:
+            continue
+        predicted = classifier.predict(generate([concept.retention_prompt] * samples, seed + 1 + i))[concept.kind]
+        accuracy[concept.name] = float(np.mean([p == concept.name for p in predicted]))
+    return accuracy
+
+
+# ---------------------------------------------------------------- aggregating
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def _kind_retention(kind: str, accuracy: Mapping[str, float], concepts: Sequence[MeasuredConcept],
+                    erased_names: set[str]) -> tuple[float | None, float | None]:
+    same = [accuracy[c.name] for c in concepts if c.kind == kind and c.name in accuracy and c.name not in erased_names]
+    other = [accuracy[c.name] for c in concepts if c.kind != kind and c.name in accuracy and c.name not in erased_names]
+    return (float(np.mean(same)) if same else None, float(np.mean(other)) if other else None)
+
+
+def cumulative_metrics(ua_per_concept: Mapping[str, float], accuracy: Mapping[str, float],
+                       erased: Sequence[ResolvedRequest], concepts: Sequence[MeasuredConcept]) -> dict:
+    """UA, IRA, CRA and H over every request in `erased` (the module's definitions).
+
+    `ua_per_concept` must hold every erased concept; `accuracy` may hold more concepts than
+    are retained (e.g. the unedited model's, for all): erased ones are left out here.
+    """
+    erased_concepts = [find_concept(r.target, concepts) for r in erased]
+    erased_names = {c.name for c in erased_concepts}
+    ira, cra = [], []
+    for concept in erased_concepts:
+        same, other = _kind_retention(concept.kind, accuracy, concepts, erased_names)
+        ira.append(same)
+        cra.append(other)
+    ua = _mean(ua_per_concept[name] for name in dict.fromkeys(c.name for c in erased_concepts))
+    out = {"UA": ua, "IRA": _mean(ira), "CRA": _mean(cra)}
+    out["H"] = harmonic_mean([out["UA"], out["IRA"], out["CRA"]])
+    return out
+
+
+def per_request_metrics(ua_per_concept: Mapping[str, float], accuracy: Mapping[str, float],
+                        erased: Sequence[ResolvedRequest], concepts: Sequence[MeasuredConcept],
+                        index: int = -1) -> dict:
+    """UA, IRA, CRA and H of request `erased[index]` alone, every concept in `erased` left out of retention."""
+    erased_names = {find_concept(r.target, concepts).name for r in erased}
+    concept = find_concept(erased[index].target, concepts)
+    same, other = _kind_retention(concept.kind, accuracy, concepts, erased_names)
+    out = {"UA": ua_per_concept.get(concept.name), "IRA": same, "CRA": other}
+    out["H"] = harmonic_mean([out["UA"], out["IRA"], out["CRA"]])
+    return out
+
+
+def harmonic_mean(values: Sequence[float | None]) -> float | None:
+    """Harmonic mean of fractions in [0, 1]; 0 if any is 0, None if any is None (not measured)."""
+    if not values or any(v is None for v in values):
+        return None
+    if any(v <= 0 for v in values):
+        return 0.0
+    return float(len(values) / sum(1.0 / v for v in values))
+
+
+def measure_requests(generate: Generate, classifier: ConceptClassifier, erased: Sequence[ResolvedRequest],
+                     concepts: Sequence[MeasuredConcept], samples_per_prompt: int = 4, retention_samples: int = 8,
+                     seed: int = 0, with_request_templates: bool = False) -> dict:
+    """Cumulative UA/IRA/CRA/H after the requests `erased`, the last request's own numbers and the per-concept ones."""
+    ua = erasure_rates(generate, classifier, erased, concepts, samples_per_prompt, seed, with_request_templates)
+    erased_names = {find_concept(r.target, concepts).name for r in erased}
+    accuracy = concept_accuracies(generate, classifier, concepts, retention_samples, seed, skip=erased_names)
+    out = cumulative_metrics(ua, accuracy, erased, concepts) if erased else {"UA": None, "IRA": None, "CRA": None, "H": None}
+    if erased:
+        out["last_request"] = per_request_metrics(ua, accuracy, erased, concepts)
+    out["UA_per_concept"] = ua
+    out["accuracy_per_concept"] = accuracy
+    return out
 
 
 def unlearning_metrics(
@@ -63,41 +235,9 @@ def unlearning_metrics(
 
     `generate(prompts, seed) -> images` samples the model being measured.
     """
-    from .world.quality import single_concept_prompt
-    from .world.vocabulary import concept_by_name
-
-    concepts = world_concepts()
-    erased_names = {concept_by_name(r.target).name for r in erased}
-    ua_per_concept = {}
-    for r in erased:
-        concept = concept_by_name(r.target)
-        prompts = [render_prompt(t, name) for t in PARAPHRASE_TEMPLATES[concept.kind] for name in concept.names]
-        prompts = [p for p in prompts for _ in range(samples_per_prompt)]
-        predicted = classifier.predict(generate(prompts, seed))[concept.kind]
-        ua_per_concept[concept.name] = float(np.mean([p != concept.name for p in predicted]))
-    accuracy = {}
-    for i, concept in enumerate(concepts):
-        if concept.name in erased_names:
-            continue
-        prompts = [single_concept_prompt(concept_by_name(concept.name))] * retention_samples
-        predicted = classifier.predict(generate(prompts, seed + 1 + i))[concept.kind]
-        accuracy[concept.name] = float(np.mean([p == concept.name for p in predicted]))
-    ira, cra = [], []
-    for r in erased:
-        kind = concept_by_name(r.target).kind
-        same = [accuracy[c.name] for c in concepts if c.kind == kind and c.name in accuracy]
-        other = [accuracy[c.name] for c in concepts if c.kind != kind and c.name in accuracy]
-        if same:
-            ira.append(np.mean(same))
-        if other:
-            cra.append(np.mean(other))
-    return {
-        "UA": float(np.mean(list(ua_per_concept.values()))) if ua_per_concept else None,
-        "IRA": float(np.mean(ira)) if ira else None,
-        "CRA": float(np.mean(cra)) if cra else None,
-        "UA_per_concept": ua_per_concept,
-        "accuracy_per_concept": accuracy,
-    }
+    concepts = world_measured_concepts()
+    metrics = measure_requests(generate, classifier, erased, concepts, samples_per_prompt, retention_samples, seed)
+    return {key: metrics[key] for key in ("UA", "IRA", "CRA", "UA_per_concept", "accuracy_per_concept")}
 
 
 def retention_ratios(metrics: dict, base: dict) -> dict:
@@ -107,3 +247,286 @@ def retention_ratios(metrics: dict, base: dict) -> dict:
         if metrics.get(key) is not None and base.get(key):
             out[f"{key}_ratio"] = metrics[key] / base[key]
     return out
+
+
+# ---------------------------------------------------------------- distribution distance
+
+
+def gaussian_statistics(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean [D] and covariance [D, D] (unbiased, float64) of features [N, D], N ≥ 2."""
+    x = torch.as_tensor(features).detach().to("cpu", torch.float64).reshape(len(features), -1)
+    if x.shape[0] < 2:
+        raise ValueError(f"gaussian_statistics: need at least 2 feature vectors, got {x.shape[0]}")
+    mu = x.mean(0)
+    centred = x - mu
+    return mu, centred.T @ centred / (x.shape[0] - 1)
+
+
+def _psd_sqrt(matrix: torch.Tensor) -> torch.Tensor:
+    values, vectors = torch.linalg.eigh((matrix + matrix.T) / 2)
+    return (vectors * values.clamp(min=0).sqrt()) @ vectors.T
+
+
+def frechet_distance_from_statistics(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor,
+                                     sigma2: torch.Tensor) -> float:
+    """‖μ1 − μ2‖² + tr(Σ1 + Σ2 − 2 (Σ1^½ Σ2 Σ1^½)^½), in float64.
+
+    tr((Σ1 Σ2)^½) is computed as tr((Σ1^½ Σ2 Σ1^½)^½), the same value, from symmetric
+    eigendecompositions only (no scipy; negative round-off eigenvalues clamped to 0).
+    """
+    mu1, mu2, sigma1, sigma2 = (torch.as_tensor(t).to(torch.float64) for t in (mu1, mu2, sigma1, sigma2))
+    root1 = _psd_sqrt(sigma1)
+    middle = root1 @ sigma2 @ root1
+    trace_sqrt = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0).sqrt().sum()
+    value = (mu1 - mu2).square().sum() + torch.trace(sigma1) + torch.trace(sigma2) - 2 * trace_sqrt
+    return max(float(value), 0.0)
+
+
+def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> float:
+    """Fréchet distance between Gaussians fitted to two sets of features [N, D] (see the module doc)."""
+    return frechet_distance_from_statistics(*gaussian_statistics(features_a), *gaussian_statistics(features_b))
+
+
+@torch.no_grad()
+def image_features(classifier, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """The classifier's features of images [B, 3, H, W] in [0, 1]: [B, D] float32 on the CPU.
+
+    The built-in evaluator gives its penultimate layer (images resized as it reads them);
+    another classifier must have `embed(images)`.
+    """
+    from .world.evaluator import WorldEvaluator, _to_evaluator_size
+
+    if isinstance(classifier, WorldEvaluator):
+        classifier.eval()
+        device = next(classifier.parameters()).device
+        embed = lambda x: classifier.embed(_to_evaluator_size(x).to(device))  # noqa: E731
+    elif hasattr(classifier, "embed"):
+        embed = classifier.embed
+    else:
+        raise DugeError(f"{type(classifier).__name__} has no embed(images) method; the distribution distance "
+                        "needs image features from the classifier")
+    return torch.cat([embed(images[i : i + batch_size]).float().cpu() for i in range(0, len(images), batch_size)])
+
+
+def distance_prompts(general_prompts: Sequence[str], samples: int) -> list[str]:
+    """The prompts the distance is measured on: each general prompt `samples` times."""
+    return [p for p in general_prompts for _ in range(samples)]
+
+
+# ---------------------------------------------------------------- the measurement of a run
+
+
+@dataclass
+class EvaluationSettings:
+    """How much to sample for each measurement (the same for every method of a benchmark)."""
+
+    steps: int = 20  # sampler steps
+    guidance: float = 7.5
+    samples_per_prompt: int = 4  # UA: images per paraphrased prompt
+    retention_samples: int = 8  # acc(c): images per concept
+    distance_samples: int = 8  # images per general prompt for the distance
+    seed: int = 0
+
+
+@dataclass
+class RunEvaluation:
+    """The evaluate callback of `duge.trainer.unlearn`, with the unedited model's numbers.
+
+    Call `measure_base(requests)` before unlearning (the backend's model unedited); then each
+    call `(backend, requests_so_far)` returns cumulative UA/IRA/CRA/H, the last request's own
+    numbers, per-concept numbers, the distance to the unedited model (if general prompts are
+    given) and the seconds the measurement took.
+    """
+
+    backend: object
+    classifier: ConceptClassifier
+    concepts: list[MeasuredConcept]
+    settings: EvaluationSettings = field(default_factory=EvaluationSettings)
+    general_prompts: list[str] = field(default_factory=list)
+    with_request_templates: bool = False
+    base: dict = field(default_factory=dict)
+    _base_features: torch.Tensor | None = None
+
+    def generate(self, prompts: list[str], seed: int) -> torch.Tensor:
+        return self.backend.generate(prompts, seed, self.settings.steps, self.settings.guidance)
+
+    def _distance_features(self, seed_offset: int = 0) -> torch.Tensor:
+        prompts = distance_prompts(self.general_prompts, self.settings.distance_samples)
+        return image_features(self.classifier, self.generate(prompts, self.settings.seed + 50_000 + seed_offset))
+
+    def measure_base(self, requests: Sequence[ResolvedRequest], distance_floor: bool = True) -> dict:
+        """The unedited model: acc of every concept, UA of every target, and the numbers after each prefix.
+
+        `distance_floor`: also the distance between two sets of the unedited model's samples on
+        other seeds (the sampling noise below which a distance means nothing).
+        """
+        import time
+
+        t0 = time.perf_counter()
+        s = self.settings
+        ua = erasure_rates(self.generate, self.classifier, requests, self.concepts, s.samples_per_prompt, s.seed,
+                           self.with_request_templates)
+        accuracy = concept_accuracies(self.generate, self.classifier, self.concepts, s.retention_samples, s.seed)
+        prefixes = []
+        for k in range(1, len(requests) + 1):
+            entry = cumulative_metrics(ua, accuracy, requests[:k], self.concepts)
+            entry["last_request"] = per_request_metrics(ua, accuracy, requests[:k], self.concepts)
+            prefixes.append(entry)
+        self.base = {"after_request": prefixes, "UA_per_concept": ua, "accuracy_per_concept": accuracy}
+        if self.general_prompts:
+            self._base_features = self._distance_features()
+            if distance_floor:
+                self.base["distance_floor"] = frechet_distance(self._base_features, self._distance_features(10_000))
+        self.base["seconds"] = time.perf_counter() - t0
+        return self.base
+
+    def __call__(self, backend, requests_so_far: Sequence[ResolvedRequest]) -> dict:
+        import time
+
+        t0 = time.perf_counter()
+        s = self.settings
+        metrics = measure_requests(self.generate, self.classifier, requests_so_far, self.concepts,
+                                   s.samples_per_prompt, s.retention_samples, s.seed, self.with_request_templates)
+        if self._base_features is not None:
+            metrics["distance"] = frechet_distance(self._distance_features(), self._base_features)
+        if self.base.get("after_request"):
+            base = self.base["after_request"][len(requests_so_far) - 1]
+            metrics.update(retention_ratios(metrics, base))
+        metrics["eval_seconds"] = time.perf_counter() - t0
+        return metrics
+
+
+def require_classifier(builtin_world: bool, classifier: ConceptClassifier | None, model: str = "the model"):
+    """The classifier to measure `model` with: the given one, else the built-in evaluator on the
+    built-in world; MissingClassifierError for another model without one."""
+    if classifier is not None:
+        return classifier
+    if builtin_world:
+        from .world.evaluator import load_evaluator
+        from .world.model import EVALUATOR_PATH
+
+        return load_evaluator(EVALUATOR_PATH)
+    raise MissingClassifierError(
+        f"{model} is not a model of the built-in world, so the built-in evaluator cannot read its images; "
+        "to measure UA/IRA/CRA give a classifier for its concepts, e.g. "
+        "ZeroShotClipClassifier('path/to/local/clip-folder', {'artist': ['Van Gogh', 'Monet', ...]}) "
+        "(any object with predict(images) -> {kind: [names]} works), or run without measuring"
+    )
+
+
+def concepts_for(classifier: ConceptClassifier, builtin_world: bool) -> list[MeasuredConcept]:
+    """The concepts a measurement covers: the world's, or those the classifier declares (`concepts()`)."""
+    if hasattr(classifier, "concepts"):
+        return list(classifier.concepts())
+    if builtin_world:
+        return world_measured_concepts()
+    raise DugeError(f"{type(classifier).__name__} does not say which concepts it can name; give it a "
+                    "concepts() method returning duge.evaluation.MeasuredConcept entries")
+
+
+# ---------------------------------------------------------------- a user's classifier
+
+
+class ZeroShotClipClassifier:
+    """CLIP zero-shot classification from a local folder (transformers `CLIPModel` + `CLIPProcessor`).
+
+    `labels`: {kind: {concept name: [text prompts]}} or {kind: [concept names]} (then each name is
+    read through `templates`). An image's label per kind is the concept whose mean normalised
+    text embedding has the highest cosine similarity with the image embedding. `embed(images)`
+    returns the normalised image embeddings (the distance's features). Nothing is downloaded:
+    the folder must exist and is loaded with `local_files_only=True`.
+    """
+
+    DEFAULT_TEMPLATES = ("a photo of {}", "an image of {}", "{}")
+
+    def __init__(self, model_dir: str | Path, labels: Mapping[str, Mapping[str, Sequence[str]] | Sequence[str]],
+                 templates: Sequence[str] = DEFAULT_TEMPLATES, device: str | torch.device = "cpu",
+                 batch_size: int = 32):
+        from transformers import CLIPModel, CLIPProcessor
+
+        folder = Path(model_dir).expanduser()
+        if not (folder.is_dir() and (folder / "config.json").exists()):
+            raise DugeError(f"CLIP classifier folder '{model_dir}' does not exist or has no config.json; expected a "
+                            "local folder saved by transformers (CLIPModel.save_pretrained + CLIPProcessor.save_pretrained)")
+        if not labels or any(not names for names in labels.values()):
+            raise DugeError("ZeroShotClipClassifier: labels must name at least one concept per kind, "
+                            "e.g. {'artist': ['Van Gogh', 'Monet']}")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        try:
+            self.model = CLIPModel.from_pretrained(folder, local_files_only=True).to(device).eval()
+            self.processor = CLIPProcessor.from_pretrained(folder, local_files_only=True)
+        except Exception as err:  # transformers raises many kinds for a broken folder
+            raise DugeError(f"could not load a CLIP model and processor from '{folder}': {err}") from err
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.prompts: dict[str, dict[str, list[str]]] = {}
+        for kind, entries in labels.items():
+            if isinstance(entries, Mapping):
+                self.prompts[kind] = {name: list(p) or [name] for name, p in entries.items()}
+            else:
+                self.prompts[kind] = {name: [render_prompt(t, name) for t in templates] for name in entries}
+        self._text = {kind: self._text_embeddings(entries) for kind, entries in self.prompts.items()}
+
+    @torch.no_grad()
+    def _text_embeddings(self, entries: Mapping[str, list[str]]) -> torch.Tensor:
+        rows = []
+        for prompts in entries.values():
+            tokens = self.processor.tokenizer(list(prompts), padding=True, truncation=True, return_tensors="pt")
+            emb = _as_embedding(self.model.get_text_features(**tokens.to(self.device)))
+            emb = torch.nn.functional.normalize(emb.float(), dim=-1).mean(0)
+            rows.append(torch.nn.functional.normalize(emb, dim=-1))
+        return torch.stack(rows)  # [concepts, D]
+
+    def _pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, 3, H, W] in [0, 1] -> CLIP's input: resized to its crop size, normalised."""
+        proc = self.processor.image_processor
+        size = getattr(proc, "crop_size", None) or {"height": 224, "width": 224}
+        h, w = (size["height"], size["width"]) if isinstance(size, Mapping) else (size, size)
+        x = torch.nn.functional.interpolate(images.float().to(self.device), size=(h, w), mode="bicubic",
+                                            align_corners=False, antialias=True).clamp(0, 1)
+        mean = torch.tensor(proc.image_mean, device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(proc.image_std, device=self.device).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        out = []
+        for i in range(0, len(images), self.batch_size):
+            emb = _as_embedding(self.model.get_image_features(pixel_values=self._pixels(images[i : i + self.batch_size])))
+            out.append(torch.nn.functional.normalize(emb.float(), dim=-1).cpu())
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> dict[str, list[str]]:
+        feats = self.embed(images)
+        out = {}
+        for kind, text in self._text.items():
+            names = list(self.prompts[kind])
+            out[kind] = [names[i] for i in (feats @ text.T.cpu()).argmax(-1).tolist()]
+        return out
+
+    def concepts(self) -> list[MeasuredConcept]:
+        """Every label as a concept: retained prompt "a photo of {name}", the generic paraphrases for UA."""
+        return [MeasuredConcept(name, kind, (name,), render_prompt("a photo of {}", name), GENERIC_PARAPHRASE_TEMPLATES)
+                for kind, entries in self.prompts.items() for name in entries]
+
+
+def _as_embedding(output) -> torch.Tensor:
+    """transformers returns a tensor, or (in newer versions) an output object holding the pooled embedding."""
+    if isinstance(output, torch.Tensor):
+        return output
+    for key in ("image_embeds", "text_embeds", "pooler_output"):
+        value = getattr(output, key, None)
+        if value is not None:
+            return value
+    raise DugeError(f"unexpected CLIP output {type(output).__name__}; expected a tensor of embeddings")
+
+
+__all__ = [
+    "ConceptClassifier", "FeatureClassifier", "MissingClassifierError", "MeasuredConcept", "WorldConcept",
+    "EvaluationSettings", "RunEvaluation", "ZeroShotClipClassifier", "PARAPHRASE_TEMPLATES",
+    "world_concepts", "world_measured_concepts", "find_concept", "erasure_rates", "concept_accuracies",
+    "cumulative_metrics", "per_request_metrics", "harmonic_mean", "measure_requests", "unlearning_metrics",
+    "retention_ratios", "gaussian_statistics", "frechet_distance", "frechet_distance_from_statistics",
+    "image_features", "distance_prompts", "require_classifier", "concepts_for",
+]

@@ -1,0 +1,396 @@
+"""Continual unlearning on the built-in world: DUGE beside its baselines, request after request.
+
+Every method (duge, esd-x, ca, ft-l2sp, uce) runs the same requests of `sequence10.yaml` in the
+sequential setting, from the same unedited model, with the same seeds, and is measured after
+every request by the same evaluation (duge.evaluation: UA, IRA, CRA, their harmonic mean H and
+the Fréchet distance of the evaluator's features to the unedited model's samples on the
+concept set's general prompts). The unedited model is measured once, on the same images seeds.
+
+Cost: seconds per request (image caching + training, as `unlearn` times it; the measurement is
+not included), seconds per training step (median gap between consecutive steps), and the peak
+resident memory of the process while a request runs: the kernel's high-water mark VmHWM from
+/proc/self/status, reset before each request by writing 5 to /proc/self/clear_refs (CUDA: peak
+allocated memory, reset per request). Where the reset is not allowed, a thread samples the
+resident size every 10 ms instead (this is said in the JSON as `memory_measure`).
+
+    python benchmarks/continual.py [--quick] [--json PATH] [--out DIR] [--methods duge,uce] [--requests N]
+
+Writes DIR/continual.json (or --json PATH), DIR/erosion.png (UA, IRA, CRA and the distance vs
+request number, one line per method; the unedited model dashed) and DIR/cost.png, and prints a
+table. --quick: the first 3 requests, few steps and few samples (about 2–3 minutes on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+METHODS = ("duge", "esd-x", "ca", "ft-l2sp", "uce")
+
+
+@dataclass
+class Profile:
+    """Everything a benchmark run samples and trains; --quick and the full run differ only here."""
+
+    requests: int | None = None  # None: all of sequence10
+    steps: int | None = None  # None: UnlearnConfig's default
+    anchor_images: int | None = None
+    related_images: int | None = None
+    cache_steps: int | None = None
+    batch_size: int | None = None
+    eval_steps: int = 20
+    samples_per_prompt: int = 2
+    retention_samples: int = 4
+    distance_samples: int = 4
+    config_overrides: dict = field(default_factory=dict)
+
+
+FULL = Profile()
+QUICK = Profile(requests=3, steps=12, anchor_images=4, related_images=1, cache_steps=8, batch_size=2,
+                eval_steps=8, samples_per_prompt=1, retention_samples=1, distance_samples=2)
+
+
+# ---------------------------------------------------------------- memory
+
+
+class PeakMemory:
+    """Peak memory of this process since the last `reset()`, in MiB (see the module doc)."""
+
+    def __init__(self):
+        import torch
+
+        self.cuda = torch.cuda.is_available()
+        self.method = "cuda max_memory_allocated" if self.cuda else "VmHWM after clear_refs"
+        self._thread = None
+        self._peak_kb = 0
+        self._stop = threading.Event()
+        if not self.cuda and not self._clear_refs():
+            self.method = "RSS sampled every 10 ms"
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+
+    @staticmethod
+    def _status_kb(key: str) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+        return 0
+
+    @staticmethod
+    def _clear_refs() -> bool:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            return True
+        except OSError:
+            return False
+
+    def _sample(self):
+        while not self._stop.wait(0.01):
+            try:
+                self._peak_kb = max(self._peak_kb, self._status_kb("VmRSS"))
+            except OSError:
+                return
+
+    def reset(self) -> None:
+        import torch
+
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        elif self._thread is None:
+            self._clear_refs()
+        else:
+            self._peak_kb = self._status_kb("VmRSS")
+
+    def peak_mb(self) -> float:
+        import torch
+
+        if self.cuda:
+            return torch.cuda.max_memory_allocated() / 2**20
+        if self._thread is None:
+            return self._status_kb("VmHWM") / 1024
+        return max(self._peak_kb, self._status_kb("VmRSS")) / 1024
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+# ---------------------------------------------------------------- running
+
+
+def _unlearn_config(method: str, profile: Profile, seed: int):
+    from duge.trainer import UnlearnConfig
+
+    config = UnlearnConfig(method=method, seed=seed)
+    for name in ("steps", "anchor_images", "related_images", "cache_steps", "batch_size"):
+        value = getattr(profile, name)
+        if value is not None:
+            setattr(config, name, value)
+    for name, value in profile.config_overrides.items():
+        setattr(config, name, value)
+    return config
+
+
+def _median(values):
+    values = sorted(values)
+    if not values:
+        return None
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+def run_method(method: str, backend, concept_set, evaluation, image_filter, profile: Profile, memory: PeakMemory,
+               seed: int, log=print) -> dict:
+    """One method through every request; its metrics after each, its cost, or the error that stopped it."""
+    from duge.errors import DugeError
+    from duge.trainer import unlearn
+
+    config = _unlearn_config(method, profile, seed)
+    step_times: dict[str, list[float]] = {}
+    peaks: list[float] = []
+
+    def progress(info):
+        step_times.setdefault(info["request"], []).append(time.perf_counter())
+
+    def evaluate(b, requests_so_far):
+        peaks.append(memory.peak_mb())
+        metrics = evaluation(b, requests_so_far)
+        log(f"  {method:<8} request {len(requests_so_far):>2} ({requests_so_far[-1].target}): "
+            f"UA {_fmt(metrics.get('UA'))} IRA {_fmt(metrics.get('IRA'))} CRA {_fmt(metrics.get('CRA'))} "
+            f"dist {_fmt(metrics.get('distance'), 2)}")
+        memory.reset()
+        return metrics
+
+    entry: dict = {"config": asdict(config), "requests": []}
+    t0 = time.perf_counter()
+    memory.reset()
+    try:
+        result = unlearn(backend, concept_set, config, builtin_world=True, image_filter=image_filter,
+                         evaluate=evaluate, progress=progress)
+    except DugeError as err:  # a diverged baseline is a result, not a crash of the benchmark
+        entry["error"] = f"{type(err).__name__}: {err}"
+        log(f"  {method}: stopped — {entry['error']}")
+        return entry
+    entry["total_seconds"] = time.perf_counter() - t0
+    for k, r in enumerate(result.requests):
+        times = step_times.get(r.target, [])
+        gaps = [b - a for a, b in zip(times, times[1:])]
+        m = r.metrics
+        entry["requests"].append({
+            "index": k + 1, "target": r.target,
+            **{key: m.get(key) for key in ("UA", "IRA", "CRA", "H", "distance", "IRA_ratio", "CRA_ratio")},
+            "last_request": m.get("last_request"),
+            "seconds": r.seconds, "steps": r.steps if times else 0, "seconds_per_step": _median(gaps),
+            "peak_memory_mb": peaks[k] if k < len(peaks) else None,
+            "eval_seconds": m.get("eval_seconds"), "dropped_anchor_images": m.get("dropped_anchor_images"),
+            "final_losses": r.final_losses,
+            "UA_per_concept": m.get("UA_per_concept"), "accuracy_per_concept": m.get("accuracy_per_concept"),
+        })
+    rows = entry["requests"]
+    if rows:
+        last = rows[-1]
+        entry["final"] = {key: last[key] for key in ("UA", "IRA", "CRA", "H", "distance", "IRA_ratio", "CRA_ratio")}
+        entry["seconds_per_request"] = [row["seconds"] for row in rows]
+        entry["mean_seconds_per_request"] = sum(entry["seconds_per_request"]) / len(rows)
+        per_step = [row["seconds_per_step"] for row in rows if row["seconds_per_step"] is not None]
+        entry["seconds_per_step"] = _median(per_step)
+        entry["peak_memory_mb"] = max((row["peak_memory_mb"] for row in rows if row["peak_memory_mb"]), default=None)
+    return entry
+
+
+def run_benchmark(methods=METHODS, profile: Profile = FULL, model: str = "builtin", seed: int = 0,
+                  eval_seed: int = 999, log=print) -> dict:
+    """The whole benchmark as a JSON-ready dict (see the module doc)."""
+    import torch
+
+    from duge.backends.diffusers_backend import DiffusersBackend
+    from duge.concepts import example_concept_set_path, load_concept_set, resolve_request
+    from duge.evaluation import EvaluationSettings, RunEvaluation, world_measured_concepts
+    from duge.models import load_pipeline
+    from duge.run import anchor_filter, builtin_evaluator, uses_builtin_world
+
+    concept_set = load_concept_set(example_concept_set_path("sequence10"))
+    if profile.requests is not None:
+        concept_set.requests = concept_set.requests[: profile.requests]
+    pipe = load_pipeline(model)
+    if not uses_builtin_world(pipe):
+        from duge.errors import DugeError
+
+        raise DugeError(f"'{model}' is not a model of the built-in world; this benchmark measures with the built-in evaluator")
+    backend = DiffusersBackend(pipe, dtype="float32")
+    evaluator = builtin_evaluator()
+    settings = EvaluationSettings(steps=profile.eval_steps, samples_per_prompt=profile.samples_per_prompt,
+                                  retention_samples=profile.retention_samples,
+                                  distance_samples=profile.distance_samples, seed=eval_seed)
+    evaluation = RunEvaluation(backend, evaluator, world_measured_concepts(), settings,
+                               general_prompts=list(concept_set.general_prompts))
+    requests = [resolve_request(r, builtin_world=True) for r in concept_set.requests]
+    memory = PeakMemory()
+    out: dict = {
+        "benchmark": "continual", "model": model, "concept_set": concept_set.name,
+        "requests": [r.target for r in requests], "setting": "sequential", "seed": seed,
+        "profile": asdict(profile), "evaluation": asdict(settings), "memory_measure": memory.method,
+        "torch_threads": torch.get_num_threads(), "device": str(backend.device),
+    }
+    log(f"measuring the unedited model on {len(requests)} requests ...")
+    base = evaluation.measure_base(requests)
+    out["base"] = {"requests": [dict(entry, index=k + 1, target=requests[k].target)
+                                for k, entry in enumerate(base["after_request"])],
+                   "distance_floor": base.get("distance_floor"), "seconds": base["seconds"],
+                   "UA_per_concept": base["UA_per_concept"], "accuracy_per_concept": base["accuracy_per_concept"]}
+    image_filter = anchor_filter(backend, evaluator)
+    out["methods"] = {}
+    for method in methods:
+        log(f"{method}: {len(requests)} requests ...")
+        out["methods"][method] = run_method(method, backend, concept_set, evaluation, image_filter, profile, memory,
+                                            seed, log=log)
+    memory.close()
+    return out
+
+
+# ---------------------------------------------------------------- output
+
+
+def _fmt(value, digits: int = 3) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def format_table(result: dict) -> str:
+    """Final numbers per method and the erosion per request, as text."""
+    lines = []
+    head = f"{'method':<9}{'UA':>7}{'IRA':>7}{'CRA':>7}{'H':>7}{'dist':>8}{'IRA/base':>9}{'CRA/base':>9}" \
+           f"{'s/req':>8}{'s/step':>8}{'peak MiB':>10}"
+    lines.append(head)
+    base = result["base"]["requests"][-1] if result["base"]["requests"] else {}
+    lines.append(f"{'unedited':<9}{_fmt(base.get('UA')):>7}{_fmt(base.get('IRA')):>7}{_fmt(base.get('CRA')):>7}"
+                 f"{_fmt(base.get('H')):>7}{_fmt(result['base'].get('distance_floor'), 2):>8}")
+    for name, entry in result["methods"].items():
+        if "error" in entry:
+            lines.append(f"{name:<9} {entry['error']}")
+            continue
+        f = entry.get("final", {})
+        lines.append(f"{name:<9}{_fmt(f.get('UA')):>7}{_fmt(f.get('IRA')):>7}{_fmt(f.get('CRA')):>7}{_fmt(f.get('H')):>7}"
+                     f"{_fmt(f.get('distance'), 2):>8}{_fmt(f.get('IRA_ratio')):>9}{_fmt(f.get('CRA_ratio')):>9}"
+                     f"{_fmt(entry.get('mean_seconds_per_request'), 1):>8}{_fmt(entry.get('seconds_per_step'), 3):>8}"
+                     f"{_fmt(entry.get('peak_memory_mb'), 0):>10}")
+    lines.append("")
+    lines.append("after each request (UA / IRA / CRA / distance); unedited: its IRA / CRA on the same requests")
+    targets = result["requests"]
+    lines.append(f"{'':<9}" + "".join(f"{f'{k + 1}:{t}':>24}" for k, t in enumerate(targets)))
+    lines.append(f"{'unedited':<9}" + "".join(
+        f"{'  ' + _fmt(b.get('IRA'), 2) + ' / ' + _fmt(b.get('CRA'), 2):>24}" for b in result["base"]["requests"]))
+    for name, entry in result["methods"].items():
+        cells = [f"{_fmt(r['UA'], 2)}/{_fmt(r['IRA'], 2)}/{_fmt(r['CRA'], 2)}/{_fmt(r['distance'], 1)}"
+                 for r in entry.get("requests", [])]
+        lines.append(f"{name:<9}" + "".join(f"{c:>24}" for c in cells))
+    lines.append("")
+    lines.append(f"peak memory: {result['memory_measure']}; {result['torch_threads']} torch threads on {result['device']}")
+    return "\n".join(lines)
+
+
+def write_plots(result: dict, out_dir: Path) -> list[Path]:
+    """erosion.png (UA, IRA, CRA, distance vs request) and cost.png (seconds and peak memory per request)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    methods = {name: e for name, e in result["methods"].items() if e.get("requests")}
+    base = result["base"]["requests"]
+    paths = []
+    fig, axes = plt.subplots(1, 4, figsize=(17, 4))
+    for ax, key, title in zip(axes, ("UA", "IRA", "CRA", "distance"),
+                              ("UA (erased stays erased)", "IRA (same kind kept)", "CRA (other kinds kept)",
+                               "distance to the unedited model")):
+        for name, entry in methods.items():
+            xs = [r["index"] for r in entry["requests"] if r.get(key) is not None]
+            ys = [r[key] for r in entry["requests"] if r.get(key) is not None]
+            ax.plot(xs, ys, marker="o", label=name)
+        if key in ("IRA", "CRA"):
+            ax.plot([b["index"] for b in base], [b.get(key) for b in base], "k--", label="unedited")
+        if key == "distance" and result["base"].get("distance_floor") is not None:
+            ax.axhline(result["base"]["distance_floor"], color="k", linestyle="--", label="unedited (other seeds)")
+        ax.set_title(title)
+        ax.set_xlabel("request")
+        if key != "distance":
+            ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    axes[3].legend(fontsize=8)
+    fig.suptitle(f"continual unlearning on the built-in world ({len(result['requests'])} sequential requests)")
+    fig.tight_layout()
+    paths.append(out_dir / "erosion.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for name, entry in methods.items():
+        xs = [r["index"] for r in entry["requests"]]
+        axes[0].plot(xs, [r["seconds"] for r in entry["requests"]], marker="o", label=name)
+        axes[1].plot(xs, [r["peak_memory_mb"] for r in entry["requests"]], marker="o", label=name)
+    axes[0].set_title("seconds per request (caching + training)")
+    axes[1].set_title(f"peak memory per request, MiB ({result['memory_measure']})")
+    for ax in axes:
+        ax.set_xlabel("request")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(out_dir / "cost.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="3 requests, few steps and samples (CI)")
+    parser.add_argument("--json", default=None, help="where the JSON goes (default: OUT/continual.json)")
+    parser.add_argument("--out", default="benchmark-results/continual", help="folder for the JSON and the plots")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
+    parser.add_argument("--requests", type=int, default=None, help="only the first N requests")
+    parser.add_argument("--steps", type=int, default=None, help="training steps per request (all methods)")
+    parser.add_argument("--model", default="builtin")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--no-plots", action="store_true")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown method(s) {', '.join(unknown)}; expected a subset of {', '.join(METHODS)}")
+    profile = Profile(**asdict(QUICK if args.quick else FULL))
+    if args.requests is not None:
+        profile.requests = args.requests
+    if args.steps is not None:
+        profile.steps = args.steps
+
+    t0 = time.perf_counter()
+    result = run_benchmark(methods, profile, model=args.model, seed=args.seed)
+    result["seconds_total"] = time.perf_counter() - t0
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = Path(args.json) if args.json else out_dir / "continual.json"
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    if not args.no_plots:
+        result["plots"] = [str(p) for p in write_plots(result, out_dir)]
+    json_path.write_text(json.dumps(result, indent=2))
+    print(format_table(result))
+    print(f"\nwrote {json_path}" + ("" if args.no_plots else f", {out_dir / 'erosion.png'}, {out_dir / 'cost.png'}")
+          + f" in {result['seconds_total']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
