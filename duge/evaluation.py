@@ -480,8 +480,7 @@ class ZeroShotClipClassifier:
     def _pixels(self, images: torch.Tensor) -> torch.Tensor:
         """images [B, 3, H, W] in [0, 1] -> CLIP's input: resized to its crop size, normalised."""
         proc = self.processor.image_processor
-        size = getattr(proc, "crop_size", None) or {"height": 224, "width": 224}
-        h, w = (size["height"], size["width"]) if isinstance(size, Mapping) else (size, size)
+        h, w = _height_width(getattr(proc, "crop_size", None) or getattr(proc, "size", None) or 224)
         x = torch.nn.functional.interpolate(images.float().to(self.device), size=(h, w), mode="bicubic",
                                             align_corners=False, antialias=True).clamp(0, 1)
         mean = torch.tensor(proc.image_mean, device=self.device).view(1, 3, 1, 1)
@@ -509,6 +508,19 @@ class ZeroShotClipClassifier:
         """Every label as a concept: retained prompt "a photo of {name}", the generic paraphrases for UA."""
         return [MeasuredConcept(name, kind, (name,), render_prompt("a photo of {}", name), GENERIC_PARAPHRASE_TEMPLATES)
                 for kind, entries in self.prompts.items() for name in entries]
+
+
+def _height_width(size) -> tuple[int, int]:
+    """(height, width) from an image processor's size: an int, a dict or transformers' SizeDict."""
+    if isinstance(size, int):
+        return size, size
+    get = (lambda k: size.get(k)) if isinstance(size, Mapping) else (lambda k: getattr(size, k, None))
+    if get("height") and get("width"):
+        return int(get("height")), int(get("width"))
+    edge = get("shortest_edge")
+    if edge:
+        return int(edge), int(edge)
+    raise DugeError(f"cannot read the CLIP image size from {size!r}; expected height/width or shortest_edge")
 
 
 def _as_embedding(output) -> torch.Tensor:
