@@ -300,6 +300,7 @@ def write_plots(result: dict, out_dir: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     out_dir.mkdir(parents=True, exist_ok=True)
     methods = {name: e for name, e in result["methods"].items() if e.get("requests")}
@@ -319,6 +320,7 @@ def write_plots(result: dict, out_dir: Path) -> list[Path]:
             ax.axhline(result["base"]["distance_floor"], color="k", linestyle="--", label="unedited (other seeds)")
         ax.set_title(title)
         ax.set_xlabel("request")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if key != "distance":
             ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
@@ -339,6 +341,7 @@ def write_plots(result: dict, out_dir: Path) -> list[Path]:
     axes[1].set_title(f"peak memory per request, MiB ({result['memory_measure']})")
     for ax in axes:
         ax.set_xlabel("request")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()

@@ -70,3 +70,58 @@ def test_quick_mode_runs_every_method_on_three_requests(tmp_path):
     assert bench.main(["--quick", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "continual.json").read_text())
     _check_result(result, list(bench.METHODS), 3)
+
+
+def test_report_of_a_benchmark_folder_embeds_the_plots_and_the_table(tmp_path):
+    from duge.report import write_report
+
+    result = {"model": "builtin", "concept_set": "sequence10", "requests": ["circle", "red"], "setting": "sequential",
+              "base": {"requests": [{"UA": 0.1, "IRA": 0.9, "CRA": 0.95, "H": 0.2}] * 2, "distance_floor": 0.5},
+              "methods": {"duge": {"requests": [{"UA": 1.0, "IRA": 0.9, "CRA": 0.9, "distance": 1.0},
+                                                {"UA": 0.9, "IRA": 0.8, "CRA": 0.85, "distance": 2.0}],
+                                   "final": {"UA": 0.9, "IRA": 0.8, "CRA": 0.85, "H": 0.849, "distance": 2.0},
+                                   "mean_seconds_per_request": 12.0, "seconds_per_step": 0.1, "peak_memory_mb": 600},
+                          "esd-x": {"error": "TrainingDiverged: loss became nan"}}}
+    (tmp_path / "continual.json").write_text(json.dumps(result))
+    (tmp_path / "erosion.png").write_bytes(_PNG)
+    html = write_report(tmp_path).read_text()
+    assert "data:image/png;base64," in html and "<svg" in html
+    assert "0.849" in html and "TrainingDiverged" in html
+
+
+def test_report_of_an_unlearn_folder_has_requests_final_metrics_grid_and_manifest(tmp_path):
+    from duge.report import write_report
+
+    report = {"model": "builtin", "concept_set": "demo", "method": "duge", "setting": "sequential",
+              "config": {"steps": 150}, "seconds_total": 42.0, "peak_memory_mb": 700.0,
+              "before": {"UA": 0.05, "IRA": 0.9, "CRA": 0.92},
+              "requests": [{"target": "circle", "seconds": 20.0, "steps": 150, "UA": 0.97, "IRA": 0.88, "CRA": 0.9,
+                            "details": {"H": 0.916}},
+                           {"target": "red <b>", "seconds": 21.0, "steps": 150, "UA": 0.95, "IRA": 0.86, "CRA": 0.89}],
+              "final": {"UA": 0.95, "IRA": 0.86, "CRA": 0.89, "IRA_ratio": 0.955}}
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    (tmp_path / "before_after.png").write_bytes(_PNG)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "duge_manifest.json").write_text(json.dumps(
+        {"method": "duge", "version": "0.1.0", "base_model": "builtin", "base_model_hash": "abc123",
+         "requests": [{"target": "circle", "anchor": "shape", "preserve": ["square"], "settings": {"steps": 150}}]}))
+    html = write_report(tmp_path).read_text()
+    assert html.count("data:image/png;base64,") == 1
+    assert "0.916" in html and "0.955" in html and "unedited model" in html
+    assert "abc123" in html and "square" in html
+    assert "red &lt;b&gt;" in html  # user text is escaped
+
+
+def test_report_refuses_a_folder_without_a_report(tmp_path):
+    from duge.errors import DugeError
+    from duge.report import write_report
+
+    with pytest.raises(DugeError, match="no report.json"):
+        write_report(tmp_path)
+
+
+# A 1×1 PNG.
+_PNG = bytes.fromhex(
+    "89504e470d0a1a0a0000000d49484452000000010000000108060000001f15c4890000000d49444154789c6360000002"
+    "0000050001e226059b0000000049454e44ae426082"
+)
