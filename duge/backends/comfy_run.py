@@ -1,0 +1,293 @@
+"""What the ComfyUI nodes do, on ComfyUI objects: unlearn, probe, compare and save.
+
+The node classes in `nodes/` only declare inputs and outputs and call these functions.
+
+Continual unlearning across nodes: the MODEL that `run_unlearn` returns carries an attachment
+(`DUGE_ATTACHMENT`) with the MODEL it started from (θ0), the total delta so far and the manifest.
+When that MODEL goes into another "DUGE Unlearn" node unchanged (same weight patches), the new
+requests continue from θ0 with the earlier deltas — so L_reg keeps anchoring to θ0 and erosion does
+not accumulate — and the manifest lists every request. A MODEL changed in between (a LoRA loaded
+on it, a merge) starts a new session with itself as θ0; the report says so.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import comfy.model_management as mm
+import comfy.sd
+import comfy.utils
+
+from ..errors import DugeError, UnsafePathError
+from .comfy_backend import ComfyBackend, training_mode
+from .comfy_models import is_demo_model
+
+logger = logging.getLogger(__name__)
+
+DUGE_ATTACHMENT = "duge"
+METHOD = "duge"
+PREVIEW_SAMPLER_STEPS = 8
+
+
+@dataclass
+class UnlearningLora:
+    """The weight changes of a run (the DUGE_LORA wire type): per request and in total, by diffusers
+    module path, with the manifest the saved files carry."""
+
+    requests: list[tuple[str, dict[str, torch.Tensor]]]
+    total: dict[str, torch.Tensor]
+    manifest: dict
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class UnlearnOutput:
+    model: object
+    lora: UnlearningLora
+    report: str
+    result: object
+
+
+def _continuation(model):
+    """(θ0 MODEL, earlier total delta, earlier manifest) if `model` is an unchanged DUGE result, else None."""
+    state = model.get_attachment(DUGE_ATTACHMENT) if hasattr(model, "get_attachment") else None
+    if not state or state.get("patches_uuid") != model.patches_uuid:
+        return None
+    return state["base"], state["total_delta"], state["manifest"]
+
+
+def _base_model_name(model) -> str:
+    return "builtin" if is_demo_model(model) else type(model.model.model_config).__name__
+
+
+def _preview_image(backend, prompt: str, seed: int, guidance: float):
+    """A small sample of `prompt` from the model as it is now, for the progress bar (PIL or None)."""
+    from PIL import Image
+
+    from ..grids import to_pil
+
+    try:
+        latents = backend.sample_latents([prompt], seed, PREVIEW_SAMPLER_STEPS, guidance)
+        if backend.vae is not None:
+            image = to_pil(backend.decode(latents)[0])
+        else:  # ComfyUI's latent2rgb projection, as its own previews do without TAESD
+            factors = getattr(backend.latent_format, "latent_rgb_factors", None)
+            if factors is None:
+                return None
+            raw = backend.patcher.model.process_latent_out(latents[0].float()).cpu()
+            rgb = torch.einsum("chw,cr->rhw", raw, torch.tensor(factors, dtype=raw.dtype))
+            image = to_pil(((rgb + 1) / 2).clamp(0, 1))
+        size = max(128, image.width)
+        return image.resize((size, size * image.height // image.width), Image.NEAREST)
+    except mm.InterruptProcessingException:
+        raise
+    except Exception as err:  # a preview must never stop the run
+        logger.debug("DUGE preview failed: %s", err)
+        return None
+
+
+def run_unlearn(model, clip, concept_set, config, vae=None, evaluate: bool = False, node_id=None) -> UnlearnOutput:
+    """Unlearn `concept_set` from `model` (a ComfyUI MODEL); returns the edited MODEL, the LoRA and a report.
+
+    The incoming MODEL is never changed. Progress, previews (every quarter of the steps) and
+    Cancel go through `comfy.utils.ProgressBar` and `throw_exception_if_processing_interrupted`:
+    a Cancel raises `InterruptProcessingException` from inside the step and nothing is returned.
+    """
+    from ..compare import unlearn_report
+    from ..concepts import render_prompt, resolve_request
+    from ..trainer import unlearn
+
+    builtin_world = is_demo_model(model)
+    notes = []
+    continued = _continuation(model)
+    start_deltas, earlier_manifest = None, None
+    if continued is not None:
+        model, start_deltas, earlier_manifest = continued
+        notes.append(f"Continued the session of the incoming MODEL: {len(earlier_manifest.get('requests', []))} "
+                     "earlier request(s) kept, regularised towards the model before the first one.")
+    elif model.get_attachment(DUGE_ATTACHMENT) if hasattr(model, "get_attachment") else None:
+        notes.append("The incoming MODEL was changed after an earlier DUGE run (e.g. a LoRA was loaded on it); "
+                     "this run treats it as the new starting point.")
+
+    resolved = [resolve_request(r, builtin_world=builtin_world) for r in concept_set.requests]
+    backend = ComfyBackend(model, clip, vae, dtype=config.dtype)
+    evaluator = None
+    if builtin_world and vae is not None:
+        from ..run import builtin_evaluator
+
+        evaluator = builtin_evaluator()
+    total_steps = sum(r.steps or config.steps for r in concept_set.requests)
+    bar = comfy.utils.ProgressBar(total_steps, node_id=node_id)
+    done = {"steps": 0}
+    preview_every = max(1, total_steps // 4)
+
+    def progress(info):
+        done["steps"] += 1
+        preview = None
+        if done["steps"] % preview_every == 0 or done["steps"] == total_steps:
+            target = next((r for r in resolved if r.target == info.get("request")), resolved[0])
+            image = _preview_image(backend, render_prompt(target.templates[0], target.target), config.seed,
+                                   config.cache_guidance)
+            if image is not None:
+                preview = ("JPEG", image, max(image.width, 128))
+        bar.update_absolute(done["steps"], total_steps, preview)
+
+    def cancel() -> bool:
+        mm.throw_exception_if_processing_interrupted()
+        return False
+
+    kwargs = {}
+    if evaluator is not None:
+        from ..run import anchor_filter, world_evaluate
+
+        kwargs["image_filter"] = anchor_filter(backend, evaluator)
+        if evaluate:
+            kwargs["evaluate"] = world_evaluate(backend, evaluator, config.seed + 999)
+    with training_mode():
+        result = unlearn(backend, concept_set, config, builtin_world=builtin_world, progress=progress,
+                         cancel=cancel, start_deltas=start_deltas, **kwargs)
+        total = {name: delta.detach().float().cpu() for name, delta in result.total_delta.items()}
+        edited = backend.edited_model(total)
+
+    from ..io import make_manifest
+
+    requests = list(earlier_manifest.get("requests", [])) if earlier_manifest else []
+    requests += _manifest_requests(result, resolved)
+    manifest = make_manifest(METHOD if getattr(config, "method", "duge") == "duge" else config.method, requests,
+                             base_model_hash=None, base_model=_base_model_name(model),
+                             extra={"concept_set": concept_set.name, "host": "ComfyUI"})
+    edited.set_attachments(DUGE_ATTACHMENT, {"base": model, "total_delta": total, "manifest": manifest,
+                                             "patches_uuid": edited.patches_uuid})
+    lora = UnlearningLora([(r.target, {k: v.detach().float().cpu() for k, v in r.delta.items()}) for r in result.requests],
+                          total, manifest)
+    report = unlearn_report(result, concept_set.name, builtin_world, notes)
+    return UnlearnOutput(edited, lora, report, result)
+
+
+def _manifest_requests(result, resolved) -> list[dict]:
+    """Manifest entries of this run's requests (target, anchor, preserve, settings, metrics)."""
+    by_target = {r.target: r for r in resolved}
+    config = result.config
+    entries = []
+    for r in result.requests:
+        spec = by_target.get(r.target)
+        metrics = {"seconds": round(r.seconds, 3), **{k: r.metrics[k] for k in ("UA", "IRA", "CRA") if k in r.metrics}}
+        entries.append({
+            "target": r.target,
+            "anchor": spec.anchor if spec else None,
+            "preserve": list(spec.preserve) if spec else [],
+            "settings": {"method": getattr(config, "method", "duge"), "setting": config.setting, "steps": r.steps,
+                         "learning_rate": config.learning_rate, "beta": config.beta,
+                         "lambda_prior": config.lambda_prior, "lambda_reg": config.lambda_reg,
+                         "trainable": config.trainable, "seed": config.seed},
+            "metrics": metrics,
+        })
+    return entries
+
+
+# ---------------------------------------------------------------- probe and compare
+
+
+def probe(model, clip, vae, prompt: str, words: list[str], seed: int, steps: int, guidance: float,
+          model_after=None, latent_size=None):
+    """A heatmap panel (PIL) of `words` in `prompt`: one row per model, each over its own image
+    generated from the same seed (before/after when `model_after` is given)."""
+    from ..probe import heatmap_panel, probe_attention
+
+    if vae is None:
+        raise DugeError("Attention Probe needs a VAE to show the generated image; connect the model's VAE")
+    before = ComfyBackend(model, clip, vae, latent_size=latent_size)
+    with training_mode(), torch.no_grad():
+        latents = before.sample_latents([prompt], seed, steps, guidance)
+        results = [probe_attention(before, prompt, words, seed, latents=latents)]
+        labels = None
+        if model_after is not None:
+            after = ComfyBackend(model_after, clip, vae, latent_size=latent_size)
+            after_latents = after.sample_latents([prompt], seed, steps, guidance)
+            results.append(probe_attention(after, prompt, words, seed, latents=after_latents))
+            labels = ["model", "model 2"]
+    return heatmap_panel(results, labels)
+
+
+def compare(models: list[tuple[str, object]], clip, vae, prompts: list[str], seed: int, images_per_prompt: int,
+            steps: int, guidance: float, latent_size=None):
+    """(grid PIL, evaluator text or '') for the models on the same prompts and seeds."""
+    from ..compare import compare_models, comparison_grid, world_scores
+
+    if vae is None:
+        raise DugeError("Compare Outputs needs the model's VAE to decode images")
+    generators = []
+    for label, model in models:
+        backend = ComfyBackend(model, clip, vae, latent_size=latent_size)
+        generators.append((label, lambda p, s, b=backend: b.generate(p, s, steps, guidance)))
+    with training_mode(), torch.no_grad():
+        comparison = compare_models(generators, prompts, images_per_prompt, seed)
+    text = ""
+    if all(is_demo_model(model) for _, model in models):
+        from ..run import builtin_evaluator
+
+        _, text = world_scores(comparison, builtin_evaluator())
+    return comparison_grid(comparison), text
+
+
+# ---------------------------------------------------------------- saving
+
+
+def output_file(filename_prefix: str, suffix: str = ".safetensors") -> Path:
+    """A new file in ComfyUI's output folder for `filename_prefix` (sub-folders allowed, nothing outside)."""
+    import folder_paths
+
+    output_dir = folder_paths.get_output_directory()
+    prefix = str(filename_prefix).strip()
+    if not prefix or os.path.isabs(prefix) or ".." in Path(prefix).parts:
+        raise UnsafePathError(f"filename_prefix '{filename_prefix}': expected a name inside ComfyUI's output "
+                              "folder, e.g. 'loras/duge' (no absolute path, no '..')")
+    try:
+        folder, filename, counter, _, _ = folder_paths.get_save_image_path(prefix, output_dir)
+    except Exception as err:
+        raise UnsafePathError(f"filename_prefix '{filename_prefix}' leaves ComfyUI's output folder") from err
+    from ..paths import contained_path
+
+    target = contained_path(output_dir, os.path.relpath(os.path.join(folder, f"{filename}_{counter:05}_{suffix}"), output_dir))
+    return target
+
+
+def save_lora_files(lora: UnlearningLora, filename_prefix: str, rank: int | None, per_request: bool) -> list[Path]:
+    """Save the run's LoRA (kohya names, manifest in the metadata) into the output folder; returns the paths."""
+    from ..io import save_lora
+
+    paths = []
+    if per_request:
+        for k, (target, deltas) in enumerate(lora.requests, start=1):
+            manifest = dict(lora.manifest, request_index=k, request_target=target)
+            paths.append(save_lora(deltas, output_file(filename_prefix), manifest, rank=rank))
+    else:
+        paths.append(save_lora(lora.total, output_file(filename_prefix), lora.manifest, rank=rank))
+    return paths
+
+
+def save_checkpoint_file(model, clip, vae, filename_prefix: str, manifest: dict | None = None) -> Path:
+    """Save MODEL (+CLIP, VAE) as a single-file checkpoint with ComfyUI's saver, manifest in the metadata."""
+    from ..io import MANIFEST_KEY
+
+    if manifest is None:
+        state = model.get_attachment(DUGE_ATTACHMENT) if hasattr(model, "get_attachment") else None
+        manifest = state["manifest"] if state else None
+    path = output_file(filename_prefix)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"format": "pt"}
+    if manifest is not None:
+        metadata[MANIFEST_KEY] = json.dumps(manifest, ensure_ascii=False)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        comfy.sd.save_checkpoint(str(tmp), model, clip, vae, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
