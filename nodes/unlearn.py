@@ -1,0 +1,69 @@
+"""DUGE Unlearn: erase a concept set from the loaded MODEL; returns the edited MODEL, its LoRA and a report."""
+
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from .types import CATEGORY, ConceptSetType, UnlearningLoraType
+
+SETTINGS = ["sequential", "independent", "simultaneous"]
+TRAINABLE = ["kv", "qkv", "attn2"]
+METHODS = ["duge", "ca", "ft-l2sp", "esd-x"]
+
+
+class DugeUnlearn(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DugeUnlearn",
+            display_name="DUGE Unlearn",
+            category=CATEGORY,
+            description="Erase the concept set's targets from the model, one request after another, keeping the "
+                        "related concepts and everything else. The incoming MODEL is not changed; the edited MODEL "
+                        "carries the edit as weight patches (use it with the stock KSampler).",
+            inputs=[
+                io.Model.Input("model"),
+                io.Clip.Input("clip"),
+                ConceptSetType.Input("concept_set"),
+                io.Int.Input("steps", default=150, min=1, max=100000, tooltip="Optimisation steps per request."),
+                io.Float.Input("learning_rate", default=2e-3, min=1e-7, max=1.0, step=1e-4, round=1e-7),
+                io.Float.Input("beta", default=50.0, min=0.0, max=1e4, step=1.0,
+                               tooltip="Weight of the attention-map term (target words must look where the anchor's do)."),
+                io.Float.Input("lambda_prior", default=1.0, min=0.0, max=1e4, step=0.1,
+                               tooltip="Weight of the prior-preservation loss on the related concepts."),
+                io.Float.Input("lambda_reg", default=1.0, min=0.0, max=1e4, step=0.1,
+                               tooltip="Weight of the regulariser towards the original weights (against erosion)."),
+                io.Combo.Input("setting", options=SETTINGS, default="sequential",
+                               tooltip="sequential: each request from the last result; independent: each from the "
+                                       "original, merged; simultaneous: all requests at once."),
+                io.Int.Input("seed", default=0, min=0, max=2**32 - 1, control_after_generate=True),
+                io.Combo.Input("trainable", options=TRAINABLE, default="kv",
+                               tooltip="Cross-attention projections edited: K/V, Q/K/V, or all of attn2."),
+                io.Combo.Input("method", options=METHODS, default="duge", optional=True,
+                               tooltip="DUGE, or a baseline through the same trainer (Concept Ablation, FT + L2-SP, ESD-x)."),
+                io.Int.Input("anchor_images", default=16, min=1, max=1024, optional=True,
+                             tooltip="Images generated per request from the anchor prompts (before training)."),
+                io.Int.Input("sampler_steps", default=20, min=1, max=1000, optional=True,
+                             tooltip="Sampler steps for those images."),
+                io.Vae.Input("vae", optional=True,
+                             tooltip="For progress previews and, on the built-in model, the evaluator's checks."),
+                io.Boolean.Input("evaluate", default=False, optional=True,
+                                 tooltip="Built-in model with VAE only: measure UA/IRA/CRA after each request (slower)."),
+            ],
+            outputs=[io.Model.Output(display_name="MODEL"), UnlearningLoraType.Output(display_name="lora"),
+                     io.String.Output(display_name="report")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, concept_set, steps, learning_rate, beta, lambda_prior, lambda_reg, setting, seed,
+                trainable, method="duge", anchor_images=16, sampler_steps=20, vae=None, evaluate=False) -> io.NodeOutput:
+        from duge.backends.comfy_run import run_unlearn
+        from duge.trainer import UnlearnConfig
+
+        config = UnlearnConfig(method=method, setting=setting, steps=steps, learning_rate=learning_rate, beta=beta,
+                               lambda_prior=lambda_prior, lambda_reg=lambda_reg, trainable=trainable, seed=seed,
+                               anchor_images=anchor_images, cache_steps=sampler_steps)
+        node_id = cls.hidden.unique_id if cls.hidden is not None else None
+        out = run_unlearn(model, clip, concept_set, config, vae=vae, evaluate=evaluate, node_id=node_id)
+        return io.NodeOutput(out.model, out.lora, out.report)
