@@ -1,0 +1,421 @@
+"""The node pack inside a real ComfyUI (CPU): run with `COMFYUI_PATH=/path/to/ComfyUI pytest -m comfyui`.
+
+In-process tests import ComfyUI from COMFYUI_PATH (CPU selected before `comfy` is imported), load
+the pack the way ComfyUI does (`spec_from_file_location` on the checkout's `__init__.py`) and call
+the nodes' `execute` under `torch.inference_mode()`, as ComfyUI's executor does. The server test
+starts `main.py --cpu` with the pack loaded from this checkout through --extra-model-paths-config.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.comfyui
+
+COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
+if not COMFYUI_PATH or not (Path(COMFYUI_PATH) / "comfy").is_dir():
+    pytest.skip("needs a ComfyUI checkout: set COMFYUI_PATH to its folder (and run with -m comfyui)",
+                allow_module_level=True)
+
+REPO = Path(__file__).resolve().parents[1]
+NODE_IDS = ["DugeLoadDemoModel", "DugeLoadConceptSet", "DugeUnlearn", "DugeAttentionProbe", "DugeCompareOutputs",
+            "DugeSaveUnlearnedCheckpoint", "DugeSaveUnlearningLora"]
+TINY_SET = "name: test\nrequests:\n  - target: circle\n    preserve: [square]\n"
+UNLEARN_ARGS = dict(steps=3, learning_rate=5e-2, beta=50.0, lambda_prior=1.0, lambda_reg=1.0, setting="sequential",
+                    seed=0, trainable="kv", anchor_images=2, sampler_steps=3)
+
+sys.path.insert(0, COMFYUI_PATH)
+from comfy.cli_args import args  # noqa: E402
+
+args.cpu = True
+import comfy.model_management as mm  # noqa: E402
+import comfy.sd  # noqa: E402
+import comfy.utils  # noqa: E402
+import folder_paths  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def pack():
+    """The pack module, loaded from the checkout as ComfyUI's `load_custom_node` loads it."""
+    spec = importlib.util.spec_from_file_location("duge_pack_under_test", REPO / "__init__.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def nodes(pack):
+    import asyncio
+
+    extension = asyncio.run(pack.comfy_entrypoint())
+    return {cls.GET_SCHEMA().node_id: cls for cls in asyncio.run(extension.get_node_list())}
+
+
+@pytest.fixture()
+def output_dir(tmp_path):
+    previous = folder_paths.get_output_directory()
+    folder_paths.set_output_directory(str(tmp_path / "output"))
+    (tmp_path / "output").mkdir()
+    yield tmp_path / "output"
+    folder_paths.set_output_directory(previous)
+
+
+@pytest.fixture(scope="module")
+def demo(nodes):
+    with torch.inference_mode():
+        return nodes["DugeLoadDemoModel"].execute().args
+
+
+def _weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.model.state_dict().items()}
+
+
+def _parameter_objects(model) -> dict[str, int]:
+    return {k: id(p) for k, p in model.model.named_parameters()}
+
+
+def _assert_untouched(model, before):
+    after = model.model.state_dict()
+    assert before.keys() == after.keys()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert not changed, f"incoming weights changed: {changed[:5]}"
+    leftover = [n for n, m in model.model.named_modules() if getattr(m, "weight_function", None)]
+    assert not leftover, f"weight wrappers left on {leftover[:5]}"
+    assert not model.patches
+
+
+def _run_unlearn(nodes, model, clip, vae=None, **overrides):
+    concept_set = nodes["DugeLoadConceptSet"].execute("(typed text below)", TINY_SET).args[0]
+    with torch.inference_mode():
+        return nodes["DugeUnlearn"].execute(model, clip, concept_set, vae=vae, **dict(UNLEARN_ARGS, **overrides)).args
+
+
+def test_pack_exports_only_the_v3_entry_point(pack, nodes):
+    assert hasattr(pack, "comfy_entrypoint") and pack.WEB_DIRECTORY == "./web"
+    assert not hasattr(pack, "NODE_CLASS_MAPPINGS"), "NODE_CLASS_MAPPINGS would make ComfyUI ignore comfy_entrypoint"
+    assert sorted(nodes) == sorted(NODE_IDS)
+
+
+def test_demo_model_matches_the_diffusers_pipeline(demo):
+    from duge.models import load_pipeline
+
+    model, clip, vae = demo
+    pipe = load_pipeline("builtin")
+    prompt = "a red circle with dots"
+    with torch.inference_mode():
+        cond = clip.encode_from_tokens(clip.tokenize(prompt))
+        ids = pipe.tokenizer([prompt], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        reference = pipe.text_encoder(ids)[0]
+        assert torch.allclose(cond, reference, atol=1e-4)
+        mm.load_models_gpu([model])
+        x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+        t = torch.tensor([10.0, 600.0])
+        out = model.model.diffusion_model(x, t, context=reference.repeat(2, 1, 1))
+        assert torch.allclose(out, pipe.unet(x, t, encoder_hidden_states=reference.repeat(2, 1, 1)).sample, atol=1e-4)
+        image = vae.decode(x[:1])[0].permute(2, 0, 1)
+        assert torch.allclose(image, ((pipe.vae.decode(x[:1]).sample[0] + 1) / 2).clamp(0, 1), atol=1e-4)
+    assert vae.downscale_ratio == vae.upscale_ratio == 2
+
+
+def test_unlearn_returns_an_edit_and_leaves_the_incoming_model_bit_identical(nodes, demo):
+    model, clip, vae = demo
+    before = _weights(model)
+    edited, lora, report = _run_unlearn(nodes, model, clip, vae)
+    _assert_untouched(model, before)
+    assert "erase 'circle'" in report
+    assert len(edited.patches) == len(lora.total) == len(lora.requests[0][1]) == 14  # to_k, to_v of 7 attn2
+    assert any(float(d.abs().max()) > 0 for d in lora.total.values())
+    mm.load_models_gpu([edited], force_patch_weights=True)
+    edited_weights = edited.model_state_dict()
+    mm.load_models_gpu([model], force_patch_weights=True)
+    _assert_untouched(model, before)
+    assert any(not torch.equal(edited_weights[k], before[k]) for k in edited.patches)
+
+
+def test_cancel_mid_run_returns_nothing_and_leaves_the_model_unchanged(nodes, demo, output_dir):
+    model, clip, _ = demo
+    before = _weights(model)
+    calls = []
+
+    def hook(value, total, preview, node_id=None):  # what ComfyUI's server installs: it checks Cancel
+        calls.append(value)
+        if value == 2:
+            mm.interrupt_current_processing(True)
+        mm.throw_exception_if_processing_interrupted()
+
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            _run_unlearn(nodes, model, clip, steps=10)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+        mm.interrupt_current_processing(False)
+    assert calls and max(calls) <= 3, "the run went on after Cancel"
+    _assert_untouched(model, before)
+    assert not [m for m in mm.current_loaded_models if m.model is not None and m.model.weight_wrapper_patches]
+    assert not list(output_dir.rglob("*"))
+
+
+def test_saved_lora_loads_with_the_stock_loader_and_reproduces_the_edit(nodes, demo, output_dir, caplog):
+    from duge.io import read_manifest
+
+    model, clip, vae = demo
+    edited, lora, _ = _run_unlearn(nodes, model, clip, vae)
+    with torch.inference_mode():
+        path = Path(nodes["DugeSaveUnlearningLora"].execute(lora, "loras/duge_test", 0, False).args[0])
+    assert path.parent == output_dir / "loras" and path.suffix == ".safetensors"
+    assert read_manifest(path)["requests"][0]["target"] == "circle"
+    caplog.set_level(logging.WARNING)
+    with torch.inference_mode():
+        lora_sd = comfy.utils.load_torch_file(str(path))
+        loaded, _ = comfy.sd.load_lora_for_models(model, clip, lora_sd, 1.0, 1.0)  # what LoraLoader runs
+    assert not [r for r in caplog.records if "lora key not loaded" in r.getMessage() or "NOT LOADED" in r.getMessage()]
+    assert set(loaded.patches) == set(edited.patches)
+    mm.load_models_gpu([loaded], force_patch_weights=True)
+    via_lora = {k: v.clone() for k, v in loaded.model_state_dict().items()}
+    mm.load_models_gpu([edited], force_patch_weights=True)
+    direct = edited.model_state_dict()
+    assert max(float((via_lora[k] - direct[k]).abs().max()) for k in direct) < 1e-5
+
+    from duge.backends.comfy_backend import ComfyBackend
+
+    with torch.inference_mode():
+        a = ComfyBackend(loaded, clip, vae).generate(["a circle"], 3, 4, 7.5)
+        b = ComfyBackend(edited, clip, vae).generate(["a circle"], 3, 4, 7.5)
+    assert torch.allclose(a, b, atol=1e-3)
+
+
+def test_checkpoint_is_saved_in_the_output_folder_with_the_manifest(nodes, demo, output_dir):
+    from duge.io import read_manifest
+
+    model, clip, vae = demo
+    edited, _, _ = _run_unlearn(nodes, model, clip, vae, steps=1)
+    with torch.inference_mode():
+        path = Path(nodes["DugeSaveUnlearnedCheckpoint"].execute(edited, clip, vae, "checkpoints/duge").args[0])
+        with pytest.raises(Exception, match="output folder"):
+            nodes["DugeSaveUnlearnedCheckpoint"].execute(edited, clip, vae, "../outside")
+    assert path.parent == output_dir / "checkpoints"
+    manifest = read_manifest(path)
+    assert manifest["base_model"] == "builtin" and manifest["requests"][0]["target"] == "circle"
+    tensors = comfy.utils.load_torch_file(str(path))
+    assert tensors["cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"].shape[0] < 1000
+    assert any(k.startswith("model.diffusion_model.") for k in tensors)
+    assert not list(output_dir.parent.glob("outside*"))
+
+
+def test_probe_and_compare_make_images(nodes, demo):
+    model, clip, vae = demo
+    edited, _, _ = _run_unlearn(nodes, model, clip, vae, steps=1)
+    with torch.inference_mode():
+        panel = nodes["DugeAttentionProbe"].execute(model, clip, vae, "a red circle", "circle, red, moon", 0, 4, 7.5,
+                                                     model_2=edited).args[0]
+        grid, scores = nodes["DugeCompareOutputs"].execute(model, edited, clip, vae, "a red circle", 0, 2, 4, 7.5).args
+    assert panel.ndim == 4 and panel.shape[-1] == 3 and panel.shape[2] > panel.shape[1]
+    assert grid.ndim == 4 and grid.shape[-1] == 3
+    assert "before · a red circle" in scores and "circle" in scores
+
+
+def test_concept_set_errors_name_the_field(nodes):
+    error = nodes["DugeLoadConceptSet"].validate_inputs("(typed text below)", "name: x\nrequests:\n  - target: ''\n")
+    assert isinstance(error, str) and "requests[0].target" in error
+    assert nodes["DugeLoadConceptSet"].validate_inputs("demo.yaml", "") is True
+
+
+# ---------------------------------------------------------------- SD 1.5 and SDXL layouts
+
+
+def _randomize(module: torch.nn.Module, seed: int) -> None:
+    """ComfyUI builds layers without initialising them: give every weight small random values."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if param.ndim == 1:
+                param.fill_(1.0 if name.endswith("weight") else 0.0)
+            else:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+
+
+def _comfy_unet_config(diffusers_config: dict) -> dict:
+    """ComfyUI's own config for a UNet layout (`model_detection.unet_config_from_diffusers_unet`)."""
+    import comfy.model_detection
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**diffusers_config)
+    config = comfy.model_detection.unet_config_from_diffusers_unet(unet.state_dict())
+    assert config is not None
+    return config
+
+
+SD15_DIFFUSERS = dict(cross_attention_dim=768, block_out_channels=(320, 640, 1280, 1280), attention_head_dim=8)
+SDXL_DIFFUSERS = dict(
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(320, 640, 1280), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+    transformer_layers_per_block=(1, 2, 10), use_linear_projection=True, addition_embed_type="text_time",
+    addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+)
+
+
+def _layout_model(kind: str):
+    """(MODEL, CLIP) with ComfyUI's real SD 1.5 / SDXL UNet config. SD 1.5 at full size; SDXL with 64
+    base channels (same keys and block structure, CPU-sized); CLIPs at full width, few layers."""
+    import comfy.model_patcher
+    import comfy.sd1_clip
+    import comfy.sdxl_clip
+    import comfy.supported_models
+    from comfy.supported_models_base import ClipTarget
+
+    if kind == "sd15":
+        config = comfy.supported_models.SD15(_comfy_unet_config(SD15_DIFFUSERS))
+        target = ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
+        te_options = {"clip_l_model_config": {"num_hidden_layers": 2}}
+    else:
+        unet_config = dict(_comfy_unet_config(SDXL_DIFFUSERS), model_channels=64)
+        config = comfy.supported_models.SDXL(unet_config)
+        target = ClipTarget(comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel)
+        te_options = {"clip_l_model_config": {"num_hidden_layers": 3}, "clip_g_model_config": {"num_hidden_layers": 3}}
+    config.set_inference_dtype(torch.float32, None)
+    with torch.inference_mode():  # as a checkpoint loader node builds it: inference tensors
+        base = config.get_model({}, "")
+        _randomize(base.diffusion_model, 0)
+        model = comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
+                                                 offload_device=mm.unet_offload_device())
+        clip = comfy.sd.CLIP(target, model_options={**te_options, "dtype": torch.float32})
+        _randomize(clip.cond_stage_model, 1)
+    return model, clip
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_sd_layouts_train_and_their_lora_loads_with_no_unmatched_key(kind, output_dir, caplog):
+    from duge.backends.comfy_backend import ComfyBackend, training_mode
+    from duge.backends.comfy_run import UnlearningLora, save_lora_files
+    from duge.concepts import parse_concept_set
+    from duge.trainer import UnlearnConfig, unlearn
+
+    from duge.io import model_hash
+
+    model, clip = _layout_model(kind)
+    before, objects = model_hash(model.model.state_dict()), _parameter_objects(model)  # a hash: no 3 GB copy
+    concept_set = parse_concept_set("name: t\nrequests:\n  - target: Van Gogh\n    anchor: painting\n    preserve: [Monet]\n")
+    config = UnlearnConfig(steps=1, batch_size=1, anchor_images=1, related_images=1, cache_steps=1, learning_rate=1e-2)
+    with torch.inference_mode():
+        backend = ComfyBackend(model, clip, latent_size=(8, 8))
+        assert len(backend.cross_attention_layers()) == (16 if kind == "sd15" else 70)
+        with training_mode():
+            result = unlearn(backend, concept_set, config)
+        edited = backend.edited_model(result.total_delta)
+    assert model_hash(model.model.state_dict()) == before
+    assert not [n for n, m in model.model.named_modules() if getattr(m, "weight_function", None)]
+    assert _parameter_objects(model) == objects, "the module's own parameter tensors were not put back"
+    assert all(p.is_inference() for p in model.model.diffusion_model.parameters())
+    assert len(edited.patches) == 2 * len(backend.cross_attention_layers())
+    paths = save_lora_files(UnlearningLora([], result.total_delta, {"format": "test"}), f"loras/{kind}", None, False)
+    caplog.set_level(logging.WARNING)
+    with torch.inference_mode():
+        loaded, _ = comfy.sd.load_lora_for_models(model, clip, comfy.utils.load_torch_file(str(paths[0])), 1.0, 1.0)
+    assert not [r for r in caplog.records if "lora key not loaded" in r.getMessage() or "NOT LOADED" in r.getMessage()]
+    assert set(loaded.patches) == set(edited.patches)
+
+
+# ---------------------------------------------------------------- the server
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, payload: dict) -> dict:
+    request = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.load(response)
+
+
+DEMO_PROMPT = {  # API form: demo model -> concept set -> DUGE Unlearn -> KSampler -> image, and the LoRA saved
+    "1": {"class_type": "DugeLoadDemoModel", "inputs": {}},
+    "2": {"class_type": "DugeLoadConceptSet", "inputs": {"file": "(typed text below)", "text": TINY_SET}},
+    "3": {"class_type": "DugeUnlearn", "inputs": {"model": ["1", 0], "clip": ["1", 1], "concept_set": ["2", 0],
+                                                  "vae": ["1", 2], **dict(UNLEARN_ARGS, steps=2)}},
+    "4": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a circle"}},
+    "5": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
+    "6": {"class_type": "EmptyLatentImage", "inputs": {"width": 128, "height": 128, "batch_size": 1}},
+    "7": {"class_type": "KSampler", "inputs": {"model": ["3", 0], "positive": ["4", 0], "negative": ["5", 0],
+                                               "latent_image": ["6", 0], "seed": 0, "steps": 3, "cfg": 7.5,
+                                               "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+    "8": {"class_type": "VAEDecode", "inputs": {"samples": ["7", 0], "vae": ["1", 2]}},
+    "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "duge_demo"}},
+    "10": {"class_type": "DugeSaveUnlearningLora", "inputs": {"lora": ["3", 1], "filename_prefix": "loras/duge_demo",
+                                                             "rank": 0, "one_file_per_request": False}},
+}
+
+
+def test_server_loads_the_pack_from_the_checkout_and_runs_the_demo_graph(tmp_path):
+    custom_nodes = tmp_path / "custom_nodes"
+    custom_nodes.mkdir()
+    for folder in ("output", "user", "temp"):
+        (tmp_path / folder).mkdir()
+    (custom_nodes / "ComfyUI-DUGE").symlink_to(REPO, target_is_directory=True)
+    extra = tmp_path / "extra_model_paths.yaml"
+    extra.write_text(f"duge_test:\n  base_path: {tmp_path}\n  custom_nodes: custom_nodes\n")
+    port = _free_port()
+    command = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+               "--extra-model-paths-config", str(extra), "--output-directory", str(tmp_path / "output"),
+               "--user-directory", str(tmp_path / "user"), "--temp-directory", str(tmp_path / "temp"),
+               "--disable-api-nodes", "--dont-print-server"]
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen(command, cwd=COMFYUI_PATH, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        info = None
+        deadline = time.time() + 120
+        while time.time() < deadline and server.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/object_info", timeout=5) as response:
+                    info = json.load(response)
+                break
+            except OSError:
+                time.sleep(1)
+        assert info is not None, (tmp_path / "server.log").read_text()[-3000:]
+        missing = [n for n in NODE_IDS if n not in info]
+        assert not missing, f"not registered: {missing}\n" + (tmp_path / "server.log").read_text()[-3000:]
+        assert "demo.yaml" in info["DugeLoadConceptSet"]["input"]["required"]["file"][1]["options"]
+        assert info["DugeUnlearn"]["output"] == ["MODEL", "DUGE_LORA", "STRING"]
+
+        queued = _post(f"http://127.0.0.1:{port}/prompt", {"prompt": DEMO_PROMPT, "client_id": "duge-test"})
+        prompt_id = queued["prompt_id"]
+        history = {}
+        deadline = time.time() + 240
+        while time.time() < deadline and prompt_id not in history:
+            time.sleep(1)
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/history/{prompt_id}", timeout=5) as response:
+                history = json.load(response)
+        assert prompt_id in history, (tmp_path / "server.log").read_text()[-3000:]
+        status = history[prompt_id]["status"]
+        assert status["status_str"] == "success", json.dumps(status)[-3000:]
+        image = history[prompt_id]["outputs"]["9"]["images"][0]
+        assert (tmp_path / "output" / image["subfolder"] / image["filename"]).exists()
+        assert list((tmp_path / "output" / "loras").glob("duge_demo_*.safetensors"))
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
