@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from .errors import DugeError
+
 
 def _cmd_world_render(args) -> int:
     from .world.render import write_rendered_scenes
@@ -51,6 +53,100 @@ def _cmd_sample(args) -> int:
     return run_sample_command(args)
 
 
+def _unlearn_config(args):
+    from .trainer import UnlearnConfig
+
+    config = UnlearnConfig(method=args.method, setting=args.setting, seed=args.seed, trainable=args.trainable,
+                           trainable_mode=args.trainable_mode, dtype=args.dtype)
+    if args.steps is not None:
+        config.steps = args.steps
+    if args.lr is not None:
+        config.learning_rate = args.lr
+    return config
+
+
+def _run_unlearn_job(model: str, concepts: str, out: str, config, overwrite: bool, lora_rank) -> int:
+    from tqdm.auto import tqdm
+
+    from .concepts import load_concept_set
+    from .run import run_unlearn
+
+    concept_set = load_concept_set(concepts)
+    total = sum(r.steps or config.steps for r in concept_set.requests) if config.method != "uce" else 0
+    with tqdm(total=total, desc="unlearning", unit="step") as bar:
+        def progress(info):
+            bar.update(1)
+            bar.set_postfix(request=info["request"], loss=f"{info['losses'].get('total', 0):.4f}")
+
+        report = run_unlearn(model, concepts, out, config, overwrite=overwrite, lora_rank=lora_rank,
+                             progress=progress, log=tqdm.write)
+    print(f"wrote {out}: model/, model.safetensors, loras/, before_after.png, report.json")
+    final = report.get("final") or {}
+    if final:
+        print("final: " + ", ".join(f"{k} {v:.3f}" for k, v in final.items() if isinstance(v, (int, float))))
+    return 0
+
+
+def _cmd_unlearn(args) -> int:
+    return _run_unlearn_job(args.model, args.concepts, args.out, _unlearn_config(args), args.overwrite, args.lora_rank)
+
+
+def _cmd_demo(args) -> int:
+    from .concepts import example_concept_set_path
+
+    return _run_unlearn_job("builtin", str(example_concept_set_path("demo")), args.out, _unlearn_config(args),
+                            args.overwrite, args.lora_rank)
+
+
+def _cmd_eval(args) -> int:
+    from .concepts import load_concept_set, resolve_request
+    from .evaluation import unlearning_metrics
+    from .models import load_pipeline
+    from .paths import atomic_write_text
+    from .run import builtin_evaluator, uses_builtin_world
+    from .world.model import generate
+
+    concept_set = load_concept_set(args.concepts)
+    pipe = load_pipeline(args.model)
+    if not uses_builtin_world(pipe):
+        raise DugeError(f"'{args.model}' is not a model of the built-in world, and `duge eval` has no classifier "
+                        "for it; score it with a classifier of your own (duge.evaluation.ConceptClassifier)")
+    requests = [resolve_request(r, builtin_world=True) for r in concept_set.requests]
+    metrics = unlearning_metrics(lambda p, s: generate(pipe, p, s, steps=20), builtin_evaluator(), requests,
+                                 seed=args.seed)
+    metrics = {"model": args.model, "concept_set": concept_set.name, **metrics}
+    text = json.dumps(metrics, indent=2)
+    if args.json:
+        atomic_write_text(args.json, text, overwrite=True)
+    print(text)
+    return 0
+
+
+def _cmd_inspect(args) -> int:
+    from .io import read_manifest
+
+    manifest = read_manifest(args.file)
+    if manifest is None:
+        print(f"{args.file}: no DUGE manifest")
+        return 1
+    print(json.dumps(manifest, indent=2))
+    return 0
+
+
+def _add_unlearn_options(p, default_out=None) -> None:
+    p.add_argument("--out", required=default_out is None, default=default_out, help="output folder")
+    p.add_argument("--method", default="duge", choices=["duge", "esd-x", "ca", "ft-l2sp", "uce"])
+    p.add_argument("--setting", default="sequential", choices=["sequential", "independent", "simultaneous"])
+    p.add_argument("--steps", type=int, default=None, help="optimisation steps per request")
+    p.add_argument("--lr", type=float, default=None, help="learning rate")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trainable", default="kv", choices=["kv", "qkv", "attn2"], help="cross-attention projections to edit")
+    p.add_argument("--trainable-mode", default="full", choices=["full", "lora"])
+    p.add_argument("--lora-rank", type=int, default=None, help="rank of the exported LoRAs (default: exact)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    p.add_argument("--overwrite", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="duge", description="Continual concept unlearning for diffusion models (DUGE).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -89,11 +185,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="a .png for a grid, else a folder")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_sample)
+
+    p = sub.add_parser("unlearn", help="erase a concept set's requests from a model, in order")
+    p.add_argument("--model", default="builtin", help="'builtin', a diffusers folder or a .safetensors checkpoint")
+    p.add_argument("--concepts", required=True, help="concept set (JSON or YAML)")
+    _add_unlearn_options(p)
+    p.set_defaults(func=_cmd_unlearn)
+
+    p = sub.add_parser("demo", help="erase an object, a colour and a style from the built-in model")
+    _add_unlearn_options(p, default_out="duge-demo")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("eval", help="UA / IRA / CRA and per-concept accuracy of a built-in-world model")
+    p.add_argument("--model", default="builtin")
+    p.add_argument("--concepts", required=True, help="concept set whose targets count as erased")
+    p.add_argument("--json", default=None, help="write the metrics here")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("inspect", help="print the DUGE manifest of a .safetensors file or model folder")
+    p.add_argument("file")
+    p.set_defaults(func=_cmd_inspect)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .errors import DugeError
 
     args = build_parser().parse_args(argv)
     try:

@@ -19,8 +19,6 @@ from .concepts import ConceptSet, load_concept_set, render_prompt, resolve_reque
 from .errors import DugeError, OutputExistsError
 from .grids import labelled_grid, to_pil
 
-METHOD = "duge"
-
 
 def uses_builtin_world(pipe) -> bool:
     """True when the model speaks the built-in world's vocabulary (the built-in model or an edit of it)."""
@@ -119,8 +117,8 @@ def run_unlearn(model: str, concepts_path: str, out: str | Path, config, overwri
         backend = DiffusersBackend(pipe, dtype=config.dtype)
         evaluator = builtin_evaluator() if builtin_world else None
         evaluate = world_evaluate(backend, evaluator, config.seed + 999) if evaluator else None
-        base_hash = model_hash(pipe.unet.state_dict())
-        report: dict = {"model": str(model), "concept_set": concept_set.name, "method": METHOD,
+        base_hash = model_hash(pipe)
+        report: dict = {"model": str(model), "concept_set": concept_set.name, "method": config.method,
                         "setting": config.setting, "config": asdict(config), "requests": []}
         t_start = time.time()
         if evaluate:
@@ -149,7 +147,8 @@ def run_unlearn(model: str, concepts_path: str, out: str | Path, config, overwri
         report["peak_memory_mb"] = max(peak_before, _peak_memory_mb())
 
         edited = backend.edited_pipeline(result.total_delta)
-        manifest = make_manifest(METHOD, [dict(req, setting=config.setting) for req in result.manifest_requests()],
+        resolved = [resolve_request(r, builtin_world=builtin_world) for r in concept_set.requests]
+        manifest = make_manifest(config.method, result.manifest_requests(resolved),
                                  base_model_hash=base_hash, base_model=str(model),
                                  extra={"config": asdict(config), "concept_set": concept_set.name})
         log("saving model/, model.safetensors and loras/ ...")
@@ -161,7 +160,6 @@ def run_unlearn(model: str, concepts_path: str, out: str | Path, config, overwri
             save_lora(r.delta, tmp / "loras" / f"{k:02d}_{name}.safetensors", request_manifest, rank=lora_rank)
         log("drawing before/after grids ...")
         prompts = comparison_prompts(concept_set, builtin_world)
-        before = backend.generate
         after_backend = DiffusersBackend(edited, device=backend.device, dtype=config.dtype)
         grid = before_after_grid(lambda p, s: backend.generate(p, s, 25, 7.5),
                                  lambda p, s: after_backend.generate(p, s, 25, 7.5), prompts, 4, config.seed)

@@ -108,12 +108,22 @@ class UnlearnResult:
     requests: list[RequestResult]
     total_delta: dict[str, torch.Tensor]  # θ - θ0 per layer
 
-    def manifest_requests(self) -> list[dict]:
-        return [
-            {"target": r.target, "steps": r.steps, "seconds": round(r.seconds, 3),
-             "final_losses": r.final_losses, "metrics": r.metrics}
-            for r in self.requests
-        ]
+    def manifest_requests(self, resolved: list[ResolvedRequest]) -> list[dict]:
+        """Per request: target, anchor, preserve, settings and measured metrics (for a manifest)."""
+        by_target = {r.target: r for r in resolved}
+        out = []
+        for r in self.requests:
+            spec = by_target.get(r.target)
+            out.append({
+                "target": r.target,
+                "anchor": spec.anchor if spec else None,
+                "preserve": list(spec.preserve) if spec else [],
+                "settings": {"method": self.config.method, "setting": self.config.setting, "steps": r.steps,
+                             "learning_rate": self.config.learning_rate, "trainable": self.config.trainable},
+                "metrics": {"seconds": round(r.seconds, 3),
+                            **{k: r.metrics.get(k) for k in ("UA", "IRA", "CRA") if k in r.metrics}},
+            })
+        return out
 
 
 ProgressFn = Callable[[dict], None]
