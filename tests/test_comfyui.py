@@ -419,3 +419,39 @@ def test_server_loads_the_pack_from_the_checkout_and_runs_the_demo_graph(tmp_pat
         except subprocess.TimeoutExpired:
             server.kill()
         log.close()
+
+
+@pytest.mark.parametrize("parametrisation", ["eps", "v_prediction"])
+def test_noise_comes_from_the_models_own_sampling_and_matches_diffusers(demo, parametrisation):
+    import comfy.model_sampling
+    from diffusers import DDPMScheduler
+
+    from duge.backends.comfy_backend import ComfyBackend
+
+    model, clip, _ = demo
+    if parametrisation == "v_prediction":  # what the stock ModelSamplingDiscrete node does
+        class VSampling(comfy.model_sampling.ModelSamplingDiscrete, comfy.model_sampling.V_PREDICTION):
+            pass
+
+        model = model.clone()
+        model.add_object_patch("model_sampling", VSampling(model.model.model_config))
+    backend = ComfyBackend(model, clip)
+    assert backend.prediction_type == ("v_prediction" if parametrisation == "v_prediction" else "epsilon")
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    x0 = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(2))
+    t = torch.tensor([0, 499, 999])
+    assert torch.allclose(backend.add_noise(x0, noise, t), scheduler.add_noise(x0, noise, t), atol=1e-4)
+
+
+def test_a_second_unlearn_on_the_result_continues_the_session_from_theta0(nodes, demo):
+    model, clip, vae = demo
+    first, _, _ = _run_unlearn(nodes, model, clip, vae, steps=1)
+    concept_set = nodes["DugeLoadConceptSet"].execute("(typed text below)", TINY_SET.replace("circle", "red")).args[0]
+    with torch.inference_mode():
+        second, lora, report = nodes["DugeUnlearn"].execute(first, clip, concept_set, vae=vae,
+                                                             **dict(UNLEARN_ARGS, steps=1)).args
+    assert "Continued the session" in report
+    assert [r["target"] for r in lora.manifest["requests"]] == ["circle", "red"]
+    assert [target for target, _ in lora.requests] == ["red"]
+    assert all(len(patches) == 1 for patches in second.patches.values())  # θ0 + total delta, not stacked
