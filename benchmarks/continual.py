@@ -14,6 +14,7 @@ allocated memory, reset per request). Where the reset is not allowed, a thread s
 resident size every 10 ms instead (this is said in the JSON as `memory_measure`).
 
     python benchmarks/continual.py [--quick] [--json PATH] [--out DIR] [--methods duge,uce] [--requests N]
+                                   [--steps N] [--set [METHOD:]FIELD=VALUE ...]
 
 Writes DIR/continual.json (or --json PATH), DIR/erosion.png (UA, IRA, CRA and the distance vs
 request number, one line per method; the unedited model dashed) and DIR/cost.png, and prints a
@@ -125,6 +126,7 @@ class PeakMemory:
 
 
 def _unlearn_config(method: str, profile: Profile, seed: int):
+    """UnlearnConfig's defaults, the profile's sizes, then `config_overrides` ("field" or "method:field")."""
     from duge.trainer import UnlearnConfig
 
     config = UnlearnConfig(method=method, seed=seed)
@@ -132,9 +134,32 @@ def _unlearn_config(method: str, profile: Profile, seed: int):
         value = getattr(profile, name)
         if value is not None:
             setattr(config, name, value)
-    for name, value in profile.config_overrides.items():
+    for key, value in profile.config_overrides.items():
+        only, _, name = key.rpartition(":")
+        if only and only != method:
+            continue
         setattr(config, name, value)
+    config.validate()
     return config
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """["lambda_reg=0.01", "duge:beta=10"] -> {"lambda_reg": 0.01, "duge:beta": 10} (values read as JSON, else text)."""
+    from duge.trainer import UnlearnConfig
+
+    fields = set(UnlearnConfig.__dataclass_fields__)
+    out = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        name = key.rpartition(":")[2]
+        if not sep or name not in fields:
+            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE or METHOD:FIELD=VALUE with FIELD one of "
+                             + ", ".join(sorted(fields)))
+        try:
+            out[key] = json.loads(text)
+        except json.JSONDecodeError:
+            out[key] = text
+    return out
 
 
 def _median(values):
@@ -314,7 +339,7 @@ def write_plots(result: dict, out_dir: Path) -> list[Path]:
             xs = [r["index"] for r in entry["requests"] if r.get(key) is not None]
             ys = [r[key] for r in entry["requests"] if r.get(key) is not None]
             ax.plot(xs, ys, marker="o", label=name)
-        if key in ("IRA", "CRA"):
+        if key in ("UA", "IRA", "CRA"):
             ax.plot([b["index"] for b in base], [b.get(key) for b in base], "k--", label="unedited")
         if key == "distance" and result["base"].get("distance_floor") is not None:
             ax.axhline(result["base"]["distance_floor"], color="k", linestyle="--", label="unedited (other seeds)")
@@ -362,6 +387,9 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="builtin")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--set", action="append", default=[], metavar="[METHOD:]FIELD=VALUE",
+                        help="override an UnlearnConfig field for every method or one (repeatable), "
+                             "e.g. --set duge:lambda_reg=0.01")
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
 
@@ -378,6 +406,7 @@ def main(argv=None) -> int:
         profile.requests = args.requests
     if args.steps is not None:
         profile.steps = args.steps
+    profile.config_overrides.update(parse_overrides(args.set))
 
     t0 = time.perf_counter()
     result = run_benchmark(methods, profile, model=args.model, seed=args.seed)
