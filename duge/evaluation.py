@@ -26,6 +26,7 @@ target, and the IRA/CRA over its target's kind, with every concept erased so far
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Protocol, Sequence
@@ -358,10 +359,9 @@ class RunEvaluation:
         """The unedited model: acc of every concept, UA of every target, and the numbers after each prefix.
 
         `distance_floor`: also the distance between two sets of the unedited model's samples on
-        other seeds (the sampling noise below which a distance means nothing).
+        different seeds — what re-drawing the images alone gives. (Edited and unedited samples
+        share seeds, so a distance well below the floor still measures a change.)
         """
-        import time
-
         t0 = time.perf_counter()
         s = self.settings
         ua = erasure_rates(self.generate, self.classifier, requests, self.concepts, s.samples_per_prompt, s.seed,
@@ -381,8 +381,7 @@ class RunEvaluation:
         return self.base
 
     def __call__(self, backend, requests_so_far: Sequence[ResolvedRequest]) -> dict:
-        import time
-
+        """The current model's numbers (`backend` is the one this evaluation samples, as unlearn passes it)."""
         t0 = time.perf_counter()
         s = self.settings
         metrics = measure_requests(self.generate, self.classifier, requests_so_far, self.concepts,
