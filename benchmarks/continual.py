@@ -8,7 +8,8 @@ concept set's general prompts). The unedited model is measured once, on the same
 
 Cost: seconds per request (image caching + training, as `unlearn` times it; the measurement is
 not included), seconds per training step (median gap between consecutive steps), and the peak
-resident memory of the process while a request runs: the kernel's high-water mark VmHWM from
+resident memory of the process while a request runs (also as the increase over the memory in
+use when the request started, which is what the method itself adds): the kernel's high-water mark VmHWM from
 /proc/self/status, reset before each request by writing 5 to /proc/self/clear_refs (CUDA: peak
 allocated memory, reset per request). Where the reset is not allowed, a thread samples the
 resident size every 10 ms instead (this is said in the JSON as `memory_measure`).
@@ -72,6 +73,7 @@ class PeakMemory:
         self._thread = None
         self._peak_kb = 0
         self._stop = threading.Event()
+        self.start_mb = 0.0  # memory in use at the last reset
         if not self.cuda and not self._clear_refs():
             self.method = "RSS sampled every 10 ms"
             self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -104,10 +106,13 @@ class PeakMemory:
 
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
-        elif self._thread is None:
+            self.start_mb = torch.cuda.memory_allocated() / 2**20
+            return
+        if self._thread is None:
             self._clear_refs()
         else:
             self._peak_kb = self._status_kb("VmRSS")
+        self.start_mb = self._status_kb("VmRSS") / 1024
 
     def peak_mb(self) -> float:
         import torch
@@ -184,7 +189,7 @@ def run_method(method: str, backend, concept_set, evaluation, image_filter, prof
         step_times.setdefault(info["request"], []).append(time.perf_counter())
 
     def evaluate(b, requests_so_far):
-        peaks.append(memory.peak_mb())
+        peaks.append((memory.peak_mb(), memory.peak_mb() - memory.start_mb))
         metrics = evaluation(b, requests_so_far)
         log(f"  {method:<8} request {len(requests_so_far):>2} ({requests_so_far[-1].target}): "
             f"UA {_fmt(metrics.get('UA'))} IRA {_fmt(metrics.get('IRA'))} CRA {_fmt(metrics.get('CRA'))} "
@@ -212,7 +217,8 @@ def run_method(method: str, backend, concept_set, evaluation, image_filter, prof
             **{key: m.get(key) for key in ("UA", "IRA", "CRA", "H", "distance", "IRA_ratio", "CRA_ratio")},
             "last_request": m.get("last_request"),
             "seconds": r.seconds, "steps": r.steps if times else 0, "seconds_per_step": _median(gaps),
-            "peak_memory_mb": peaks[k] if k < len(peaks) else None,
+            "peak_memory_mb": peaks[k][0] if k < len(peaks) else None,
+            "peak_increase_mb": peaks[k][1] if k < len(peaks) else None,
             "eval_seconds": m.get("eval_seconds"), "dropped_anchor_images": m.get("dropped_anchor_images"),
             "final_losses": r.final_losses,
             "UA_per_concept": m.get("UA_per_concept"), "accuracy_per_concept": m.get("accuracy_per_concept"),
@@ -226,6 +232,8 @@ def run_method(method: str, backend, concept_set, evaluation, image_filter, prof
         per_step = [row["seconds_per_step"] for row in rows if row["seconds_per_step"] is not None]
         entry["seconds_per_step"] = _median(per_step)
         entry["peak_memory_mb"] = max((row["peak_memory_mb"] for row in rows if row["peak_memory_mb"]), default=None)
+        entry["peak_increase_mb"] = max((row["peak_increase_mb"] for row in rows
+                                         if row["peak_increase_mb"] is not None), default=None)
     return entry
 
 
@@ -290,7 +298,7 @@ def format_table(result: dict) -> str:
     """Final numbers per method and the erosion per request, as text."""
     lines = []
     head = f"{'method':<9}{'UA':>7}{'IRA':>7}{'CRA':>7}{'H':>7}{'dist':>8}{'IRA/base':>9}{'CRA/base':>9}" \
-           f"{'s/req':>8}{'s/step':>8}{'peak MiB':>10}"
+           f"{'s/req':>8}{'s/step':>8}{'peak MiB':>10}{'+MiB':>7}"
     lines.append(head)
     base = result["base"]["requests"][-1] if result["base"]["requests"] else {}
     lines.append(f"{'unedited':<9}{_fmt(base.get('UA')):>7}{_fmt(base.get('IRA')):>7}{_fmt(base.get('CRA')):>7}"
@@ -303,7 +311,7 @@ def format_table(result: dict) -> str:
         lines.append(f"{name:<9}{_fmt(f.get('UA')):>7}{_fmt(f.get('IRA')):>7}{_fmt(f.get('CRA')):>7}{_fmt(f.get('H')):>7}"
                      f"{_fmt(f.get('distance'), 2):>8}{_fmt(f.get('IRA_ratio')):>9}{_fmt(f.get('CRA_ratio')):>9}"
                      f"{_fmt(entry.get('mean_seconds_per_request'), 1):>8}{_fmt(entry.get('seconds_per_step'), 3):>8}"
-                     f"{_fmt(entry.get('peak_memory_mb'), 0):>10}")
+                     f"{_fmt(entry.get('peak_memory_mb'), 0):>10}{_fmt(entry.get('peak_increase_mb'), 0):>7}")
     lines.append("")
     lines.append("after each request (UA / IRA / CRA / distance); unedited: its IRA / CRA on the same requests")
     targets = result["requests"]
@@ -315,7 +323,9 @@ def format_table(result: dict) -> str:
                  for r in entry.get("requests", [])]
         lines.append(f"{name:<9}" + "".join(f"{c:>24}" for c in cells))
     lines.append("")
-    lines.append(f"peak memory: {result['memory_measure']}; {result['torch_threads']} torch threads on {result['device']}")
+    lines.append(f"peak MiB: the process's peak while a request ran ({result['memory_measure']}); +MiB: that peak "
+                 f"above the memory in use when the request started; {result['torch_threads']} torch threads on "
+                 f"{result['device']}")
     return "\n".join(lines)
 
 
@@ -361,9 +371,9 @@ def write_plots(result: dict, out_dir: Path) -> list[Path]:
     for name, entry in methods.items():
         xs = [r["index"] for r in entry["requests"]]
         axes[0].plot(xs, [r["seconds"] for r in entry["requests"]], marker="o", label=name)
-        axes[1].plot(xs, [r["peak_memory_mb"] for r in entry["requests"]], marker="o", label=name)
+        axes[1].plot(xs, [r["peak_increase_mb"] for r in entry["requests"]], marker="o", label=name)
     axes[0].set_title("seconds per request (caching + training)")
-    axes[1].set_title(f"peak memory per request, MiB ({result['memory_measure']})")
+    axes[1].set_title("peak memory above the request's start, MiB")
     for ax in axes:
         ax.set_xlabel("request")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

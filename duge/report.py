@@ -154,11 +154,11 @@ def _benchmark_body(run_dir: Path, result: dict) -> str:
                                ("setting", result.get("setting")), ("memory", result.get("memory_measure")),
                                ("total seconds", _num(result.get("seconds_total"), 0))])]
     parts.append("<h2>Final metrics</h2>")
-    columns = ["method", *METRICS, "IRA/base", "CRA/base", "s/request", "s/step", "peak MiB"]
+    columns = ["method", *METRICS, "IRA/base", "CRA/base", "s/request", "s/step", "peak MiB", "peak +MiB"]
     rows = []
     base = (result.get("base") or {}).get("requests") or [{}]
     rows.append(["unedited", *[_num(base[-1].get(m)) for m in METRICS[:4]],
-                 _num((result.get("base") or {}).get("distance_floor")), "", "", "", "", ""])
+                 _num((result.get("base") or {}).get("distance_floor")), *[""] * 6])
     for name, entry in (result.get("methods") or {}).items():
         if "error" in entry:
             rows.append([name, entry["error"], *[""] * (len(columns) - 2)])
@@ -166,7 +166,7 @@ def _benchmark_body(run_dir: Path, result: dict) -> str:
         f = entry.get("final") or {}
         rows.append([name, *[_num(f.get(m)) for m in METRICS], _num(f.get("IRA_ratio")), _num(f.get("CRA_ratio")),
                      _num(entry.get("mean_seconds_per_request"), 1), _num(entry.get("seconds_per_step"), 3),
-                     _num(entry.get("peak_memory_mb"), 0)])
+                     _num(entry.get("peak_memory_mb"), 0), _num(entry.get("peak_increase_mb"), 0)])
     parts.append(_table(columns, rows, text_columns={0}))
     for metric in ("IRA", "CRA", "distance"):
         series = {name: [r.get(metric) for r in entry.get("requests") or []]
