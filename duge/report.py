@@ -108,7 +108,8 @@ def _run_body(run_dir: Path, report: dict) -> str:
                                        ("base model", manifest.get("base_model")),
                                        ("base model hash", manifest.get("base_model_hash")),
                                        ("created", manifest.get("created"))]))
-        rows = [[k, q.get("target"), q.get("anchor"), ", ".join(q.get("preserve") or []),
+        rows = [[k, q.get("target"), "(the empty prompt)" if q.get("anchor") == "" else q.get("anchor"),
+                 ", ".join(q.get("preserve") or []),
                  ", ".join(f"{a}={b}" for a, b in (q.get("settings") or {}).items())]
                 for k, q in enumerate(manifest.get("requests") or [], start=1)]
         if rows:
