@@ -104,8 +104,9 @@ def write_tokenizer(folder: str | Path) -> Path:
 
 
 def unknown_piece_ids(vocab: dict[str, int]) -> list[int]:
-    """Ids of vocabulary entries that are fragments, not whole words or special tokens."""
-    return [i for piece, i in vocab.items() if not piece.endswith("</w>") and piece not in (UNK, BOS, EOS)]
+    """Ids of vocabulary entries that are neither world words nor special tokens (BPE fragments)."""
+    keep = {UNK, BOS, EOS} | {f"{w}</w>" for w in world_words()}
+    return [i for piece, i in vocab.items() if piece not in keep]
 
 
 def to_word_ids(input_ids, vocab: dict[str, int]):

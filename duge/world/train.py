@@ -341,7 +341,11 @@ def train_world(cfg: WorldTrainConfig, out_dir: Path, work: Path, stages=("evalu
 
     if "unet" in stages:
         tokenizer_dir = write_tokenizer(work / "tokenizer")
-        latent_mean, latent_std = encode_latents(vae, images)
+        state = work / "unet_state.json"
+        if state.exists() and json.loads(state.read_text())["step"] >= cfg.unet_steps:
+            latent_mean = latent_std = None  # finished: only the EMA weights are exported
+        else:
+            latent_mean, latent_std = encode_latents(vae, images)
         t0 = time.time()
         pipe = train_unet(cfg, labels, latent_mean, latent_std, vae, evaluator, tokenizer_dir, work)
         record["unet"] = {"steps": cfg.unet_steps, "seconds_this_run": time.time() - t0}
