@@ -66,4 +66,6 @@ class DugeUnlearn(io.ComfyNode):
                                anchor_images=anchor_images, cache_steps=sampler_steps)
         node_id = cls.hidden.unique_id if cls.hidden is not None else None
         out = run_unlearn(model, clip, concept_set, config, vae=vae, evaluate=evaluate, node_id=node_id)
-        return io.NodeOutput(out.model, out.lora, out.report)
+        # ui: shown on the node by web/duge.js (what the model has had erased, and how the run went)
+        return io.NodeOutput(out.model, out.lora, out.report,
+                             ui={"duge_manifest": [out.lora.manifest], "text": [out.report]})
