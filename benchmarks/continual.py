@@ -238,8 +238,12 @@ def run_method(method: str, backend, concept_set, evaluation, image_filter, prof
 
 
 def run_benchmark(methods=METHODS, profile: Profile = FULL, model: str = "builtin", seed: int = 0,
-                  eval_seed: int = 999, log=print) -> dict:
-    """The whole benchmark as a JSON-ready dict (see the module doc)."""
+                  eval_seed: int = 999, log=print, checkpoint=None) -> dict:
+    """The whole benchmark as a JSON-ready dict (see the module doc).
+
+    `checkpoint(result)` is called with the partial result after the unedited model and after
+    each method, so a long run that is stopped keeps what it finished.
+    """
     import torch
 
     from duge.backends.diffusers_backend import DiffusersBackend
@@ -269,7 +273,7 @@ def run_benchmark(methods=METHODS, profile: Profile = FULL, model: str = "builti
         "benchmark": "continual", "model": model, "concept_set": concept_set.name,
         "requests": [r.target for r in requests], "setting": "sequential", "seed": seed,
         "profile": asdict(profile), "evaluation": asdict(settings), "memory_measure": memory.method,
-        "torch_threads": torch.get_num_threads(), "device": str(backend.device),
+        "torch_threads": torch.get_num_threads(), "device": str(backend.device), "complete": False,
     }
     log(f"measuring the unedited model on {len(requests)} requests ...")
     base = evaluation.measure_base(requests)
@@ -279,11 +283,16 @@ def run_benchmark(methods=METHODS, profile: Profile = FULL, model: str = "builti
                    "UA_per_concept": base["UA_per_concept"], "accuracy_per_concept": base["accuracy_per_concept"]}
     image_filter = anchor_filter(backend, evaluator)
     out["methods"] = {}
+    t0 = time.perf_counter()
     for method in methods:
+        if checkpoint:
+            checkpoint(out)
         log(f"{method}: {len(requests)} requests ...")
         out["methods"][method] = run_method(method, backend, concept_set, evaluation, image_filter, profile, memory,
                                             seed, log=log)
+        out["seconds_methods"] = time.perf_counter() - t0
     memory.close()
+    out["complete"] = True
     return out
 
 
@@ -418,16 +427,22 @@ def main(argv=None) -> int:
         profile.steps = args.steps
     profile.config_overrides.update(parse_overrides(args.set))
 
-    t0 = time.perf_counter()
-    result = run_benchmark(methods, profile, model=args.model, seed=args.seed)
-    result["seconds_total"] = time.perf_counter() - t0
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = Path(args.json) if args.json else out_dir / "continual.json"
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    if not args.no_plots:
-        result["plots"] = [str(p) for p in write_plots(result, out_dir)]
-    json_path.write_text(json.dumps(result, indent=2))
+    t0 = time.perf_counter()
+
+    def save(result: dict) -> None:
+        result["seconds_total"] = time.perf_counter() - t0
+        if not args.no_plots and result.get("methods"):
+            result["plots"] = [str(p) for p in write_plots(result, out_dir)]
+        tmp = json_path.with_name(f".{json_path.name}.tmp")
+        tmp.write_text(json.dumps(result, indent=2))
+        tmp.replace(json_path)
+
+    result = run_benchmark(methods, profile, model=args.model, seed=args.seed, checkpoint=save)
+    save(result)
     print(format_table(result))
     print(f"\nwrote {json_path}" + ("" if args.no_plots else f", {out_dir / 'erosion.png'}, {out_dir / 'cost.png'}")
           + f" in {result['seconds_total']:.0f} s")
