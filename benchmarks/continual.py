@@ -15,7 +15,8 @@ allocated memory, reset per request). Where the reset is not allowed, a thread s
 resident size every 10 ms instead (this is said in the JSON as `memory_measure`).
 
     python benchmarks/continual.py [--quick] [--json PATH] [--out DIR] [--methods duge,uce] [--requests N]
-                                   [--steps N] [--set [METHOD:]FIELD=VALUE ...]
+                                   [--steps N] [--eval-steps N] [--set [METHOD:]FIELD=VALUE ...]
+    python benchmarks/continual.py --merge a/continual.json b/continual.json --out DIR
 
 Writes DIR/continual.json (or --json PATH), DIR/erosion.png (UA, IRA, CRA and the distance vs
 request number, one line per method; the unedited model dashed) and DIR/cost.png, and prints a
@@ -296,6 +297,26 @@ def run_benchmark(methods=METHODS, profile: Profile = FULL, model: str = "builti
     return out
 
 
+def merge_results(results: list[dict]) -> dict:
+    """One result from runs that differ only in their methods (same model, requests, seeds, sizes).
+
+    The unedited model's numbers are the first run's (the others measured the same images);
+    seconds_total is the longest run's. Raises SystemExit naming the first setting that differs.
+    """
+    same = ("model", "concept_set", "requests", "setting", "seed", "profile", "evaluation")
+    first = results[0]
+    for other in results[1:]:
+        for key in same:
+            if other.get(key) != first.get(key):
+                raise SystemExit(f"--merge: the runs differ in {key!r}; only runs with the same settings combine")
+    merged = dict(first, methods={}, merged_from=len(results))
+    for result in results:
+        merged["methods"].update(result.get("methods") or {})
+    merged["complete"] = all(r.get("complete") for r in results)
+    merged["seconds_total"] = max(r.get("seconds_total") or 0.0 for r in results)
+    return merged
+
+
 # ---------------------------------------------------------------- output
 
 
@@ -403,6 +424,10 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
     parser.add_argument("--requests", type=int, default=None, help="only the first N requests")
     parser.add_argument("--steps", type=int, default=None, help="training steps per request (all methods)")
+    parser.add_argument("--eval-steps", type=int, default=None, help="sampler steps of the measurement images")
+    parser.add_argument("--merge", nargs="+", metavar="JSON", default=None,
+                        help="instead of running: combine the methods of runs made with the same settings "
+                             "(e.g. methods split over processes) into one JSON, table and plots")
     parser.add_argument("--model", default="builtin")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -425,6 +450,8 @@ def main(argv=None) -> int:
         profile.requests = args.requests
     if args.steps is not None:
         profile.steps = args.steps
+    if args.eval_steps is not None:
+        profile.eval_steps = args.eval_steps
     profile.config_overrides.update(parse_overrides(args.set))
 
     out_dir = Path(args.out)
@@ -441,7 +468,11 @@ def main(argv=None) -> int:
         tmp.write_text(json.dumps(result, indent=2))
         tmp.replace(json_path)
 
-    result = run_benchmark(methods, profile, model=args.model, seed=args.seed, checkpoint=save)
+    if args.merge:
+        result = merge_results([json.loads(Path(p).read_text()) for p in args.merge])
+        t0 -= result["seconds_total"]
+    else:
+        result = run_benchmark(methods, profile, model=args.model, seed=args.seed, checkpoint=save)
     save(result)
     print(format_table(result))
     print(f"\nwrote {json_path}" + ("" if args.no_plots else f", {out_dir / 'erosion.png'}, {out_dir / 'cost.png'}")

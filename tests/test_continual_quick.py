@@ -125,3 +125,15 @@ _PNG = bytes.fromhex(
     "89504e470d0a1a0a0000000d49484452000000010000000108060000001f15c4890000000d49444154789c6360000002"
     "0000050001e226059b0000000049454e44ae426082"
 )
+
+
+def test_runs_split_by_method_merge_into_one_result_only_when_their_settings_match():
+    bench = _benchmark()
+    common = {"model": "builtin", "concept_set": "sequence10", "requests": ["circle"], "setting": "sequential",
+              "seed": 0, "profile": {"steps": 2}, "evaluation": {"steps": 8}, "base": {"requests": []}}
+    a = dict(common, methods={"duge": {"final": {"UA": 1.0}}}, complete=True, seconds_total=10.0)
+    b = dict(common, methods={"uce": {"final": {"UA": 0.5}}}, complete=True, seconds_total=30.0)
+    merged = bench.merge_results([a, b])
+    assert set(merged["methods"]) == {"duge", "uce"} and merged["complete"] and merged["seconds_total"] == 30.0
+    with pytest.raises(SystemExit, match="evaluation"):
+        bench.merge_results([a, dict(b, evaluation={"steps": 20})])
