@@ -95,6 +95,9 @@ class _FakeEdits:
         finally:
             self.enabled = True
 
+    # The reference model (frozen θ0, or θ0 + committed deltas): here without the request's d either way.
+    reference = disabled
+
     def total_deltas(self):
         return {"w": self.delta}
 
