@@ -28,6 +28,7 @@ class DeltaWeight(nn.Module):
         self.mode = mode
         self.rank = min(rank, out_features, in_features)
         self.enabled = True
+        self.reference_only = False  # use only the committed deltas (the model before this request)
         # Deltas of finished requests (float32 master copy on the weight's device).
         self.register_buffer("committed", torch.zeros(out_features, in_features, device=weight.device))
         self.delta: nn.Parameter | None = None
@@ -77,6 +78,8 @@ class DeltaWeight(nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return weight
+        if self.reference_only:
+            return weight + self.committed.to(weight.dtype)
         return weight + self.total_delta().to(weight.dtype)
 
 
@@ -115,6 +118,18 @@ class LayerEdits:
     def load_committed(self, deltas: dict[str, torch.Tensor]) -> None:
         for name, d in self.deltas.items():
             d.committed.copy_(deltas[name].to(d.committed))
+
+    @contextmanager
+    def reference(self):
+        """The frozen reference for the current request: the model as the previous request left it
+        (θ0 plus the committed deltas, without the delta being trained)."""
+        for d in self.deltas.values():
+            d.reference_only = True
+        try:
+            yield
+        finally:
+            for d in self.deltas.values():
+                d.reference_only = False
 
     @contextmanager
     def disabled(self):

@@ -1,8 +1,8 @@
 """The continual unlearning loop: `UnlearnConfig` and `unlearn`.
 
-For each request the frozen model θ0 generates the images the losses need (anchor images, devoid
-of the target, and images of the related concepts to preserve), cached per request; then the
-trainable deltas on the cross-attention K/V are optimised with
+For each request the frozen reference model generates the images the losses need (anchor images,
+devoid of the target, and images of the related concepts to preserve), cached per request; then
+the trainable deltas on the cross-attention K/V are optimised with
 
     L = L_xattn + λ_prior · L_prior + λ_reg · L_reg          (design doc §2)
 
@@ -10,6 +10,12 @@ Settings: sequential (each request starts from the last result; the default), in
 from θ0; the results are merged at the end), simultaneous (all requests in one optimisation).
 The host model is never changed: edits are deltas removed in `finally`, so an error, Ctrl-C or a
 cancel callback leaves the host bit-identical and returns nothing.
+
+The frozen reference ε_φ of request k is the model as request k−1 left it (θ0 plus the deltas
+already committed; θ0 itself for the first request and in the independent setting). Taking θ0
+instead would make later requests teach erased concepts back: a colour request's templates and
+related concepts ("a orange circle") would be denoised by a reference that still draws circles.
+The regulariser still anchors to θ0, which is what keeps erosion from accumulating.
 """
 
 from __future__ import annotations
@@ -47,10 +53,10 @@ class UnlearnConfig:
     setting: str = "sequential"
     steps: int = 150  # optimisation steps per request (a request's `steps` overrides)
     learning_rate: float = 2e-3
-    batch_size: int = 4
+    batch_size: int = 8
     beta: float = 50.0  # weight of the attention-map term inside L_xattn
     lambda_prior: float = 1.0
-    lambda_reg: float = 1.0
+    lambda_reg: float = 1e-5  # L_reg is a sum over parameters (see losses.regularization_loss)
     regularizer: str = "l2sp"  # "l2sp" (F = 1) or "fisher" (diagonal Fisher on general prompts)
     trainable: str = "kv"  # "kv" | "qkv" | "attn2"
     trainable_mode: str = "full"  # "full" deltas or "lora"
@@ -64,6 +70,9 @@ class UnlearnConfig:
     seed: int = 0
     fisher_samples: int = 8
     esd_eta: float = 1.0  # negative-guidance strength of the esd-x baseline
+    # Sequential setting: share of each batch that replays the cross-attention loss of earlier
+    # requests (their cached anchor images), so that a later request cannot undo an earlier erasure.
+    replay_share: float = 0.5
 
     def validate(self) -> None:
         if self.setting not in SETTINGS:
@@ -172,12 +181,18 @@ def _reduced_maps(store, mask) -> list[torch.Tensor]:
 
 
 def _request_step(backend, edits, caches: list[RequestCache], config: UnlearnConfig, rng: np.random.Generator,
-                  generator: torch.Generator, theta0: dict, fisher: dict | None) -> tuple[torch.Tensor, dict]:
+                  generator: torch.Generator, theta0: dict, fisher: dict | None,
+                  replay_share: float = 0.0) -> tuple[torch.Tensor, dict]:
     """One optimisation step's loss over a batch drawn from `caches` (one cache except when simultaneous)."""
     method = get_method(config.method)
     device = backend.device
     b = config.batch_size
-    which = rng.integers(0, len(caches), b)
+    if replay_share > 0 and len(caches) > 1:
+        # The last cache is the current request; the others are replayed erasures of earlier ones.
+        current = rng.random(b) >= replay_share
+        which = np.where(current, len(caches) - 1, rng.integers(0, len(caches) - 1, b))
+    else:
+        which = rng.integers(0, len(caches), b)
     anchor_z, target_prompts, anchor_prompts, target_words, anchor_words = [], [], [], [], []
     related_z, related_prompts = [], []
     for c in which:
@@ -211,7 +226,7 @@ def _request_step(backend, edits, caches: list[RequestCache], config: UnlearnCon
     tok_anchor, mask_anchor = backend.token_indices(anchor_prompts, anchor_words, eos_fallback=True)
     use_attention = method.attention_term and config.beta > 0
 
-    with torch.no_grad(), edits.disabled():
+    with torch.no_grad(), edits.reference():
         if method.objective == "negative_guidance":
             uncond = backend.encode_prompts([""] * b)
             ref_uncond = backend.predict_noise(zt, t, uncond)
@@ -242,7 +257,7 @@ def _request_step(backend, edits, caches: list[RequestCache], config: UnlearnCon
         t_r = torch.randint(0, backend.num_train_timesteps, (len(related_z),), generator=generator).to(device)
         zr = backend.add_noise(zr0, noise_r, t_r)
         ctx_r = backend.encode_prompts(related_prompts)
-        with torch.no_grad(), edits.disabled():
+        with torch.no_grad(), edits.reference():
             ref_r = backend.predict_noise(zr, t_r, ctx_r)
         loss_prior = prior_preservation_loss(backend.predict_noise(zr, t_r, ctx_r), ref_r)
         loss = loss + config.lambda_prior * loss_prior
@@ -320,7 +335,8 @@ def unlearn(backend, concept_set: ConceptSet, config: UnlearnConfig, builtin_wor
             if start_deltas:
                 edits.load_committed(start_deltas)
 
-            def train(caches: list[RequestCache], steps: int, lr: float, seed: int, label: str) -> tuple[dict, dict]:
+            def train(caches: list[RequestCache], steps: int, lr: float, seed: int, label: str,
+                      replay: bool = False) -> tuple[dict, dict]:
                 if method.objective == "closed_form":
                     from .uce import uce_delta
 
@@ -336,7 +352,8 @@ def unlearn(backend, concept_set: ConceptSet, config: UnlearnConfig, builtin_wor
                 losses = {}
                 for step in range(steps):
                     _check_cancel(cancel)
-                    loss, losses = _request_step(backend, edits, caches, config, rng, generator, theta0, fisher)
+                    loss, losses = _request_step(backend, edits, caches, config, rng, generator, theta0, fisher,
+                                                 replay_share=config.replay_share if len(caches) > 1 and replay else 0.0)
                     if not torch.isfinite(loss):
                         edits.discard_request()
                         edits.load_committed(before)
@@ -355,7 +372,7 @@ def unlearn(backend, concept_set: ConceptSet, config: UnlearnConfig, builtin_wor
 
             if config.setting == "simultaneous":
                 t0 = time.time()
-                with edits.disabled():
+                with edits.reference():
                     caches = [build_request_cache(backend, r, config, config.seed + 100 * k, image_filter)
                               for k, r in enumerate(requests)]
                 steps = sum(concept_set.requests[k].steps or config.steps for k in range(len(requests)))
@@ -365,6 +382,7 @@ def unlearn(backend, concept_set: ConceptSet, config: UnlearnConfig, builtin_wor
                                              steps, losses, metrics))
             else:
                 independent_deltas = []
+                previous_caches: list[RequestCache] = []
                 for k, request in enumerate(requests):
                     if k < start_index:
                         continue
@@ -374,10 +392,13 @@ def unlearn(backend, concept_set: ConceptSet, config: UnlearnConfig, builtin_wor
                     if config.setting == "independent":
                         edits.reset()
                     seed = spec.seed if spec.seed is not None else config.seed + 100 * k
-                    with edits.disabled():
+                    with edits.reference():
                         cache = build_request_cache(backend, request, config, seed, image_filter)
-                    delta, losses = train([cache], spec.steps or config.steps, spec.learning_rate or config.learning_rate,
-                                          seed, request.target)
+                    replayed = previous_caches if config.setting == "sequential" and config.replay_share > 0 else []
+                    delta, losses = train(replayed + [cache], spec.steps or config.steps,
+                                          spec.learning_rate or config.learning_rate, seed, request.target,
+                                          replay=bool(replayed))
+                    previous_caches.append(cache)
                     seconds = time.time() - t0
                     metrics = evaluate(backend, requests[: k + 1]) if evaluate else {}
                     metrics["dropped_anchor_images"] = cache.dropped_anchor_images
