@@ -1,0 +1,142 @@
+"""The continual trainer and the `duge unlearn` job on the built-in model (short runs)."""
+
+import json
+
+import pytest
+import torch
+
+from duge.backends.diffusers_backend import DiffusersBackend
+from duge.concepts import parse_concept_set
+from duge.trainer import UnlearnCancelled, UnlearnConfig, unlearn
+
+CONCEPTS = """
+name: short
+requests:
+  - target: circle
+    preserve: [square]
+  - target: red
+    preserve: [orange]
+"""
+
+
+def tiny_config(**overrides) -> UnlearnConfig:
+    config = UnlearnConfig(steps=3, batch_size=2, anchor_images=2, related_images=1, cache_steps=2)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+@pytest.fixture(scope="module")
+def backend(builtin_pipe):
+    return DiffusersBackend(builtin_pipe, device="cpu", dtype="float32")
+
+
+def _weights(backend):
+    return {k: v.detach().clone() for k, v in backend.unet.state_dict().items()}
+
+
+def _assert_bit_identical(before, backend):
+    after = backend.unet.state_dict()
+    assert set(after) == set(before), "parametrizations were left on the host UNet"
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("setting", ["sequential", "independent", "simultaneous"])
+def test_host_model_unchanged_after_a_run(backend, setting):
+    before = _weights(backend)
+    result = unlearn(backend, parse_concept_set(CONCEPTS), tiny_config(setting=setting), builtin_world=True)
+    _assert_bit_identical(before, backend)
+    assert any(float(d.abs().max()) > 0 for d in result.total_delta.values())
+    expected = 1 if setting == "simultaneous" else 2
+    assert len(result.requests) == expected
+
+
+def test_host_model_unchanged_after_cancel_and_interrupt(backend):
+    before = _weights(backend)
+    calls = {"n": 0}
+
+    def cancel():
+        calls["n"] += 1
+        return calls["n"] > 4  # cancel inside the second request
+
+    with pytest.raises(UnlearnCancelled):
+        unlearn(backend, parse_concept_set(CONCEPTS), tiny_config(), builtin_world=True, cancel=cancel)
+    _assert_bit_identical(before, backend)
+
+    def interrupt(info):
+        if info["step"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(UnlearnCancelled):
+        unlearn(backend, parse_concept_set(CONCEPTS), tiny_config(), builtin_world=True, progress=interrupt)
+    _assert_bit_identical(before, backend)
+
+
+def test_same_seed_same_weights(backend):
+    a = unlearn(backend, parse_concept_set(CONCEPTS), tiny_config(seed=3), builtin_world=True)
+    b = unlearn(backend, parse_concept_set(CONCEPTS), tiny_config(seed=3), builtin_world=True)
+    c = unlearn(backend, parse_concept_set(CONCEPTS), tiny_config(seed=4), builtin_world=True)
+    assert all(torch.equal(a.total_delta[k], b.total_delta[k]) for k in a.total_delta)
+    assert any(not torch.equal(a.total_delta[k], c.total_delta[k]) for k in a.total_delta)
+
+
+def test_sequential_total_is_the_sum_of_request_deltas_and_lora_mode_trains(backend):
+    result = unlearn(backend, parse_concept_set(CONCEPTS), tiny_config(), builtin_world=True)
+    for name, total in result.total_delta.items():
+        assert torch.allclose(total, sum(r.delta[name] for r in result.requests), atol=1e-6)
+    lora = unlearn(backend, parse_concept_set(CONCEPTS), tiny_config(trainable_mode="lora", lora_rank=2),
+                   builtin_world=True)
+    delta = next(iter(lora.requests[0].delta.values()))
+    assert 0 < torch.linalg.matrix_rank(delta) <= 2
+
+
+def test_only_the_chosen_projections_are_edited(backend):
+    result = unlearn(backend, parse_concept_set(CONCEPTS), tiny_config(), builtin_world=True)
+    assert result.total_delta and all(name.endswith(("attn2.to_k", "attn2.to_v")) for name in result.total_delta)
+
+
+def test_invalid_settings_are_refused(backend):
+    from duge.errors import DugeError
+
+    with pytest.raises(DugeError, match="setting"):
+        unlearn(backend, parse_concept_set(CONCEPTS), tiny_config(setting="parallel"), builtin_world=True)
+
+
+def test_unlearn_command_end_to_end(tmp_path, monkeypatch):
+    """`duge unlearn` on the built-in model writes every output; the LoRAs reproduce the edit."""
+    from duge import run
+    from duge.cli import main
+    from duge.io import load_lora, read_manifest
+    from duge.models import load_pipeline
+
+    monkeypatch.setattr(run, "world_evaluate", lambda backend, evaluator, seed, steps=20: (
+        lambda b, requests: {"UA": 1.0, "IRA": 1.0, "CRA": 1.0}))  # the metrics themselves are tested elsewhere
+    concepts = tmp_path / "set.yaml"
+    concepts.write_text(CONCEPTS)
+    out = tmp_path / "run"
+    assert main(["unlearn", "--model", "builtin", "--concepts", str(concepts), "--out", str(out), "--steps", "3"]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["before_after.png", "loras", "model", "model.safetensors", "report.json"]
+    report = json.loads((out / "report.json").read_text())
+    assert [r["target"] for r in report["requests"]] == ["circle", "red"]
+    assert set(report["final"]) >= {"UA", "IRA", "CRA"}
+    manifest = read_manifest(out / "model.safetensors")
+    assert [r["target"] for r in manifest["requests"]] == ["circle", "red"]
+    loras = sorted((out / "loras").iterdir())
+    assert [p.name for p in loras] == ["01_circle.safetensors", "02_red.safetensors"]
+
+    base = load_pipeline("builtin").unet.state_dict()
+    edited = load_pipeline(out / "model").unet.state_dict()
+    total = {}
+    for path in loras:
+        deltas, _ = load_lora(path)
+        for name, delta in deltas.items():
+            total[name] = total.get(name, 0) + delta
+    assert total
+    for name, delta in total.items():
+        key = name + ".weight"
+        assert torch.allclose(base[key] + delta, edited[key], atol=2e-3)  # fp16 shipped weights, fp32 deltas
+    # Refuses to overwrite without the flag; the model folder loads back everywhere --model is accepted.
+    assert main(["unlearn", "--model", "builtin", "--concepts", str(concepts), "--out", str(out), "--steps", "1"]) == 2
+    assert main(["sample", "--model", str(out / "model"), "--prompt", "a circle", "--n", "1", "--steps", "2",
+                 "--out", str(tmp_path / "s.png")]) == 0
