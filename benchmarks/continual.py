@@ -177,14 +177,19 @@ def _median(values):
 
 
 def run_method(method: str, backend, concept_set, evaluation, image_filter, profile: Profile, memory: PeakMemory,
-               seed: int, log=print) -> dict:
-    """One method through every request; its metrics after each, its cost, or the error that stopped it."""
+               seed: int, log=print, on_request=None) -> dict:
+    """One method through every request; its metrics after each, its cost, or the error that stopped it.
+
+    `on_request(partial_entry)` is called after each request's measurement with what is known so
+    far (`unfinished: true`, the metrics of the requests done), for checkpoints of long runs.
+    """
     from duge.errors import DugeError
     from duge.trainer import unlearn
 
     config = _unlearn_config(method, profile, seed)
     step_times: dict[str, list[float]] = {}
     peaks: list[float] = []
+    partial: dict = {"config": asdict(config), "unfinished": True, "requests": []}
 
     def progress(info):
         step_times.setdefault(info["request"], []).append(time.perf_counter())
@@ -195,6 +200,11 @@ def run_method(method: str, backend, concept_set, evaluation, image_filter, prof
         log(f"  {method:<8} request {len(requests_so_far):>2} ({requests_so_far[-1].target}): "
             f"UA {_fmt(metrics.get('UA'))} IRA {_fmt(metrics.get('IRA'))} CRA {_fmt(metrics.get('CRA'))} "
             f"dist {_fmt(metrics.get('distance'), 2)}")
+        if on_request:
+            partial["requests"].append({"index": len(requests_so_far), "target": requests_so_far[-1].target,
+                                        "peak_memory_mb": peaks[-1][0], "peak_increase_mb": peaks[-1][1],
+                                        **{k: v for k, v in metrics.items() if k != "dropped_anchor_images"}})
+            on_request(partial)
         memory.reset()
         return metrics
 
@@ -289,8 +299,13 @@ def run_benchmark(methods=METHODS, profile: Profile = FULL, model: str = "builti
         if checkpoint:
             checkpoint(out)
         log(f"{method}: {len(requests)} requests ...")
+        def on_request(partial, method=method):
+            out["methods"][method] = partial
+            if checkpoint:
+                checkpoint(out)
+
         out["methods"][method] = run_method(method, backend, concept_set, evaluation, image_filter, profile, memory,
-                                            seed, log=log)
+                                            seed, log=log, on_request=on_request)
         out["seconds_methods"] = time.perf_counter() - t0
     memory.close()
     out["complete"] = True
@@ -324,6 +339,10 @@ def _fmt(value, digits: int = 3) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
+def _or_nan(value) -> float:
+    return float("nan") if value is None else value
+
+
 def format_table(result: dict) -> str:
     """Final numbers per method and the erosion per request, as text."""
     lines = []
@@ -349,7 +368,7 @@ def format_table(result: dict) -> str:
     lines.append(f"{'unedited':<9}" + "".join(
         f"{'  ' + _fmt(b.get('IRA'), 2) + ' / ' + _fmt(b.get('CRA'), 2):>24}" for b in result["base"]["requests"]))
     for name, entry in result["methods"].items():
-        cells = [f"{_fmt(r['UA'], 2)}/{_fmt(r['IRA'], 2)}/{_fmt(r['CRA'], 2)}/{_fmt(r['distance'], 1)}"
+        cells = [f"{_fmt(r.get('UA'), 2)}/{_fmt(r.get('IRA'), 2)}/{_fmt(r.get('CRA'), 2)}/{_fmt(r.get('distance'), 1)}"
                  for r in entry.get("requests", [])]
         lines.append(f"{name:<9}" + "".join(f"{c:>24}" for c in cells))
     lines.append("")
@@ -400,8 +419,8 @@ def write_plots(result: dict, out_dir: Path) -> list[Path]:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for name, entry in methods.items():
         xs = [r["index"] for r in entry["requests"]]
-        axes[0].plot(xs, [r["seconds"] for r in entry["requests"]], marker="o", label=name)
-        axes[1].plot(xs, [r["peak_increase_mb"] for r in entry["requests"]], marker="o", label=name)
+        axes[0].plot(xs, [_or_nan(r.get("seconds")) for r in entry["requests"]], marker="o", label=name)
+        axes[1].plot(xs, [_or_nan(r.get("peak_increase_mb")) for r in entry["requests"]], marker="o", label=name)
     axes[0].set_title("seconds per request (caching + training)")
     axes[1].set_title("peak memory above the request's start, MiB")
     for ax in axes:
