@@ -31,8 +31,9 @@ class DugeUnlearn(io.ComfyNode):
                                tooltip="Weight of the attention-map term (target words must look where the anchor's do)."),
                 io.Float.Input("lambda_prior", default=1.0, min=0.0, max=1e4, step=0.1,
                                tooltip="Weight of the prior-preservation loss on the related concepts."),
-                io.Float.Input("lambda_reg", default=1.0, min=0.0, max=1e4, step=0.1,
-                               tooltip="Weight of the regulariser towards the original weights (against erosion)."),
+                io.Float.Input("lambda_reg", default=1e-5, min=0.0, max=1e4, step=1e-6, round=1e-9,
+                               tooltip="Weight of the regulariser towards the original weights (against erosion); "
+                                       "it sums over every edited weight, so useful values are small."),
                 io.Combo.Input("setting", options=SETTINGS, default="sequential",
                                tooltip="sequential: each request from the last result; independent: each from the "
                                        "original, merged; simultaneous: all requests at once."),
