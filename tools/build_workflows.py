@@ -35,6 +35,7 @@ TEMPLATES_DIR = REPO / "example_workflows"
 API_DIR = REPO / "workflows" / "api"
 NODE_DEFS = REPO / "tests" / "data" / "comfyui_node_defs.json"
 TYPED_TEXT = "(typed text below)"
+COMPARE_PROMPTS = ["a red circle", "a blue circle with dots", "a green square", "a yellow heart"]  # erased, kept
 
 DEMO_CONCEPT_SET = """\
 name: erase circle
@@ -46,7 +47,7 @@ requests:
 DEMO_NOTE = """\
 ## DUGE demo — erase "circle" from the built-in model
 
-Runs on a CPU in a minute or two: no download, no GPU.
+Runs on a CPU in about a minute (longer on a busy machine): no download, no GPU.
 
 1. **Load DUGE Demo Model** gives the built-in tiny Stable-Diffusion-architecture model
    (shapes, colours, textures). Its images are 32×32, so latents are 128×128 in Empty Latent Image.
@@ -57,8 +58,6 @@ Runs on a CPU in a minute or two: no download, no GPU.
 4. **Compare Outputs** and **Attention Probe** show before / after on the same seeds.
 5. The edited MODEL goes into the stock KSampler; **Save Unlearning LoRA** and
    **Save Unlearned Checkpoint** write the edit to the output folder with its manifest.
-
-The demo trains 40 steps per request; the node's default (150) erases more thoroughly.
 """
 
 SD_NOTE = """\
@@ -84,29 +83,28 @@ def demo_workflow(object_info: dict) -> dict:
     concepts = w.node("DugeLoadConceptSet", (0, 720), size=(360, 240), file=TYPED_TEXT, text=DEMO_CONCEPT_SET)
     model, clip, vae = demo.out("MODEL"), demo.out("CLIP"), demo.out("VAE")
 
-    # tall: web/duge.js shows the run's summary under the widgets, the progress preview goes below
-    unlearn = w.node("DugeUnlearn", (440, 0), size=(400, 960), model=model, clip=clip,
-                     concept_set=concepts.out("concept_set"), vae=vae, steps=40, learning_rate=0.005, seed=0,
-                     anchor_images=4, sampler_steps=10, evaluate=False)
+    # the node's own defaults (150 steps, 16 anchor images): half a minute on an idle 2-core CPU.
+    # Tall and wide: web/duge.js shows the run's summary under the widgets, the progress preview below it.
+    unlearn = w.node("DugeUnlearn", (440, 0), size=(480, 960), model=model, clip=clip,
+                     concept_set=concepts.out("concept_set"), vae=vae, seed=0, evaluate=False)
     edited = unlearn.out("MODEL")
 
-    compare = w.node("DugeCompareOutputs", (920, 0), size=(340, 420), model_a=model, model_b=edited, clip=clip,
-                     vae=vae, prompts="a red circle\na blue circle with dots\na green square", seed=0,
-                     images_per_prompt=4, steps=12, cfg=7.5)
-    compare_view = w.node("PreviewImage", (1280, 0), size=(440, 420), title="Before / after",
+    compare = w.node("DugeCompareOutputs", (1000, 0), size=(340, 420), model_a=model, model_b=edited, clip=clip,
+                     vae=vae, prompts="\n".join(COMPARE_PROMPTS), seed=0, images_per_prompt=4, steps=12, cfg=7.5)
+    compare_view = w.node("PreviewImage", (1380, 0), size=(440, 640), title="Before / after",
                           images=compare.out("IMAGE"))
-    scores = w.node("PreviewAny", (920, 480), size=(340, 160), title="Evaluator scores", source=compare.out("scores"))
-    probe = w.node("DugeAttentionProbe", (920, 700), size=(340, 390), model=model, clip=clip, vae=vae,
+    scores = w.node("PreviewAny", (1000, 480), size=(340, 220), title="Evaluator scores", source=compare.out("scores"))
+    probe = w.node("DugeAttentionProbe", (1000, 760), size=(340, 390), model=model, clip=clip, vae=vae,
                    prompt="a red circle", words="circle, red", seed=0, steps=12, cfg=7.5, model_2=edited)
-    probe_view = w.node("PreviewImage", (1280, 480), size=(440, 610), title="Where 'circle' and 'red' look",
+    probe_view = w.node("PreviewImage", (1380, 700), size=(440, 450), title="Where 'circle' and 'red' look",
                         images=probe.out("IMAGE"))
 
-    save_lora = w.node("DugeSaveUnlearningLora", (1800, 0), size=(340, 150), lora=unlearn.out("lora"),
+    save_lora = w.node("DugeSaveUnlearningLora", (1900, 0), size=(340, 150), lora=unlearn.out("lora"),
                        filename_prefix="loras/duge_demo", rank=0, one_file_per_request=False)
-    save_checkpoint = w.node("DugeSaveUnlearnedCheckpoint", (1800, 220), size=(340, 130), model=edited, clip=clip,
+    save_checkpoint = w.node("DugeSaveUnlearnedCheckpoint", (1900, 220), size=(340, 130), model=edited, clip=clip,
                              vae=vae, filename_prefix="checkpoints/duge_demo")
 
-    y = 1230
+    y = 1290
     positive = w.node("CLIPTextEncode", (0, y), size=(360, 150), clip=clip, text="a red circle with dots")
     negative = w.node("CLIPTextEncode", (0, y + 210), size=(360, 150), clip=clip, text="")
     latent = w.node("EmptyLatentImage", (440, y), size=(300, 110), width=128, height=128, batch_size=4)
@@ -160,8 +158,8 @@ def sd_checkpoint_workflow(object_info: dict) -> dict:
     probe_view = w.node("PreviewImage", (920, 1050), size=(1160, 360), title="Where 'Van Gogh' and 'village' look",
                         images=probe.out("IMAGE"))
 
-    w.group("1 · Your checkpoint and the concepts to erase", [note, checkpoint, concepts], color="#3f789e")
-    w.group("2 · Erase and save the edit as a LoRA", [unlearn, save_lora], color="#a1309b")
+    w.group("1 · Checkpoint and concepts", [note, checkpoint, concepts], color="#3f789e")
+    w.group("2 · Erase, save as LoRA", [unlearn, save_lora], color="#a1309b")
     w.group("3 · Same seed before / after, and attention", sampling + [probe, probe_view], color="#8A8")
     return w.to_json()
 
