@@ -1,0 +1,193 @@
+"""The ComfyUI page in a headless browser, with the pack loaded: `COMFYUI_PATH=... pytest -m comfyui`.
+
+Needs Debian's chromium (`apt-get install -y chromium`) and the `playwright` Python package
+(`pip install playwright`). Never run `playwright install`: it downloads browsers; the test drives
+the system's /usr/bin/chromium (or $DUGE_CHROMIUM) through `executable_path`.
+
+Checks that the example workflows load with no missing node type, that the frontend converts the
+demo to exactly its API twin, that the extension `duge.unlearning` is registered and does what it
+says (the concept-set hint; after a real run, DUGE Unlearn shows what was erased), and that no
+console error comes from the pack. Screenshots go to test-artifacts/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.comfyui
+
+COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
+if not COMFYUI_PATH or not (Path(COMFYUI_PATH) / "comfy").is_dir():
+    pytest.skip("needs a ComfyUI checkout: set COMFYUI_PATH to its folder (and run with -m comfyui)",
+                allow_module_level=True)
+CHROMIUM = os.environ.get("DUGE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+if not Path(CHROMIUM).is_file():
+    pytest.skip("needs Debian's chromium: apt-get install -y chromium (or set DUGE_CHROMIUM to a Chromium binary)",
+                allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api",
+                               reason="needs the playwright Python package: pip install playwright "
+                                      "(do not run `playwright install`; the system chromium is used)")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # helper modules beside the tests
+
+from comfyui_server import PACK_NAME, ComfyServer  # noqa: E402
+from workflow_format import ui_to_api  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO / "test-artifacts"
+TEMPLATES_DIR = REPO / "example_workflows"
+EXTENSION_URL = f"/extensions/{PACK_NAME}/"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"]
+SETTINGS = {
+    "Comfy.TutorialCompleted": True,  # no template dialog over the canvas on a first visit
+    "LiteGraph.Canvas.MinFontSizeForLOD": 1,  # draw text even when zoomed out, for the screenshots
+    "Comfy.Minimap.Visible": False,
+}
+RUN_TIMEOUT_MS = 3600 * 1000
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with ComfyServer(COMFYUI_PATH, tmp_path_factory.mktemp("comfyui"), settings=SETTINGS,
+                     extra_args=["--cache-none"]) as running:
+        yield running
+
+
+class Console:
+    """Every console message and uncaught page error, with where it came from."""
+
+    def __init__(self, page):
+        self.entries: list[dict] = []
+        page.on("console", lambda m: self.entries.append(
+            {"type": m.type, "text": m.text, "url": (m.location or {}).get("url", "")}))
+        page.on("pageerror", lambda e: self.entries.append(
+            {"type": "pageerror", "text": f"{e.name}: {e.message}", "url": e.stack or ""}))
+
+    def errors(self, since: int = 0) -> list[dict]:
+        return [e for e in self.entries[since:] if e["type"] in ("error", "pageerror")]
+
+    def ours(self) -> list[dict]:
+        return [e for e in self.errors() if EXTENSION_URL in e["url"] or EXTENSION_URL in e["text"]
+                or "duge" in e["text"].lower()]
+
+
+@pytest.fixture(scope="module")
+def browser_page(server, tmp_path_factory):
+    with sync_api.sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(tmp_path_factory.mktemp("chromium-profile")), executable_path=CHROMIUM, args=CHROMIUM_FLAGS,
+            headless=True, viewport={"width": 2000, "height": 1400})
+        page = context.new_page()
+        console = Console(page)
+        page.goto(server.url, wait_until="load", timeout=180_000)
+        page.wait_for_function("() => window.app?.graph && window.app?.extensionManager", timeout=180_000)
+        page.wait_for_function("() => app.extensions.length > 0", timeout=60_000)
+        try:
+            yield page, console
+        finally:
+            ARTIFACTS.mkdir(exist_ok=True)
+            (ARTIFACTS / "comfyui_console.json").write_text(json.dumps(console.entries, indent=1))
+            context.close()
+
+
+def _load_graph(page, workflow: dict) -> dict:
+    return page.evaluate("""async (workflow) => {
+        await app.loadGraphData(workflow);
+        const registered = LiteGraph.registered_node_types;
+        return {missing: [...new Set(workflow.nodes.map((n) => n.type).filter((t) => !(t in registered)))],
+                loaded: app.graph.nodes.length};
+    }""", workflow)
+
+
+def _screenshot(page, name: str, scale: float = 0.62, offset=(40, 90)) -> Path:
+    page.evaluate("""([scale, offset]) => {
+        app.canvas.ds.scale = scale; app.canvas.ds.offset = offset; app.graph.setDirtyCanvas(true, true);
+    }""", [scale, list(offset)])
+    page.wait_for_timeout(1500)
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / name
+    page.screenshot(path=str(path))
+    return path
+
+
+def test_extension_is_served_and_registered(server, browser_page):
+    page, console = browser_page
+    assert f"{EXTENSION_URL}duge.js" in server.get("/extensions")
+    assert "duge.unlearning" in page.evaluate("() => app.extensions.map((e) => e.name)")
+    assert not console.ours(), console.ours()
+
+
+@pytest.mark.parametrize("name", ["duge_demo", "duge_sd15_checkpoint"])
+def test_example_workflow_loads_with_no_missing_node(browser_page, name):
+    page, console = browser_page
+    workflow = json.loads((TEMPLATES_DIR / f"{name}.json").read_text())
+    mark = len(console.entries)
+    result = _load_graph(page, workflow)
+    assert result["missing"] == [] and result["loaded"] == len(workflow["nodes"])
+    assert page.evaluate(f"async () => (await app.api.getWorkflowTemplates())['{PACK_NAME}']").count(name) == 1
+    _screenshot(page, f"comfyui_{name}.png" if name != "duge_demo" else "comfyui_demo_workflow.png")
+    assert not console.errors(since=mark), console.errors(since=mark)
+
+
+@pytest.mark.parametrize("name", ["duge_demo", "duge_sd15_checkpoint"])
+def test_frontend_converts_the_workflow_to_its_api_twin(browser_page, server, name):
+    page, _ = browser_page
+    object_info = server.get("/object_info")
+    workflow = json.loads((TEMPLATES_DIR / f"{name}.json").read_text())
+    _load_graph(page, workflow)
+    output = page.evaluate("async () => (await app.graphToPrompt()).output")
+    for node in output.values():  # the frontend also sends display-only widgets (PreviewAny's "preview")
+        known = {name for group in object_info[node["class_type"]]["input"].values() for name in group}
+        node["inputs"] = {k: v for k, v in node["inputs"].items() if k in known}
+    assert output == ui_to_api(workflow, object_info)
+    assert output == json.loads((REPO / "workflows" / "api" / f"{name}_api.json").read_text())
+
+
+def test_concept_set_text_is_marked_ignored_while_a_file_is_selected(browser_page):
+    page, console = browser_page
+    _load_graph(page, json.loads((TEMPLATES_DIR / "duge_demo.json").read_text()))
+    state = page.evaluate("""() => {
+        const node = app.graph.nodes.find((n) => n.type === "DugeLoadConceptSet");
+        const file = node.widgets.find((w) => w.name === "file"), text = node.widgets.find((w) => w.name === "text");
+        const select = (value) => { file.value = value; file.callback(value); return [text.element.style.opacity, text.element.title]; };
+        const typedAtLoad = text.element.style.opacity;
+        const withFile = select("demo.yaml");
+        text.value = "";
+        const typed = select("(typed text below)");
+        return {typedAtLoad, withFile, typed, example: text.value};
+    }""")
+    assert state["typedAtLoad"] == "" and state["typed"] == ["", ""]
+    assert state["withFile"][0] == "0.5" and "demo.yaml" in state["withFile"][1]
+    assert "target:" in state["example"], "an empty box gets an example set to edit"
+    assert not console.ours(), console.ours()
+
+
+def test_demo_runs_from_the_page_and_unlearn_shows_what_was_erased(browser_page):
+    page, console = browser_page
+    _load_graph(page, json.loads((TEMPLATES_DIR / "duge_demo.json").read_text()))
+    mark = len(console.entries)
+    page.evaluate("""async () => {
+        window.__dugeRun = null;
+        app.api.addEventListener("execution_success", () => { window.__dugeRun = "success"; });
+        app.api.addEventListener("execution_error", (e) => { window.__dugeRun = JSON.stringify(e.detail); });
+        await app.queuePrompt(0, 1);
+    }""")
+    page.wait_for_function("() => window.__dugeRun", timeout=RUN_TIMEOUT_MS, polling=2000)
+    assert page.evaluate("() => window.__dugeRun") == "success"
+    page.wait_for_timeout(2000)
+    summary = page.evaluate("""() => app.graph.nodes.find((n) => n.type === "DugeUnlearn")
+        .widgets.find((w) => w.name === "duge_summary").value""")
+    lines = summary.splitlines()
+    assert lines[0].endswith("1 request(s) erased so far")
+    assert lines[2].split()[:3] == ["#", "erased", "anchor"] and lines[3].split()[:2] == ["1", "circle"]
+    assert "erase 'circle'" in summary  # the run's report below the table
+    _screenshot(page, "comfyui_demo_run.png")
+    assert not console.errors(since=mark), console.errors(since=mark)
+    assert not console.ours(), console.ours()
