@@ -132,6 +132,8 @@ def test_example_workflow_loads_with_no_missing_node(browser_page, name):
     result = _load_graph(page, workflow)
     assert result["missing"] == [] and result["loaded"] == len(workflow["nodes"])
     assert page.evaluate(f"async () => (await app.api.getWorkflowTemplates())['{PACK_NAME}']").count(name) == 1
+    thumbnail = f"/api/workflow_templates/{PACK_NAME}/{name}.jpg"  # what the template browser shows
+    assert page.evaluate("async (url) => (await fetch(url)).status", thumbnail) == 200
     _screenshot(page, f"comfyui_{name}.png" if name != "duge_demo" else "comfyui_demo_workflow.png")
     assert not console.errors(since=mark), console.errors(since=mark)
 

@@ -55,6 +55,8 @@ def _widget(workflow: dict, node: dict, name: str):
 def test_the_pack_ships_the_demo_and_a_checkpoint_workflow_in_both_forms():
     assert sorted(p.stem for p in TEMPLATES_DIR.glob("*.json")) == WORKFLOW_NAMES
     assert sorted(p.stem for p in API_DIR.glob("*.json")) == [f"{name}_api" for name in WORKFLOW_NAMES]
+    missing = [name for name in WORKFLOW_NAMES if not (TEMPLATES_DIR / f"{name}.jpg").is_file()]
+    assert not missing, f"the template browser shows <name>.jpg as the thumbnail: {missing}"
 
 
 def test_the_template_browser_finds_only_ui_workflows_each_once():
