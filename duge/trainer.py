@@ -180,6 +180,14 @@ def _reduced_maps(store, mask) -> list[torch.Tensor]:
     return [reduce_token_maps(m, mask) for m in store.maps.values()]
 
 
+def _predict(backend, zt, t, context, tokens, mask, config, capture: bool):
+    """The UNet's output and, when `capture`, the token-reduced attention maps of the captured layers."""
+    if not capture:
+        return backend.predict_noise(zt, t, context), []
+    with backend.capture_attention(config.attention_layers, tokens) as store:
+        return backend.predict_noise(zt, t, context), _reduced_maps(store, mask)
+
+
 def _request_step(backend, edits, caches: list[RequestCache], config: UnlearnConfig, rng: np.random.Generator,
                   generator: torch.Generator, theta0: dict, fisher: dict | None,
                   replay_share: float = 0.0) -> tuple[torch.Tensor, dict]:
@@ -232,20 +240,9 @@ def _request_step(backend, edits, caches: list[RequestCache], config: UnlearnCon
             ref_uncond = backend.predict_noise(zt, t, uncond)
             ref_anchor = ref_uncond - config.esd_eta * (backend.predict_noise(zt, t, ctx_target) - ref_uncond)
             maps_anchor = []
-        elif use_attention:
-            with backend.capture_attention(config.attention_layers, tok_anchor) as store:
-                ref_anchor = backend.predict_noise(zt, t, ctx_anchor)
-                maps_anchor = _reduced_maps(store, mask_anchor)
         else:
-            ref_anchor = backend.predict_noise(zt, t, ctx_anchor)
-            maps_anchor = []
-    if use_attention:
-        with backend.capture_attention(config.attention_layers, tok_target) as store:
-            pred_target = backend.predict_noise(zt, t, ctx_target)
-            maps_target = _reduced_maps(store, mask_target)
-    else:
-        pred_target = backend.predict_noise(zt, t, ctx_target)
-        maps_target = []
+            ref_anchor, maps_anchor = _predict(backend, zt, t, ctx_anchor, tok_anchor, mask_anchor, config, use_attention)
+    pred_target, maps_target = _predict(backend, zt, t, ctx_target, tok_target, mask_target, config, use_attention)
     loss_xattn, parts = cross_attention_loss(pred_target, ref_anchor, maps_target, maps_anchor,
                                              config.beta if use_attention else 0.0)
     losses = {"output": float(parts["output"].detach()), "attention": float(parts["attention"].detach())}
