@@ -80,7 +80,7 @@ def _run_unlearn_job(model: str, concepts: str, out: str, config, overwrite: boo
 
         report = run_unlearn(model, concepts, out, config, overwrite=overwrite, lora_rank=lora_rank,
                              progress=progress, log=tqdm.write)
-    print(f"wrote {out}: model/, model.safetensors, loras/, before_after.png, report.json")
+    print(f"wrote {out}: model/, model.safetensors, loras/, before_after.png, report.json, report.html")
     final = report.get("final") or {}
     if final:
         print("final: " + ", ".join(f"{k} {v:.3f}" for k, v in final.items() if isinstance(v, (int, float))))
@@ -130,6 +130,13 @@ def _cmd_inspect(args) -> int:
         print(f"{args.file}: no DUGE manifest")
         return 1
     print(json.dumps(manifest, indent=2))
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from .report import write_report
+
+    print(f"wrote {write_report(args.dir)}")
     return 0
 
 
@@ -206,6 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="print the DUGE manifest of a .safetensors file or model folder")
     p.add_argument("file")
     p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser("report", help="write DIR/report.html from a `duge unlearn` or continual-benchmark folder")
+    p.add_argument("dir", help="the output folder of `duge unlearn` (or of benchmarks/continual.py)")
+    p.set_defaults(func=_cmd_report)
     return parser
 
 

@@ -102,7 +102,7 @@ def publish_output_folder(tmp: Path, out: Path) -> None:
 
 def run_unlearn(model: str, concepts_path: str, out: str | Path, config, overwrite: bool = False,
                 lora_rank: int | None = None, progress=None, cancel=None, log=print) -> dict:
-    """Unlearn a concept set from `model` and write model/, model.safetensors, loras/, grids and report.json."""
+    """Unlearn a concept set from `model` and write model/, model.safetensors, loras/, grids, report.json and report.html."""
     from .backends.diffusers_backend import DiffusersBackend
     from .io import make_manifest, model_hash, save_diffusers_folder, save_lora, save_single_file
     from .models import load_pipeline
@@ -165,6 +165,9 @@ def run_unlearn(model: str, concepts_path: str, out: str | Path, config, overwri
                                  lambda p, s: after_backend.generate(p, s, 25, 7.5), prompts, 4, config.seed)
         grid.save(tmp / "before_after.png")
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
+        from .report import write_report
+
+        write_report(tmp)  # report.html: the grids, the table and the chart in one self-contained page
         publish_output_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -116,7 +116,11 @@ def test_unlearn_command_end_to_end(tmp_path, monkeypatch):
     out = tmp_path / "run"
     assert main(["unlearn", "--model", "builtin", "--concepts", str(concepts), "--out", str(out), "--steps", "3"]) == 0
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["before_after.png", "loras", "model", "model.safetensors", "report.json"]
+    assert names == ["before_after.png", "loras", "model", "model.safetensors", "report.html", "report.json"]
+    page = (out / "report.html").read_text()
+    assert "data:image/png;base64," in page and "circle" in page  # the grid and the requests, self-contained
+    (out / "report.html").unlink()
+    assert main(["report", str(out)]) == 0 and (out / "report.html").read_text() == page
     report = json.loads((out / "report.json").read_text())
     assert [r["target"] for r in report["requests"]] == ["circle", "red"]
     assert set(report["final"]) >= {"UA", "IRA", "CRA"}
