@@ -70,6 +70,10 @@ class UnlearnConfig:
     seed: int = 0
     fisher_samples: int = 8
     esd_eta: float = 1.0  # negative-guidance strength of the esd-x baseline
+    # The uce baseline's closed form (duge.uce): λ, erase and preserve scales of the authors' script.
+    uce_lambda: float = 0.5
+    uce_erase_scale: float = 1.0
+    uce_preserve_scale: float = 1.0
     # Sequential setting: share of each batch that replays the cross-attention loss of earlier
     # requests (their cached anchor images), so that a later request cannot undo an earlier erasure.
     replay_share: float = 0.5
@@ -136,6 +140,19 @@ class UnlearnResult:
 
 
 ProgressFn = Callable[[dict], None]
+RequestDoneFn = Callable[[int, RequestResult, RequestCache], None]
+
+
+@dataclass
+class ResumeState:
+    """What a stopped sequential (or independent) run had finished: requests 0..k-1, in order.
+
+    `results[i].delta` is request i's ΔW; `caches[i]` its anchor/related images, which later
+    requests replay. `duge.progress` writes and reads these.
+    """
+
+    results: list[RequestResult]
+    caches: list[RequestCache]
 
 
 def _check_cancel(cancel: Callable[[], bool] | None) -> None:
@@ -301,15 +318,23 @@ def estimate_fisher(backend, edits, prompts: list[str], config: UnlearnConfig, s
 def unlearn(backend, concept_set: ConceptSet, config: UnlearnConfig, builtin_world: bool = False,
             image_filter=None, evaluate=None, progress: ProgressFn | None = None,
             cancel: Callable[[], bool] | None = None, start_deltas: dict[str, torch.Tensor] | None = None,
-            start_index: int = 0) -> UnlearnResult:
+            start_index: int = 0, resume: ResumeState | None = None,
+            on_request_done: RequestDoneFn | None = None) -> UnlearnResult:
     """Erase the concept set's requests from the backend's model, in order.
 
     `evaluate(backend, requests_so_far) -> dict` is called after each request with the edits
     enabled (the current model). `progress(info)` receives step-level information. Raises
     UnlearnCancelled if `cancel()` returns True or on KeyboardInterrupt; the host is unchanged.
-    `start_deltas`/`start_index` resume a sequential run after request `start_index - 1`.
+    `start_deltas` are deltas already on the model before request 0 (a continued ComfyUI session);
+    `start_index` skips the first requests. `on_request_done(k, result, cache)` is called after
+    request k is committed (`duge.progress` saves a checkpoint there); `resume` holds what such
+    checkpoints recorded for requests 0..k-1, and the run continues at request k with the same
+    committed deltas and replay caches, so it ends with the same weights as an uninterrupted run.
     """
     config.validate()
+    if resume is not None and config.setting == "simultaneous":
+        raise DugeError("a simultaneous run is one optimisation over every request and cannot be resumed; "
+                        "start it again")
     method = get_method(config.method)
     requests = [resolve_request(r, builtin_world=builtin_world) for r in concept_set.requests]
     if config.setting != "independent":
@@ -331,6 +356,12 @@ def unlearn(backend, concept_set: ConceptSet, config: UnlearnConfig, builtin_wor
                 fisher = estimate_fisher(backend, edits, prompts[: config.fisher_samples], config, config.seed + 7)
             if start_deltas:
                 edits.load_committed(start_deltas)
+            if resume is not None:
+                start_index = len(resume.results)
+                results.extend(resume.results)
+                if config.setting == "sequential":
+                    for done in resume.results:  # the same float32 additions as commit_request made
+                        edits.add_committed(done.delta)
 
             def train(caches: list[RequestCache], steps: int, lr: float, seed: int, label: str,
                       replay: bool = False) -> tuple[dict, dict]:
@@ -378,8 +409,8 @@ def unlearn(backend, concept_set: ConceptSet, config: UnlearnConfig, builtin_wor
                 results.append(RequestResult(", ".join(r.target for r in requests), delta, time.time() - t0,
                                              steps, losses, metrics))
             else:
-                independent_deltas = []
-                previous_caches: list[RequestCache] = []
+                independent_deltas = [r.delta for r in resume.results] if resume is not None else []
+                previous_caches: list[RequestCache] = list(resume.caches) if resume is not None else []
                 for k, request in enumerate(requests):
                     if k < start_index:
                         continue
@@ -401,6 +432,8 @@ def unlearn(backend, concept_set: ConceptSet, config: UnlearnConfig, builtin_wor
                     metrics["dropped_anchor_images"] = cache.dropped_anchor_images
                     results.append(RequestResult(request.target, delta, seconds, spec.steps or config.steps, losses, metrics))
                     independent_deltas.append(delta)
+                    if on_request_done is not None:
+                        on_request_done(k, results[-1], cache)
                 if config.setting == "independent":
                     merged = {name: sum(d[name] for d in independent_deltas) for name in edits.deltas}
                     edits.load_committed(merged)

@@ -118,12 +118,10 @@ def uce_delta(backend, edits, requests: list[ResolvedRequest], config) -> dict[s
     """ΔW = W_new − W per edited layer (float32, on the layer's device), for `requests` at once.
 
     Edits only layers named `…attn2.to_k`/`…attn2.to_v` whose input is the text embedding; any
-    other edited layer gets a zero delta. `config` may carry `uce_lambda`, `uce_erase_scale`
-    and `uce_preserve_scale` (defaults 0.5, 1, 1 as in the authors' script).
+    other edited layer gets a zero delta. λ and the scales are the config's `uce_lambda`,
+    `uce_erase_scale` and `uce_preserve_scale` (UnlearnConfig: 0.5, 1, 1 as in the authors' script).
     """
-    lamb = float(getattr(config, "uce_lambda", DEFAULT_LAMBDA))
-    erase_scale = float(getattr(config, "uce_erase_scale", DEFAULT_ERASE_SCALE))
-    preserve_scale = float(getattr(config, "uce_preserve_scale", DEFAULT_PRESERVE_SCALE))
+    lamb, erase_scale, preserve_scale = config.uce_lambda, config.uce_erase_scale, config.uce_preserve_scale
     with torch.no_grad():
         erase, guide, preserve = uce_embeddings(backend, requests)
         deltas = {}
