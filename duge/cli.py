@@ -57,7 +57,8 @@ def _unlearn_config(args):
     from .trainer import UnlearnConfig
 
     config = UnlearnConfig(method=args.method, setting=args.setting, seed=args.seed, trainable=args.trainable,
-                           trainable_mode=args.trainable_mode, dtype=args.dtype)
+                           trainable_mode=args.trainable_mode, dtype=args.dtype,
+                           gradient_checkpointing=args.gradient_checkpointing, cache_dir=args.cache_dir)
     if args.steps is not None:
         config.steps = args.steps
     if args.lr is not None:
@@ -65,7 +66,8 @@ def _unlearn_config(args):
     return config
 
 
-def _run_unlearn_job(model: str, concepts: str, out: str, config, overwrite: bool, lora_rank) -> int:
+def _run_unlearn_job(model: str, concepts: str, out: str, config, overwrite: bool, lora_rank, resume: bool = False,
+                     allow_pickle: bool = False, config_dir: str | None = None) -> int:
     from tqdm.auto import tqdm
 
     from .concepts import load_concept_set
@@ -79,7 +81,10 @@ def _run_unlearn_job(model: str, concepts: str, out: str, config, overwrite: boo
             bar.set_postfix(request=info["request"], loss=f"{info['losses'].get('total', 0):.4f}")
 
         report = run_unlearn(model, concepts, out, config, overwrite=overwrite, lora_rank=lora_rank,
-                             progress=progress, log=tqdm.write)
+                             progress=progress, log=tqdm.write, resume=resume, allow_pickle=allow_pickle,
+                             config_dir=config_dir)
+    if not report:  # a non-main process of `accelerate launch`: the main process writes
+        return 0
     print(f"wrote {out}: model/, model.safetensors, loras/, before_after.png, report.json, report.html")
     final = report.get("final") or {}
     if final:
@@ -87,15 +92,52 @@ def _run_unlearn_job(model: str, concepts: str, out: str, config, overwrite: boo
     return 0
 
 
+def _cmd_plan(args) -> int:
+    from .plan import meta_pipeline, plan_run
+    from .trainer import UnlearnConfig
+
+    config = UnlearnConfig(trainable=args.trainable, trainable_mode=args.trainable_mode, dtype=args.dtype,
+                           gradient_checkpointing=args.gradient_checkpointing)
+    if args.steps is not None:
+        config.steps = args.steps
+    if args.batch_size is not None:
+        config.batch_size = args.batch_size
+    related = 1
+    requests = []
+    if args.concepts:
+        from .concepts import load_concept_set
+
+        requests = load_concept_set(args.concepts).requests
+        related = max((len(r.preserve) for r in requests), default=0)
+    pipe = meta_pipeline(args.model, args.config)
+    plans = []
+    for spec in requests or [None]:
+        if spec is not None and spec.steps:
+            config.steps = spec.steps
+        plan = plan_run(pipe, config, str(args.model), args.resolution, args.device, args.tflops,
+                        related_concepts=len(spec.preserve) if spec is not None else related)
+        args.tflops = plan.tflops  # measure once
+        if spec is not None:
+            print(f"request '{spec.target}':")
+        print(plan.table())
+        plans.append(plan.to_json())
+    if args.json:
+        from .paths import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(plans if len(plans) > 1 else plans[0], indent=2), overwrite=True)
+    return 0
+
+
 def _cmd_unlearn(args) -> int:
-    return _run_unlearn_job(args.model, args.concepts, args.out, _unlearn_config(args), args.overwrite, args.lora_rank)
+    return _run_unlearn_job(args.model, args.concepts, args.out, _unlearn_config(args), args.overwrite, args.lora_rank,
+                            resume=args.resume, allow_pickle=args.allow_pickle, config_dir=args.config)
 
 
 def _cmd_demo(args) -> int:
     from .concepts import example_concept_set_path
 
     return _run_unlearn_job("builtin", str(example_concept_set_path("demo")), args.out, _unlearn_config(args),
-                            args.overwrite, args.lora_rank)
+                            args.overwrite, args.lora_rank, resume=args.resume)
 
 
 def _cmd_eval(args) -> int:
@@ -107,7 +149,7 @@ def _cmd_eval(args) -> int:
     from .world.model import generate
 
     concept_set = load_concept_set(args.concepts)
-    pipe = load_pipeline(args.model)
+    pipe = load_pipeline(args.model, allow_pickle=args.allow_pickle)
     if not uses_builtin_world(pipe):
         raise DugeError(f"'{args.model}' is not a model of the built-in world, and `duge eval` has no classifier "
                         "for it; score it with a classifier of your own (duge.evaluation.ConceptClassifier)")
@@ -152,6 +194,28 @@ def _add_unlearn_options(p, default_out=None) -> None:
     p.add_argument("--lora-rank", type=int, default=None, help="rank of the exported LoRAs (default: exact)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from the progress it saved in OUT/progress/ (same settings)")
+    _add_memory_options(p)
+
+
+def _add_memory_options(p) -> None:
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute UNet blocks in the backward pass instead of keeping activations (see `duge plan`)")
+    p.add_argument("--cache-dir", default=None, help="keep each request's generated anchor/related images here "
+                                                      "and reuse them in later runs")
+
+
+def _add_config_dir(p) -> None:
+    p.add_argument("--config", default=None, metavar="DIR",
+                   help="for a single-file checkpoint: a local diffusers folder of its architecture (configs and "
+                        "tokenizers; no weights needed); nothing is downloaded")
+
+
+def _add_allow_pickle(p) -> None:
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="read a pickled .ckpt/.pt/.bin checkpoint with torch.load(weights_only=True); "
+                        "without it only safetensors are read (see SECURITY.md)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -191,13 +255,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default 7.5)")
     p.add_argument("--out", required=True, help="a .png for a grid, else a folder")
     p.add_argument("--overwrite", action="store_true")
+    _add_allow_pickle(p)
     p.set_defaults(func=_cmd_sample)
 
     p = sub.add_parser("unlearn", help="erase a concept set's requests from a model, in order")
     p.add_argument("--model", default="builtin", help="'builtin', a diffusers folder or a .safetensors checkpoint")
     p.add_argument("--concepts", required=True, help="concept set (JSON or YAML)")
     _add_unlearn_options(p)
+    _add_allow_pickle(p)
+    _add_config_dir(p)
     p.set_defaults(func=_cmd_unlearn)
+
+    p = sub.add_parser("plan", help="estimated peak memory and time per request of `duge unlearn` with these settings")
+    p.add_argument("--model", required=True, help="'builtin', a diffusers folder, a .safetensors checkpoint, or a "
+                                                  "reference layout: sd15, sd21, sdxl (duge/configs)")
+    p.add_argument("--concepts", default=None, help="concept set: the requests' steps and preserved concepts")
+    _add_config_dir(p)
+    p.add_argument("--resolution", type=int, default=None, help="image size in pixels (default: the model's)")
+    p.add_argument("--device", default=None, choices=["cuda", "cpu"], help="plan for this device (default: this machine's)")
+    p.add_argument("--tflops", type=float, default=None, help="device matmul throughput (default: measured here)")
+    p.add_argument("--steps", type=int, default=None, help="optimisation steps per request")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--trainable", default="kv", choices=["kv", "qkv", "attn2"])
+    p.add_argument("--trainable-mode", default="full", choices=["full", "lora"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    _add_memory_options(p)
+    p.add_argument("--json", default=None, help="also write the plan here")
+    p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("demo", help="erase an object, a colour and a style from the built-in model")
     _add_unlearn_options(p, default_out="duge-demo")
@@ -208,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concepts", required=True, help="concept set whose targets count as erased")
     p.add_argument("--json", default=None, help="write the metrics here")
     p.add_argument("--seed", type=int, default=0)
+    _add_allow_pickle(p)
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("inspect", help="print the DUGE manifest of a .safetensors file or model folder")
@@ -229,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"duge: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("duge: interrupted; nothing was written under the final names", file=sys.stderr)
+        print("duge: interrupted; nothing was written under the final names (a run's progress/ can be "
+              "continued with --resume)", file=sys.stderr)
         return 130
 
 

@@ -119,6 +119,12 @@ class LayerEdits:
         for name, d in self.deltas.items():
             d.committed.copy_(deltas[name].to(d.committed))
 
+    @torch.no_grad()
+    def add_committed(self, deltas: dict[str, torch.Tensor]) -> None:
+        """Add a finished request's deltas to the committed ones (as `commit_request` does)."""
+        for name, d in self.deltas.items():
+            d.committed += deltas[name].to(d.committed)
+
     @contextmanager
     def reference(self):
         """The frozen reference for the current request: the model as the previous request left it

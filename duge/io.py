@@ -19,9 +19,10 @@ Manifest: a JSON object (`make_manifest`) stored as the string under metadata ke
 `duge_manifest`; `read_manifest` reads it from a file's header or a folder's
 `duge_manifest.json` without loading any tensor.
 
-Safety: only safetensors are ever read (pickled `.ckpt/.pt/.pth/.bin` raise ModelLoadError); every
-write goes through `duge.paths.atomic_write` (a temporary file or folder beside the target, then
-a rename) and refuses to replace an existing output unless `overwrite=True`. Nothing here
+Safety: weights are read through `duge.safe_weights` — safetensors with the header checked against
+the file and NaN/inf refused; pickled `.ckpt/.pt/.pth/.bin` raise ModelLoadError unless the caller
+passes `allow_pickle=True` (then `torch.load(weights_only=True)`); every write goes through
+`duge.paths.atomic_write` (a temporary file or folder beside the target, then a rename) and refuses to replace an existing output unless `overwrite=True`. Nothing here
 contacts the Hugging Face hub.
 """
 
@@ -39,15 +40,21 @@ from pathlib import Path
 from typing import Iterator, Mapping
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from . import __version__, keys
 from .errors import DugeError, ModelLoadError
 from .paths import atomic_write, check_writable, contained_path
+from .safe_weights import (  # noqa: F401 - PICKLE_SUFFIXES and require_safetensors are part of this module's API
+    PICKLE_SUFFIXES,
+    SAFETENSORS_SUFFIX,
+    check_fits,
+    is_pickle_path,
+    load_tensors,
+    read_header,
+    require_safetensors,
+)
 
-SAFETENSORS_SUFFIX = ".safetensors"
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 MANIFEST_KEY = "duge_manifest"
 CONFIG_KEY = "duge_config"
 MANIFEST_FILE = "duge_manifest.json"
@@ -60,22 +67,6 @@ CONFIG_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
 # --- paths ---------------------------------------------------------------------------------------
-
-
-def require_safetensors(path: str | Path) -> Path:
-    """`path` if it names a .safetensors file; ModelLoadError for pickles and anything else."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix in PICKLE_SUFFIXES:
-        raise ModelLoadError(
-            f"'{path}' is a pickled file ({suffix}); pickles can run code when loaded and are never read. "
-            "Convert it to safetensors first, in an environment you trust, e.g. "
-            "`safetensors.torch.save_file(torch.load(path, weights_only=True)['state_dict'], 'model.safetensors')`, "
-            "or load it in ComfyUI and save it with CheckpointSave"
-        )
-    if suffix != SAFETENSORS_SUFFIX:
-        raise ModelLoadError(f"'{path}' is not a .safetensors file; expected a path ending in .safetensors")
-    return path
 
 
 def _output_file(path: str | Path) -> Path:
@@ -168,15 +159,8 @@ def _parse_manifest(text: str, where: Path) -> dict:
 
 
 def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
-    """The metadata of a safetensors file (its header only; no tensor is read)."""
-    path = require_safetensors(path)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return dict(f.metadata() or {})
-    except FileNotFoundError as err:
-        raise ModelLoadError(f"'{path}' does not exist") from err
-    except Exception as err:  # safetensors raises its own error types for broken headers
-        raise ModelLoadError(f"'{path}' is not a readable safetensors file: {err}") from err
+    """The metadata of a safetensors file (its checked header only; no tensor is read)."""
+    return read_header(path).metadata
 
 
 def read_manifest(path: str | Path) -> dict | None:
@@ -234,7 +218,7 @@ def _rewrite_with_metadata(path: Path, extra: Mapping[str, str]) -> None:
     """Re-write a safetensors file with `extra` added to its metadata (tensors unchanged)."""
     metadata = read_safetensors_metadata(path)
     metadata.update(extra)
-    tensors = load_file(str(path))
+    tensors = load_tensors(path, finite=False)  # our own file, just written: rewritten as it is
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), overwrite=True)
 
 
@@ -277,11 +261,26 @@ def save_diffusers_folder(pipe, out_dir: str | Path, manifest: Mapping | None, o
 
 
 def pipeline_to_ldm_state_dict(pipe) -> dict[str, torch.Tensor]:
-    """The pipeline's UNet, VAE and text encoder under single-file names (tensors shared, not copied)."""
+    """The pipeline's UNet, VAE and text encoder(s) under single-file names (tensors shared, not copied).
+
+    Text encoders: SD 1.x `cond_stage_model.transformer.text_model.*`; SD 2.x OpenCLIP
+    `cond_stage_model.model.*` (diffusers' 23 layers: the unused 24th layer of the original
+    checkpoint is not part of a diffusers model and is not written); SDXL
+    `conditioner.embedders.0.transformer.text_model.*` and OpenCLIP `conditioner.embedders.1.model.*`.
+    """
+    from .layouts import pipeline_layout
+
+    layout = pipeline_layout(pipe).name
     state = {}
     state.update(keys.unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config))
     state.update(keys.vae_to_ldm(pipe.vae.state_dict(), pipe.vae.config))
-    state.update(keys.text_encoder_to_ldm(pipe.text_encoder.state_dict()))
+    if layout == "sd1":
+        state.update(keys.text_encoder_to_ldm(pipe.text_encoder.state_dict()))
+    elif layout == "sd2":
+        state.update(keys.open_clip_text_encoder_to_ldm(pipe.text_encoder.state_dict(), keys.LDM_OPEN_CLIP_PREFIX))
+    else:
+        state.update(keys.text_encoder_to_ldm(pipe.text_encoder.state_dict(), keys.LDM_SDXL_CLIP_L_PREFIX))
+        state.update(keys.open_clip_text_encoder_to_ldm(pipe.text_encoder_2.state_dict(), keys.LDM_SDXL_OPEN_CLIP_PREFIX))
     return state
 
 
@@ -295,15 +294,20 @@ def pipeline_config_files(pipe, max_tokenizer_bytes: int = MAX_EMBEDDED_TOKENIZE
         pipe.save_config(root)  # model_index.json
         pipe.unet.save_config(root / "unet")
         pipe.vae.save_config(root / "vae")
-        pipe.text_encoder.config.save_pretrained(root / "text_encoder")
         pipe.scheduler.save_config(root / "scheduler")
-        pipe.tokenizer.save_pretrained(root / "tokenizer")
+        for name in ("text_encoder", "text_encoder_2"):
+            if getattr(pipe, name, None) is not None:
+                getattr(pipe, name).config.save_pretrained(root / name)
+        for name in ("tokenizer", "tokenizer_2"):
+            if getattr(pipe, name, None) is not None:
+                getattr(pipe, name).save_pretrained(root / name)
         files = {p.relative_to(root).as_posix(): p for p in sorted(root.rglob("*")) if p.is_file()}
-        tokenizer_bytes = sum(p.stat().st_size for name, p in files.items() if name.startswith("tokenizer/"))
+        is_tokenizer = lambda name: name.split("/")[0] in ("tokenizer", "tokenizer_2")  # noqa: E731
+        tokenizer_bytes = sum(p.stat().st_size for name, p in files.items() if is_tokenizer(name))
         return {
             name: p.read_text(encoding="utf-8")
             for name, p in files.items()
-            if not (name.startswith("tokenizer/") and tokenizer_bytes > max_tokenizer_bytes)
+            if not (is_tokenizer(name) and tokenizer_bytes > max_tokenizer_bytes)
         }
 
 
@@ -321,12 +325,6 @@ def save_single_file(
     """
     path = _output_file(path)
     check_writable(path, overwrite)
-    if hasattr(pipe, "text_encoder_2") or pipe.text_encoder.config.hidden_act != "quick_gelu":
-        raise DugeError(
-            "single-file export covers Stable Diffusion 1.x-style pipelines (one CLIP text encoder, "
-            "stored as cond_stage_model.transformer.text_model.*); SD 2.x (OpenCLIP) and SDXL single "
-            "files need another text-encoder layout — save a diffusers folder instead"
-        )
     state = {}
     for key, tensor in pipeline_to_ldm_state_dict(pipe).items():
         tensor = tensor.detach().cpu()
@@ -349,8 +347,12 @@ def _check_config_folder(folder: Path) -> Path:
 
 
 @contextmanager
-def _config_folder(path: Path, metadata: Mapping[str, str], config_dir: str | Path | None) -> Iterator[Path]:
-    """The config folder for a single file: `config_dir`, the one embedded in the file, or the base model's."""
+def _config_folder(path: Path, metadata: Mapping[str, str], config_dir: str | Path | None,
+                   layout=None) -> Iterator[Path]:
+    """The config folder for a single file: `config_dir`, the one embedded in the file, or the base model's.
+
+    SD 2.x and SDXL files need a folder with tokenizer files: a checkpoint holds no tokenizer, and the
+    reference configs in duge/configs ship none (the CLIP vocabulary is 1.6 MB)."""
     if config_dir is not None:
         yield _check_config_folder(Path(config_dir).expanduser())
         return
@@ -373,6 +375,12 @@ def _config_folder(path: Path, metadata: Mapping[str, str], config_dir: str | Pa
         if (candidate / "model_index.json").exists():
             yield _check_config_folder(candidate)
             return
+    if layout is not None and layout.name != "sd1":
+        raise ModelLoadError(
+            f"'{path}' is a {layout.title} single-file checkpoint and names no local config folder; pass a local "
+            f"diffusers folder of a {layout.title} model (configs and tokenizer files, weights not needed) with "
+            f"--config DIR (config_dir=...); duge/configs/{layout.reference_config} has the architecture but no "
+            "tokenizer; nothing is downloaded")
     raise ModelLoadError(
         f"'{path}' is a single-file checkpoint without the configs needed to build its pipeline "
         "(no config or tokenizer stored in it, no local base model named in its manifest). "
@@ -382,6 +390,7 @@ def _config_folder(path: Path, metadata: Mapping[str, str], config_dir: str | Pa
 
 
 def _load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str, path: Path) -> None:
+    check_fits(state, module.state_dict(), path, what)
     result = module.load_state_dict(state, strict=False, assign=True)
     problems = []
     if result.missing_keys:
@@ -407,7 +416,8 @@ def _load_scheduler(folder: Path):
 
 
 def load_single_file_pipeline(
-    path: str | Path, torch_dtype: torch.dtype | None = None, config_dir: str | Path | None = None
+    path: str | Path, torch_dtype: torch.dtype | None = None, config_dir: str | Path | None = None,
+    allow_pickle: bool = False,
 ):
     """A `StableDiffusionPipeline` from a single-file SD checkpoint (safetensors), offline.
 
@@ -416,7 +426,9 @@ def load_single_file_pipeline(
     named in the file's manifest if it is 'builtin' or a local folder; otherwise ModelLoadError.
     Weights are converted with `duge.keys` and loaded strictly: every parameter must come from the
     file, and every tensor of the file must find a place (known extras such as EMA copies and noise
-    schedule buffers are skipped).
+    schedule buffers are skipped). Tensors are read by `duge.safe_weights.load_tensors` (checked
+    header, no NaN/inf); a pickled `.ckpt` is refused unless `allow_pickle` (then it is read with
+    `torch.load(weights_only=True)` and needs `config_dir`).
 
     diffusers' own `StableDiffusionPipeline.from_single_file(path, config=folder)` also loads these
     files (tests/test_io.py), but it drops unexpected tensors silently and fails with "Cannot copy
@@ -427,15 +439,25 @@ def load_single_file_pipeline(
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    path = require_safetensors(path)
+    path = Path(path)
+    if not (allow_pickle and is_pickle_path(path)):
+        require_safetensors(path)
     dtype = torch_dtype or torch.float32
-    metadata = read_safetensors_metadata(path)
+    metadata = {} if is_pickle_path(path) else read_safetensors_metadata(path)
+    pickled = load_tensors(path, allow_pickle=True) if is_pickle_path(path) else None  # only with allow_pickle
+    layout = single_file_layout_of(path, pickled)
+    if layout.name != "sd1" and pickled is not None:
+        raise ModelLoadError(f"'{path}': a pickled {layout.name} checkpoint is not loaded even with allow_pickle "
+                             "(diffusers would unpickle it itself); convert it to safetensors first")
+    if layout.name != "sd1":
+        with _config_folder(path, metadata, config_dir, layout) as folder:
+            return _load_with_diffusers_single_file(path, layout, dtype, folder)
     with _config_folder(path, metadata, config_dir) as folder:
         with init_empty_weights():  # parameters on the meta device; buffers real
             unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
             vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
             text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))
-        checkpoint = load_file(str(path))
+        checkpoint = pickled if pickled is not None else load_tensors(path)
         parts = keys.split_ldm_checkpoint(checkpoint)
         if any(k.startswith(keys.LDM_OPEN_CLIP_PREFIX) for k in parts.unknown):
             raise ModelLoadError(
@@ -471,6 +493,45 @@ def load_single_file_pipeline(
             feature_extractor=None,
             requires_safety_checker=False,
         )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def single_file_layout_of(path: str | Path, tensors: Mapping[str, torch.Tensor] | None = None):
+    """The `duge.layouts.Layout` of a single-file checkpoint, from its checked header (no tensor is
+    read), or from its `tensors` when they are loaded already (a pickle read with allow_pickle)."""
+    from .layouts import UNET_CONV_IN_KEY, single_file_layout
+
+    if tensors is None:
+        entries = read_header(path).tensors
+        shapes_by_name = {name: list(e.shape) for name, e in entries.items()}
+    else:
+        shapes_by_name = {name: list(t.shape) for name, t in tensors.items()}
+    names = list(shapes_by_name)
+    shapes = {UNET_CONV_IN_KEY: shapes_by_name[UNET_CONV_IN_KEY]} if UNET_CONV_IN_KEY in shapes_by_name else {}
+    return single_file_layout(names, shapes, str(path))
+
+
+def _load_with_diffusers_single_file(path: Path, layout, dtype: torch.dtype, folder: Path):
+    """An SD 2.x / SDXL pipeline from a single file by diffusers' `from_single_file` with the local
+    config folder `folder` (never the hub); ModelLoadError if any parameter was left unloaded."""
+    import diffusers
+
+    cls = getattr(diffusers, layout.pipeline_class)
+    kwargs = {"config": str(folder), "local_files_only": True, "torch_dtype": dtype}
+    if layout.name == "sdxl":
+        kwargs["add_watermarker"] = False
+    else:
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    try:
+        pipe = cls.from_single_file(str(path), **kwargs)
+    except Exception as err:  # diffusers raises many kinds for a file that does not fit the config
+        raise ModelLoadError(f"'{path}' ({layout.title}) could not be loaded with the config folder '{folder}': {err}") from err
+    for component in ("unet", "vae", *layout.text_encoders):
+        unloaded = [name for name, p in getattr(pipe, component).named_parameters() if p.device.type == "meta"]
+        if unloaded:
+            raise ModelLoadError(f"'{path}': {len(unloaded)} {component} weights are missing from the file "
+                                 f"(e.g. {unloaded[:3]}); expected a complete {layout.title} checkpoint")
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -606,15 +667,20 @@ def save_lora(
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), overwrite=overwrite)
 
 
-def load_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:
+def load_lora(path: str | Path, allow_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict | None]:
     """The UNet weight changes ΔW (float32, by diffusers module path) of a kohya LoRA file, and its manifest.
 
     Reads `lora_unet_*` names written by `save_lora` (`.lora_up/.lora_down/.alpha`, or `.diff`
-    for a full ΔW); other tensors (text-encoder LoRAs, LyCORIS types) raise ModelLoadError.
+    for a full ΔW); other tensors (text-encoder LoRAs, LyCORIS types) raise ModelLoadError, and
+    so do NaN/inf values and a broken file (`duge.safe_weights`). A pickled LoRA is refused
+    unless `allow_pickle` (then read with `torch.load(weights_only=True)`; it has no manifest).
     """
-    path = require_safetensors(path)
-    manifest = read_manifest(path)
-    tensors = load_file(str(path))
+    path = Path(path)
+    if allow_pickle and is_pickle_path(path):
+        manifest = None
+    else:
+        manifest = read_manifest(require_safetensors(path))
+    tensors = load_tensors(path, allow_pickle=allow_pickle)
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         name, _, suffix = key.partition(".")

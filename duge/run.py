@@ -15,7 +15,10 @@ from pathlib import Path
 
 import torch
 
+from .backends.diffusers_backend import storage_dtype
 from .concepts import ConceptSet, load_concept_set, render_prompt, resolve_request
+from .distributed import launched_distributed
+from .distributed import start as start_distributed
 from .errors import DugeError, OutputExistsError
 from .grids import labelled_grid, to_pil
 
@@ -78,11 +81,26 @@ def before_after_grid(before_pipe_generate, after_generate, prompts, n: int, see
     return labelled_grid(rows, labels, column_labels=columns)
 
 
-def prepare_output_folder(out: Path, overwrite: bool) -> Path:
-    """A fresh temporary folder beside `out`; refuses an existing non-empty `out` without overwrite."""
+def prepare_output_folder(out: Path, overwrite: bool, resume: bool = False) -> Path:
+    """A fresh temporary folder beside `out`; refuses an existing non-empty `out` without overwrite.
+
+    `out/progress/` (the checkpoints of an interrupted run, `duge.progress`) is what `resume`
+    continues from; anything else in `out` still needs `overwrite`.
+    """
+    from .progress import PROGRESS_FOLDER
+
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise OutputExistsError(f"output folder '{out}' exists and is not empty; pass --overwrite to replace it")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"output '{out}' exists and is not a folder; expected a folder for the outputs")
+    if entries and not overwrite:
+        others = [name for name in entries if name != PROGRESS_FOLDER]
+        if not resume and not others:
+            raise OutputExistsError(f"output folder '{out}' holds the progress of an interrupted run; pass --resume "
+                                    "to continue it, or --overwrite to start again")
+        if others:
+            raise OutputExistsError(f"output folder '{out}' exists and is not empty ({', '.join(others[:5])}); "
+                                    "pass --overwrite to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
 
@@ -101,34 +119,69 @@ def publish_output_folder(tmp: Path, out: Path) -> None:
 
 
 def run_unlearn(model: str, concepts_path: str, out: str | Path, config, overwrite: bool = False,
-                lora_rank: int | None = None, progress=None, cancel=None, log=print) -> dict:
-    """Unlearn a concept set from `model` and write model/, model.safetensors, loras/, grids, report.json and report.html."""
+                lora_rank: int | None = None, progress=None, cancel=None, log=print, resume: bool = False,
+                allow_pickle: bool = False, config_dir: str | Path | None = None) -> dict:
+    """Unlearn a concept set from `model` and write model/, model.safetensors, loras/, grids, report.json and report.html.
+
+    After each request the progress is checkpointed in `out/progress/` (`duge.progress`); an
+    interrupted run leaves only that, and `resume=True` continues it from the next request,
+    ending with the same weights as an uninterrupted run. The finished outputs replace `out`
+    (progress included) in one rename. `allow_pickle`, `config_dir`: see `duge.models.load_pipeline`.
+
+    Under `accelerate launch` with several processes (`duge.distributed`) every process trains on
+    its share of each batch and only the main process measures and writes; the others return {}.
+    """
     from .backends.diffusers_backend import DiffusersBackend
     from .io import make_manifest, model_hash, save_diffusers_folder, save_lora, save_single_file
     from .models import load_pipeline
+    from .progress import ProgressCheckpoint, progress_folder, run_inputs
     from .trainer import unlearn
 
     out = Path(out)
     concept_set = load_concept_set(concepts_path)
-    tmp = prepare_output_folder(out, overwrite)
+    device = None
+    if launched_distributed():
+        state = start_distributed()
+        device = state.device
+        if resume:
+            raise DugeError("--resume continues single-process runs only; run it without accelerate launch")
+        if not state.is_main_process:
+            _train_without_outputs(model, concept_set, config, device, allow_pickle, config_dir, progress, cancel)
+            return {}
+    tmp = prepare_output_folder(out, overwrite, resume)
+    checkpoint = None
     try:
-        pipe = load_pipeline(model)
+        pipe = load_pipeline(model, torch_dtype=storage_dtype(config.dtype), config_dir=config_dir,
+                             allow_pickle=allow_pickle)
         builtin_world = uses_builtin_world(pipe)
-        backend = DiffusersBackend(pipe, dtype=config.dtype)
+        backend = DiffusersBackend(pipe, device=device, dtype=config.dtype,
+                                   gradient_checkpointing=config.gradient_checkpointing)
         evaluator = builtin_evaluator() if builtin_world else None
         evaluate = world_evaluate(backend, evaluator, config.seed + 999) if evaluator else None
         base_hash = model_hash(pipe)
         report: dict = {"model": str(model), "concept_set": concept_set.name, "method": config.method,
                         "setting": config.setting, "config": asdict(config), "requests": []}
         t_start = time.time()
-        if evaluate:
+        inputs = run_inputs(str(model), base_hash, config, concept_set)
+        resumed = None
+        if resume:
+            checkpoint, resumed, saved = ProgressCheckpoint.load(progress_folder(out), inputs)
+            if saved.get("before") is not None:
+                report["before"] = saved["before"]
+            log(f"resuming after request {checkpoint.completed} of {len(concept_set.requests)} "
+                f"({', '.join(f['target'] for f in checkpoint.files)} done)")
+        else:
+            checkpoint = ProgressCheckpoint(progress_folder(out), inputs)
+            checkpoint.clear()
+        if evaluate and "before" not in report:
             log("measuring the unedited model ...")
             resolved = [resolve_request(r, builtin_world=True) for r in concept_set.requests]
             report["before"] = evaluate(backend, resolved)
         peak_before = _peak_memory_mb()
         result = unlearn(backend, concept_set, config, builtin_world=builtin_world,
                          image_filter=anchor_filter(backend, evaluator) if evaluator else None,
-                         evaluate=evaluate, progress=progress, cancel=cancel)
+                         evaluate=evaluate, progress=progress, cancel=cancel, resume=resumed,
+                         on_request_done=lambda k, r, cache: checkpoint.save(k, r, cache, {"before": report.get("before")}))
         for r in result.requests:
             entry = {"target": r.target, "seconds": round(r.seconds, 2), "steps": r.steps,
                      "final_losses": r.final_losses}
@@ -171,8 +224,26 @@ def run_unlearn(model: str, concepts_path: str, out: str | Path, config, overwri
         publish_output_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if checkpoint is not None and checkpoint.completed:
+            log(f"stopped: nothing was written under '{out}' but the progress after request "
+                f"{checkpoint.completed} ({checkpoint.folder}); continue with --resume")
         raise
     return report
+
+
+def _train_without_outputs(model, concept_set, config, device, allow_pickle, config_dir, progress, cancel) -> None:
+    """A non-main process of a data-parallel run: the same model, cached images and batches as the main
+    process (`duge.distributed`), its share of every step, nothing measured or written."""
+    from .backends.diffusers_backend import DiffusersBackend
+    from .models import load_pipeline
+    from .trainer import unlearn
+
+    pipe = load_pipeline(model, torch_dtype=storage_dtype(config.dtype), config_dir=config_dir, allow_pickle=allow_pickle)
+    builtin_world = uses_builtin_world(pipe)
+    backend = DiffusersBackend(pipe, device=device, dtype=config.dtype, gradient_checkpointing=config.gradient_checkpointing)
+    evaluator = builtin_evaluator() if builtin_world else None  # the anchor filter must drop the same images
+    unlearn(backend, concept_set, config, builtin_world=builtin_world,
+            image_filter=anchor_filter(backend, evaluator) if evaluator else None, progress=progress, cancel=cancel)
 
 
 def _peak_memory_mb() -> float:

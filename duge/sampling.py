@@ -51,7 +51,7 @@ def run_sample_command(args) -> int:
         check_writable(out, args.overwrite)
     else:
         check_writable(out / "grid.png", args.overwrite)
-    pipe = load_pipeline(args.model)
+    pipe = load_pipeline(args.model, allow_pickle=getattr(args, "allow_pickle", False))
     steps = args.steps or DEFAULT_STEPS
     guidance = DEFAULT_GUIDANCE if args.guidance is None else args.guidance
     with tqdm(total=len(prompts), desc="sampling", unit="prompt") as bar:

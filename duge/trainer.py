@@ -29,8 +29,10 @@ import torch
 
 from .attention import reduce_token_maps
 from .concepts import ConceptSet, ResolvedRequest, render_prompt, resolve_request
+from .distributed import average_gradients, check_batch, shard_rows, shard_weight
 from .edits import trainable_pattern
 from .errors import DugeError
+from .image_cache import load_or_build_request_cache
 from .losses import cross_attention_loss, prior_preservation_loss, regularization_loss
 from .methods import get_method
 
@@ -77,6 +79,11 @@ class UnlearnConfig:
     # Sequential setting: share of each batch that replays the cross-attention loss of earlier
     # requests (their cached anchor images), so that a later request cannot undo an earlier erasure.
     replay_share: float = 0.5
+    # Memory (duge.plan): recompute each UNet block in the backward pass instead of keeping its
+    # activations; and a folder where the cached anchor/related images of each request are kept
+    # between runs (duge.image_cache), None: kept in memory only.
+    gradient_checkpointing: bool = False
+    cache_dir: str | None = None
 
     def validate(self) -> None:
         if self.setting not in SETTINGS:
@@ -186,6 +193,9 @@ def build_request_cache(backend, request: ResolvedRequest, config: UnlearnConfig
             related_prompts.append(render_prompt(request.templates[(i + j) % len(request.templates)], concept))
     related = (backend.sample_latents(related_prompts, seed + 10_000, config.cache_steps, config.cache_guidance)
                if related_prompts else latents[:0])
+    if getattr(config, "preserve_anchor", False) and get_method(config.method).prior_term:
+        related = torch.cat([related, latents]) if len(related) else latents
+        related_prompts = related_prompts + [render_prompt(request.templates[t], request.anchor) for t in template_ids]
     target = None
     if get_method(config.method).objective == "negative_guidance":
         target_prompts = [render_prompt(request.templates[i % len(request.templates)], request.target) for i in range(n)]
@@ -245,37 +255,50 @@ def _request_step(backend, edits, caches: list[RequestCache], config: UnlearnCon
     noise = torch.randn(z0.shape, generator=generator).to(device)
     t = torch.randint(0, backend.num_train_timesteps, (b,), generator=generator).to(device)
     zt = backend.add_noise(z0, noise, t)
+    # Several processes (duge.distributed): each takes its rows of the same batch; one process takes all.
+    rows = shard_rows(b)
+    zt, t = zt[rows], t[rows]
+    target_prompts, anchor_prompts = target_prompts[rows], anchor_prompts[rows]
+    target_words, anchor_words = target_words[rows], anchor_words[rows]
     ctx_target = backend.encode_prompts(target_prompts)
     ctx_anchor = backend.encode_prompts(anchor_prompts)
     tok_target, mask_target = backend.token_indices(target_prompts, target_words)
-    tok_anchor, mask_anchor = backend.token_indices(anchor_prompts, anchor_words, eos_fallback=True)
+    mode = getattr(config, "empty_anchor_attention", "eos")
+    tok_anchor, mask_anchor = backend.token_indices(anchor_prompts, anchor_words, eos_fallback=mode == "eos")
     use_attention = method.attention_term and config.beta > 0
 
     with torch.no_grad(), edits.reference():
         if method.objective == "negative_guidance":
-            uncond = backend.encode_prompts([""] * b)
+            uncond = backend.encode_prompts([""] * len(target_prompts))
             ref_uncond = backend.predict_noise(zt, t, uncond)
             ref_anchor = ref_uncond - config.esd_eta * (backend.predict_noise(zt, t, ctx_target) - ref_uncond)
             maps_anchor = []
         else:
             ref_anchor, maps_anchor = _predict(backend, zt, t, ctx_anchor, tok_anchor, mask_anchor, config, use_attention)
     pred_target, maps_target = _predict(backend, zt, t, ctx_target, tok_target, mask_target, config, use_attention)
+    if use_attention and mode == "skip":
+        has_anchor = mask_anchor.any(1).to(pred_target.device)
+        maps_target = [m[has_anchor] for m in maps_target] if has_anchor.any() else []
+        maps_anchor = [m[has_anchor] for m in maps_anchor] if has_anchor.any() else []
     loss_xattn, parts = cross_attention_loss(pred_target, ref_anchor, maps_target, maps_anchor,
                                              config.beta if use_attention else 0.0)
     losses = {"output": float(parts["output"].detach()), "attention": float(parts["attention"].detach())}
-    loss = loss_xattn
+    loss = shard_weight(rows, b) * loss_xattn
 
     if related_z and method.prior_term and config.lambda_prior > 0:
         zr0 = torch.stack(related_z).to(device)
         noise_r = torch.randn(zr0.shape, generator=generator).to(device)
         t_r = torch.randint(0, backend.num_train_timesteps, (len(related_z),), generator=generator).to(device)
         zr = backend.add_noise(zr0, noise_r, t_r)
-        ctx_r = backend.encode_prompts(related_prompts)
-        with torch.no_grad(), edits.reference():
-            ref_r = backend.predict_noise(zr, t_r, ctx_r)
-        loss_prior = prior_preservation_loss(backend.predict_noise(zr, t_r, ctx_r), ref_r)
-        loss = loss + config.lambda_prior * loss_prior
-        losses["prior"] = float(loss_prior.detach())
+        related_rows = shard_rows(len(related_z))
+        zr, t_r, related_prompts = zr[related_rows], t_r[related_rows], related_prompts[related_rows]
+        if len(related_prompts):
+            ctx_r = backend.encode_prompts(related_prompts)
+            with torch.no_grad(), edits.reference():
+                ref_r = backend.predict_noise(zr, t_r, ctx_r)
+            loss_prior = prior_preservation_loss(backend.predict_noise(zr, t_r, ctx_r), ref_r)
+            loss = loss + config.lambda_prior * shard_weight(related_rows, len(related_z)) * loss_prior
+            losses["prior"] = float(loss_prior.detach())
 
     if method.regularizer and config.lambda_reg > 0:
         deltas = edits.total_deltas()
@@ -332,6 +355,7 @@ def unlearn(backend, concept_set: ConceptSet, config: UnlearnConfig, builtin_wor
     committed deltas and replay caches, so it ends with the same weights as an uninterrupted run.
     """
     config.validate()
+    check_batch(config.batch_size)
     if resume is not None and config.setting == "simultaneous":
         raise DugeError("a simultaneous run is one optimisation over every request and cannot be resumed; "
                         "start it again")
@@ -378,18 +402,30 @@ def unlearn(backend, concept_set: ConceptSet, config: UnlearnConfig, builtin_wor
                 params = edits.start_request(seed)
                 optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
                 losses = {}
+
+                def roll_back(problem: str) -> TrainingDiverged:
+                    edits.discard_request()
+                    edits.load_committed(before)
+                    return TrainingDiverged(f"request '{label}': {problem}; the request was rolled back — "
+                                            "lower the learning rate")
+
                 for step in range(steps):
                     _check_cancel(cancel)
                     loss, losses = _request_step(backend, edits, caches, config, rng, generator, theta0, fisher,
                                                  replay_share=config.replay_share if len(caches) > 1 and replay else 0.0)
                     if not torch.isfinite(loss):
-                        edits.discard_request()
-                        edits.load_committed(before)
-                        raise TrainingDiverged(f"request '{label}': loss became {float(loss)} at step {step + 1}; "
-                                               "the request was rolled back — lower the learning rate")
+                        raise roll_back(f"loss became {float(loss.detach())} at step {step + 1}")
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
-                    optimizer.step()
+                    average_gradients(params)  # over the processes of `accelerate launch`; else nothing
+                    try:
+                        optimizer.step()
+                    except RuntimeError as err:  # AdamW's step size overflows float32 for an absurd learning rate
+                        if "overflow" not in str(err):
+                            raise
+                        raise roll_back(f"the optimiser step overflowed at step {step + 1} (learning rate {lr:g})") from err
+                    if not all(bool(torch.isfinite(p).all()) for p in params):
+                        raise roll_back(f"a weight became NaN/inf at step {step + 1}")
                     if progress:
                         progress({"request": label, "step": step + 1, "steps": steps, "losses": losses})
                 delta = edits.commit_request()
@@ -401,7 +437,7 @@ def unlearn(backend, concept_set: ConceptSet, config: UnlearnConfig, builtin_wor
             if config.setting == "simultaneous":
                 t0 = time.time()
                 with edits.reference():
-                    caches = [build_request_cache(backend, r, config, config.seed + 100 * k, image_filter)
+                    caches = [load_or_build_request_cache(backend, r, config, config.seed + 100 * k, image_filter)
                               for k, r in enumerate(requests)]
                 steps = sum(concept_set.requests[k].steps or config.steps for k in range(len(requests)))
                 delta, losses = train(caches, steps, config.learning_rate, config.seed, "all requests")
@@ -421,7 +457,7 @@ def unlearn(backend, concept_set: ConceptSet, config: UnlearnConfig, builtin_wor
                         edits.reset()
                     seed = spec.seed if spec.seed is not None else config.seed + 100 * k
                     with edits.reference():
-                        cache = build_request_cache(backend, request, config, seed, image_filter)
+                        cache = load_or_build_request_cache(backend, request, config, seed, image_filter)
                     replayed = previous_caches if config.setting == "sequential" and config.replay_share > 0 else []
                     delta, losses = train(replayed + [cache], spec.steps or config.steps,
                                           spec.learning_rate or config.learning_rate, seed, request.target,

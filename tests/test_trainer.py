@@ -1,44 +1,25 @@
 """The continual trainer and the `duge unlearn` job on the built-in model (short runs)."""
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from duge.backends.diffusers_backend import DiffusersBackend
 from duge.concepts import parse_concept_set
-from duge.trainer import UnlearnCancelled, UnlearnConfig, unlearn
+from duge.trainer import UnlearnCancelled, unlearn
 
-CONCEPTS = """
-name: short
-requests:
-  - target: circle
-    preserve: [square]
-  - target: red
-    preserve: [orange]
-"""
-
-
-def tiny_config(**overrides) -> UnlearnConfig:
-    config = UnlearnConfig(steps=3, batch_size=2, anchor_images=2, related_images=1, cache_steps=2)
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    return config
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # helper modules beside the tests
+from trainer_helpers import CONCEPTS, tiny_config  # noqa: E402
+from trainer_helpers import assert_bit_identical as _assert_bit_identical  # noqa: E402
+from trainer_helpers import host_weights as _weights  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def backend(builtin_pipe):
     return DiffusersBackend(builtin_pipe, device="cpu", dtype="float32")
-
-
-def _weights(backend):
-    return {k: v.detach().clone() for k, v in backend.unet.state_dict().items()}
-
-
-def _assert_bit_identical(before, backend):
-    after = backend.unet.state_dict()
-    assert set(after) == set(before), "parametrizations were left on the host UNet"
-    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 @pytest.mark.parametrize("setting", ["sequential", "independent", "simultaneous"])

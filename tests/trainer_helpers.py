@@ -1,0 +1,33 @@
+"""Helpers shared by the trainer tests: a tiny configuration, two requests, and host-weight checks."""
+
+import torch
+
+from duge.trainer import UnlearnConfig
+
+# Two requests on the built-in world: an object, then a colour.
+CONCEPTS = """
+name: short
+requests:
+  - target: circle
+    preserve: [square]
+  - target: red
+    preserve: [orange]
+"""
+
+
+def tiny_config(**overrides) -> UnlearnConfig:
+    """A run of seconds: 3 steps per request, batch 2, two anchor images of 2 sampler steps."""
+    config = UnlearnConfig(steps=3, batch_size=2, anchor_images=2, related_images=1, cache_steps=2)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def host_weights(backend) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in backend.unet.state_dict().items()}
+
+
+def assert_bit_identical(before: dict[str, torch.Tensor], backend) -> None:
+    after = backend.unet.state_dict()
+    assert set(after) == set(before), "parametrizations were left on the host UNet"
+    assert all(torch.equal(before[k], after[k]) for k in before)
