@@ -22,8 +22,9 @@ Manifest: a JSON object (`make_manifest`) stored as the string under metadata ke
 Safety: weights are read through `duge.safe_weights` — safetensors with the header checked against
 the file and NaN/inf refused; pickled `.ckpt/.pt/.pth/.bin` raise ModelLoadError unless the caller
 passes `allow_pickle=True` (then `torch.load(weights_only=True)`); every write goes through
-`duge.paths.atomic_write` (a temporary file or folder beside the target, then a rename) and refuses to replace an existing output unless `overwrite=True`. Nothing here
-contacts the Hugging Face hub.
+`duge.paths.atomic_write` (a temporary file or folder beside the target, then a rename) and
+refuses to replace an existing output unless `overwrite=True`. Nothing here contacts the Hugging
+Face hub.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from safetensors.torch import save_file
 
 from . import __version__, keys
 from .errors import DugeError, ModelLoadError
-from .paths import atomic_write, check_writable, contained_path
+from .paths import atomic_write, check_writable, contained_path, temporary_folder
 from .safe_weights import (  # noqa: F401 - PICKLE_SUFFIXES and require_safetensors are part of this module's API
     PICKLE_SUFFIXES,
     SAFETENSORS_SUFFIX,
@@ -235,7 +236,7 @@ def save_diffusers_folder(pipe, out_dir: str | Path, manifest: Mapping | None, o
     if out_dir.exists() and not out_dir.is_dir():
         raise DugeError(f"'{out_dir}' exists and is not a folder; expected a folder for a diffusers model")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    tmp = temporary_folder(out_dir)
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
         if manifest is not None:
@@ -246,7 +247,7 @@ def save_diffusers_folder(pipe, out_dir: str | Path, manifest: Mapping | None, o
                 _rewrite_with_metadata(weights, extra)
         old = None
         if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
+            old = temporary_folder(out_dir, suffix=".old")
             os.replace(out_dir, old / out_dir.name)
         os.replace(tmp, out_dir)
         if old is not None:

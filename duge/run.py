@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -21,6 +20,7 @@ from .distributed import launched_distributed
 from .distributed import start as start_distributed
 from .errors import DugeError, OutputExistsError
 from .grids import labelled_grid, to_pil
+from .paths import temporary_folder
 
 
 def uses_builtin_world(pipe) -> bool:
@@ -102,7 +102,7 @@ def prepare_output_folder(out: Path, overwrite: bool, resume: bool = False) -> P
             raise OutputExistsError(f"output folder '{out}' exists and is not empty ({', '.join(others[:5])}); "
                                     "pass --overwrite to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    return temporary_folder(out)
 
 
 def publish_output_folder(tmp: Path, out: Path) -> None:

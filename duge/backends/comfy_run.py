@@ -196,9 +196,9 @@ def _manifest_requests(result, resolved) -> list[dict]:
 
 def probe(model, clip, vae, prompt: str, words: list[str], seed: int, steps: int, guidance: float,
           model_after=None, latent_size=None):
-    """A heatmap panel (PIL) of `words` in `prompt`: one row per model, each over its own image
-    generated from the same seed (before/after when `model_after` is given)."""
-    from ..probe import heatmap_panel, probe_attention
+    """(panel PIL, its `PanelLayout`): the heatmaps of `words` in `prompt`, one row per model, each
+    over its own image generated from the same seed (before/after when `model_after` is given)."""
+    from ..probe import heatmap_panel, panel_layout, probe_attention
 
     if vae is None:
         raise DugeError("Attention Probe needs a VAE to show the generated image; connect the model's VAE")
@@ -212,7 +212,7 @@ def probe(model, clip, vae, prompt: str, words: list[str], seed: int, steps: int
             after_latents = after.sample_latents([prompt], seed, steps, guidance)
             results.append(probe_attention(after, prompt, words, seed, latents=after_latents))
             labels = ["model", "model 2"]
-    return heatmap_panel(results, labels)
+    return heatmap_panel(results, labels), panel_layout(results, labels)
 
 
 def compare(models: list[tuple[str, object]], clip, vae, prompts: list[str], seed: int, images_per_prompt: int,
@@ -279,15 +279,11 @@ def save_checkpoint_file(model, clip, vae, filename_prefix: str, manifest: dict 
     if manifest is None:
         state = model.get_attachment(DUGE_ATTACHMENT) if hasattr(model, "get_attachment") else None
         manifest = state["manifest"] if state else None
+    from ..paths import atomic_write
+
     path = output_file(filename_prefix)
-    path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"format": "pt"}
     if manifest is not None:
         metadata[MANIFEST_KEY] = json.dumps(manifest, ensure_ascii=False)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        comfy.sd.save_checkpoint(str(tmp), model, clip, vae, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    # ComfyUI's saver writes safetensors whatever the name; atomic_write renames it into place.
+    return atomic_write(path, lambda tmp: comfy.sd.save_checkpoint(str(tmp), model, clip, vae, metadata=metadata))
