@@ -4,7 +4,8 @@
 timesteps and runs the UNet once per timestep with the words' cross-attention captured
 (`backend.capture_attention`); the per-layer maps are averaged over heads, layers and timesteps
 (the DAAM recipe, on the model's own sample). Works with every backend. `heatmap_panel` turns the
-result into one labelled image: the generated image, then one overlay per word.
+result into one labelled image: the generated image, then one overlay per word; `panel_layout`
+says where each tile of it is.
 """
 
 from __future__ import annotations
@@ -97,27 +98,66 @@ def overlay(image: torch.Tensor, heatmap: torch.Tensor, alpha: float = 0.6) -> t
     return (image.float() * (1 - alpha) + colored * alpha).clamp(0, 1)
 
 
-def heatmap_panel(results: list[ProbeResult], row_labels: list[str] | None = None, cell: int = 128) -> Image.Image:
-    """One row per result: the generated image, then one overlay per word, columns labelled by word."""
+@dataclass
+class PanelLayout:
+    """Where the tiles of a `heatmap_panel` are, in pixels, so that a viewer can crop one word's map
+    (the ComfyUI extension web/duge.js does). Tile (row i, column j) is the square of side `cell`
+    at x = left + j·cell, y = top + i·cell; column 0 is the generated image, column j > 0 the
+    overlay of word j - 1. `rows`: the row labels ("" when unlabelled); `found[i][k]`: word k
+    occurs in row i's prompt (its map is empty otherwise)."""
+
+    cell: int
+    left: int
+    top: int
+    columns: list[str]
+    rows: list[str]
+    found: list[list[bool]]
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) of the panel."""
+        return self.left + len(self.columns) * self.cell, self.top + len(self.rows) * self.cell
+
+    def tile(self, row: int, column: int) -> tuple[int, int, int, int]:
+        """(x, y, width, height) of a tile."""
+        return self.left + column * self.cell, self.top + row * self.cell, self.cell, self.cell
+
+    def as_dict(self) -> dict:
+        """JSON-ready, with the panel's width and height."""
+        width, height = self.size
+        return {"cell": self.cell, "left": self.left, "top": self.top, "width": width, "height": height,
+                "columns": list(self.columns), "rows": list(self.rows), "found": [list(f) for f in self.found]}
+
+
+def panel_layout(results: list[ProbeResult], row_labels: list[str] | None = None, cell: int = 128) -> PanelLayout:
+    """The layout `heatmap_panel` draws for these results."""
     if not results:
         raise DugeError("no probe results to draw")
+    if row_labels is not None and len(row_labels) != len(results):
+        raise DugeError(f"{len(row_labels)} row labels for {len(results)} probe results")
+    return PanelLayout(cell=cell, left=110 if row_labels else 0, top=16, columns=["image"] + list(results[0].words),
+                       rows=list(row_labels) if row_labels else [""] * len(results),
+                       found=[list(r.found) for r in results])
+
+
+def heatmap_panel(results: list[ProbeResult], row_labels: list[str] | None = None, cell: int = 128) -> Image.Image:
+    """One row per result: the generated image, then one overlay per word, columns labelled by word
+    (tile positions: `panel_layout` with the same arguments)."""
+    layout = panel_layout(results, row_labels, cell)
     font = ImageFont.load_default()
-    words = results[0].words
-    label_width = 110 if row_labels else 0
-    header = 16
-    panel = Image.new("RGB", (label_width + (1 + len(words)) * cell, header + len(results) * cell), "white")
+    panel = Image.new("RGB", layout.size, "white")
     draw = ImageDraw.Draw(panel)
-    for j, title in enumerate(["image"] + words):
-        draw.text((label_width + j * cell + 4, 2), title, fill="black", font=font)
+    for j, title in enumerate(layout.columns):
+        draw.text((layout.tile(0, j)[0] + 4, 2), title, fill="black", font=font)
     for i, result in enumerate(results):
-        y = header + i * cell
         if row_labels:
-            draw.text((4, y + 4), row_labels[i], fill="black", font=font)
+            draw.text((4, layout.tile(i, 0)[1] + 4), layout.rows[i], fill="black", font=font)
         tiles = [result.image] + [overlay(result.image, h) for h in result.heatmaps]
         for j, tile in enumerate(tiles):
-            panel.paste(to_pil(tile).resize((cell, cell), Image.NEAREST), (label_width + j * cell, y))
+            x, y, _, _ = layout.tile(i, j)
+            panel.paste(to_pil(tile).resize((cell, cell), Image.NEAREST), (x, y))
             if j > 0 and not result.found[j - 1]:
-                draw.text((label_width + j * cell + 4, y + cell - 14), "not in prompt", fill="white", font=font)
+                draw.text((x + 4, y + cell - 14), "not in prompt", fill="white", font=font)
     return panel
 
 

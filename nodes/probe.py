@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from .types import CATEGORY
+
+UI_KEY = "duge_probe"  # read by web/duge.js: the panel as a temp image and where each word's heatmap is in it
 
 
 class AttentionProbe(io.ComfyNode):
@@ -35,5 +37,10 @@ class AttentionProbe(io.ComfyNode):
         from duge.backends.comfy_run import probe
         from duge.probe import parse_words, pil_to_image_batch
 
-        panel = probe(model, clip, vae, prompt.strip(), parse_words(words), seed, steps, cfg, model_after=model_2)
-        return io.NodeOutput(pil_to_image_batch(panel))
+        panel, layout = probe(model, clip, vae, prompt.strip(), parse_words(words), seed, steps, cfg,
+                              model_after=model_2)
+        image = pil_to_image_batch(panel)
+        # The panel goes to the temp folder for the node's clickable heatmaps (web/duge.js); not under
+        # "images", so the frontend does not also draw it on the node.
+        (saved,) = ui.ImageSaveHelper.save_images(image, "duge_probe", io.FolderType.temp, cls=None, compress_level=1)
+        return io.NodeOutput(image, ui={UI_KEY: [{"image": dict(saved), "prompt": prompt.strip(), **layout.as_dict()}]})

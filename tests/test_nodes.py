@@ -11,13 +11,14 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from duge.compare import Comparison, comparison_grid, parse_prompts, prompt_concepts, unlearn_report, world_scores
 from duge.concepts import ConceptSetError, parse_concept_set
 from duge.errors import DugeError
-from duge.probe import ProbeResult, heatmap_panel, overlay, parse_words, pil_to_image_batch
+from duge.probe import ProbeResult, heatmap_panel, overlay, panel_layout, parse_words, pil_to_image_batch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,6 +66,21 @@ def test_heatmap_panel_has_an_image_column_and_one_per_word():
     batch = pil_to_image_batch(panel)
     assert batch.shape == (1, panel.size[1], panel.size[0], 3) and batch.dtype == torch.float32
     assert 0 <= float(batch.min()) and float(batch.max()) <= 1
+
+
+def test_panel_layout_locates_each_words_heatmap_in_the_panel():
+    image = torch.zeros(3, 32, 32)
+    heat = torch.zeros(2, 16, 16)
+    heat[1, 8:, 8:] = 1.0  # "moon" hot in the bottom-right quarter, "red" cold everywhere
+    result = ProbeResult("a red moon", image, heat, ["red", "moon"], [True, True])
+    layout = panel_layout([result, result], ["before", "after"], cell=64)
+    panel = heatmap_panel([result, result], ["before", "after"], cell=64)
+    assert panel.size == layout.size and layout.as_dict()["columns"] == ["image", "red", "moon"]
+    x, y, w, h = layout.tile(1, 2)  # "after" row, "moon" column
+    tile = np.asarray(panel.crop((x, y, x + w, y + h)), dtype=float)
+    assert tile[40:, 40:].mean() > tile[:24, :24].mean() + 50  # the hot quarter is where the layout says
+    with pytest.raises(DugeError, match="row labels"):
+        panel_layout([result], ["before", "after"])
 
 
 def test_comparison_grid_has_one_row_per_model_and_prompt():
