@@ -57,7 +57,9 @@ LDM_VAE_PREFIX = "first_stage_model."
 LDM_TEXT_ENCODER_PREFIX = "cond_stage_model.transformer.text_model."
 # Old SD 1.x checkpoints name the text encoder without `text_model.`; ComfyUI reads both.
 LDM_TEXT_ENCODER_LEGACY_PREFIX = "cond_stage_model.transformer."
-LDM_OPEN_CLIP_PREFIX = "cond_stage_model.model."  # SD 2.x's OpenCLIP text encoder (not converted here)
+LDM_OPEN_CLIP_PREFIX = "cond_stage_model.model."  # SD 2.x's OpenCLIP text encoder
+LDM_SDXL_CLIP_L_PREFIX = "conditioner.embedders.0.transformer.text_model."  # SDXL's first text encoder
+LDM_SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."  # SDXL's second (OpenCLIP bigG)
 HF_TEXT_MODEL_PREFIX = "text_model."  # transformers v4 CLIPTextModel keys; v5 keys have none
 LORA_UNET_PREFIX = "lora_unet_"
 
@@ -362,8 +364,10 @@ def vae_from_ldm(checkpoint: Mapping[str, torch.Tensor], config) -> dict[str, to
     return out
 
 
-def text_encoder_to_ldm(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A `CLIPTextModel` state dict (transformers v4 or v5 keys) under `cond_stage_model.transformer.text_model.…`.
+def text_encoder_to_ldm(state_dict: Mapping[str, torch.Tensor], prefix: str = LDM_TEXT_ENCODER_PREFIX) -> dict[str, torch.Tensor]:
+    """A `CLIPTextModel` state dict (transformers v4 or v5 keys) under `prefix` + the transformers names:
+    `cond_stage_model.transformer.text_model.…` (SD 1.x) or `conditioner.embedders.0.transformer.text_model.…`
+    (SDXL's CLIP-L, `LDM_SDXL_CLIP_L_PREFIX`).
 
     The position ids buffer is left out (ComfyUI's own checkpoints leave it out too).
     """
@@ -373,7 +377,61 @@ def text_encoder_to_ldm(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tor
             key = key[len(HF_TEXT_MODEL_PREFIX) :]
         if key == POSITION_IDS:
             continue
-        out[LDM_TEXT_ENCODER_PREFIX + key] = value
+        out[prefix + key] = value
+    return out
+
+
+# OpenCLIP names (SD 2.x's `cond_stage_model.model.`, SDXL's `conditioner.embedders.1.model.`) of the
+# transformers CLIP text model's tensors; the inverse of diffusers' `convert_open_clip_checkpoint`.
+OPEN_CLIP_TOP_LEVEL = {
+    "embeddings.token_embedding.weight": "token_embedding.weight",
+    "embeddings.position_embedding.weight": "positional_embedding",
+    "final_layer_norm.weight": "ln_final.weight",
+    "final_layer_norm.bias": "ln_final.bias",
+}
+OPEN_CLIP_LAYER_CHILDREN = (
+    ("self_attn.out_proj", "attn.out_proj"),
+    ("layer_norm1", "ln_1"),
+    ("layer_norm2", "ln_2"),
+    ("mlp.fc1", "mlp.c_fc"),
+    ("mlp.fc2", "mlp.c_proj"),
+)
+HF_TEXT_PROJECTION = "text_projection.weight"
+
+
+def open_clip_text_encoder_to_ldm(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """A transformers `CLIPTextModel`/`CLIPTextModelWithProjection` state dict in OpenCLIP's layout under `prefix`.
+
+    The separate q/k/v projections [dim, dim] of layer i become one `transformer.resblocks.i.attn.in_proj_weight`
+    [3·dim, dim] (q, k, v stacked, as OpenCLIP's `nn.MultiheadAttention` holds them); the projection
+    `text_projection.weight` [proj, dim] becomes `text_projection` [dim, proj] (transposed).
+    """
+    out: dict[str, torch.Tensor] = {}
+    attention: dict[tuple[int, str], dict[str, torch.Tensor]] = {}  # (layer, weight|bias) -> q/k/v
+    for key, value in state_dict.items():
+        name = key[len(HF_TEXT_MODEL_PREFIX) :] if key.startswith(HF_TEXT_MODEL_PREFIX) else key
+        if name == POSITION_IDS or name.endswith("." + POSITION_IDS):
+            continue
+        if name == HF_TEXT_PROJECTION:
+            out[prefix + "text_projection"] = value.T.contiguous()
+        elif name in OPEN_CLIP_TOP_LEVEL:
+            out[prefix + OPEN_CLIP_TOP_LEVEL[name]] = value
+        elif name.startswith("encoder.layers."):
+            index, rest = name[len("encoder.layers.") :].split(".", 1)
+            if rest.startswith("self_attn.") and rest.split(".")[1] in ("q_proj", "k_proj", "v_proj"):
+                _, projection, kind = rest.split(".")
+                attention.setdefault((int(index), kind), {})[projection[0]] = value
+                continue
+            renamed = _rename_child(rest, OPEN_CLIP_LAYER_CHILDREN)
+            if renamed == rest:
+                raise KeyLayoutError(f"text encoder: '{key}' has no OpenCLIP counterpart")
+            out[f"{prefix}transformer.resblocks.{index}.{renamed}"] = value
+        else:
+            raise KeyLayoutError(f"text encoder: '{key}' has no OpenCLIP counterpart")
+    for (index, kind), parts in attention.items():
+        if sorted(parts) != ["k", "q", "v"]:
+            raise KeyLayoutError(f"text encoder layer {index}: self-attention {kind} has only {sorted(parts)} of q, k, v")
+        out[f"{prefix}transformer.resblocks.{index}.attn.in_proj_{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
     return out
 
 

@@ -139,7 +139,7 @@ def run_unlearn(model: str, concepts_path: str, out: str | Path, config, overwri
 
     out = Path(out)
     concept_set = load_concept_set(concepts_path)
-    device = None
+    device = state = None
     if launched_distributed():
         state = start_distributed()
         device = state.device
@@ -160,7 +160,8 @@ def run_unlearn(model: str, concepts_path: str, out: str | Path, config, overwri
         evaluate = world_evaluate(backend, evaluator, config.seed + 999) if evaluator else None
         base_hash = model_hash(pipe)
         report: dict = {"model": str(model), "concept_set": concept_set.name, "method": config.method,
-                        "setting": config.setting, "config": asdict(config), "requests": []}
+                        "setting": config.setting, "config": asdict(config), "requests": [],
+                        "processes": state.num_processes if state is not None else 1}
         t_start = time.time()
         inputs = run_inputs(str(model), base_hash, config, concept_set)
         resumed = None

@@ -76,9 +76,10 @@ class UnlearnConfig:
     uce_lambda: float = 0.5
     uce_erase_scale: float = 1.0
     uce_preserve_scale: float = 1.0
-    # Sequential setting: share of each batch that replays the cross-attention loss of earlier
-    # requests (their cached anchor images), so that a later request cannot undo an earlier erasure.
-    replay_share: float = 0.5
+    # Sequential setting: samples replaying the cross-attention loss of earlier requests (their
+    # cached anchor images), added to each step's batch, so that a later request — and the
+    # regulariser's pull towards θ0 — cannot undo an earlier erasure. 0 turns replay off.
+    replay_batch_size: int = 4
     # Memory (duge.plan): recompute each UNet block in the backward pass instead of keeping its
     # activations; and a folder where the cached anchor/related images of each request are kept
     # between runs (duge.image_cache), None: kept in memory only.
@@ -91,6 +92,8 @@ class UnlearnConfig:
         for name in ("steps", "batch_size", "anchor_images"):
             if getattr(self, name) < 1:
                 raise DugeError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.replay_batch_size < 0:
+            raise DugeError(f"replay_batch_size must be 0 (no replay) or more, got {self.replay_batch_size}")
         if self.learning_rate <= 0:
             raise DugeError(f"learning_rate must be positive, got {self.learning_rate}")
         if self.regularizer not in ("l2sp", "fisher"):
@@ -217,17 +220,21 @@ def _predict(backend, zt, t, context, tokens, mask, config, capture: bool):
 
 def _request_step(backend, edits, caches: list[RequestCache], config: UnlearnConfig, rng: np.random.Generator,
                   generator: torch.Generator, theta0: dict, fisher: dict | None,
-                  replay_share: float = 0.0) -> tuple[torch.Tensor, dict]:
-    """One optimisation step's loss over a batch drawn from `caches` (one cache except when simultaneous)."""
+                  replay: int = 0) -> tuple[torch.Tensor, dict]:
+    """One optimisation step's loss over a batch drawn from `caches`.
+
+    `replay` > 0: the last cache is the current request, which fills `batch_size` samples, and
+    `replay` samples are drawn from the earlier caches (replayed erasures). Otherwise the
+    `batch_size` samples are drawn from all caches alike (one cache, or all when simultaneous).
+    """
     method = get_method(config.method)
     device = backend.device
-    b = config.batch_size
-    if replay_share > 0 and len(caches) > 1:
-        # The last cache is the current request; the others are replayed erasures of earlier ones.
-        current = rng.random(b) >= replay_share
-        which = np.where(current, len(caches) - 1, rng.integers(0, len(caches) - 1, b))
+    if replay > 0 and len(caches) > 1:
+        which = np.concatenate([np.full(config.batch_size, len(caches) - 1),
+                                rng.integers(0, len(caches) - 1, replay)])
     else:
-        which = rng.integers(0, len(caches), b)
+        which = rng.integers(0, len(caches), config.batch_size)
+    b = len(which)
     anchor_z, target_prompts, anchor_prompts, target_words, anchor_words = [], [], [], [], []
     related_z, related_prompts = [], []
     for c in which:
@@ -412,7 +419,7 @@ def unlearn(backend, concept_set: ConceptSet, config: UnlearnConfig, builtin_wor
                 for step in range(steps):
                     _check_cancel(cancel)
                     loss, losses = _request_step(backend, edits, caches, config, rng, generator, theta0, fisher,
-                                                 replay_share=config.replay_share if len(caches) > 1 and replay else 0.0)
+                                                 replay=config.replay_batch_size if len(caches) > 1 and replay else 0)
                     if not torch.isfinite(loss):
                         raise roll_back(f"loss became {float(loss.detach())} at step {step + 1}")
                     optimizer.zero_grad(set_to_none=True)
@@ -458,7 +465,7 @@ def unlearn(backend, concept_set: ConceptSet, config: UnlearnConfig, builtin_wor
                     seed = spec.seed if spec.seed is not None else config.seed + 100 * k
                     with edits.reference():
                         cache = load_or_build_request_cache(backend, request, config, seed, image_filter)
-                    replayed = previous_caches if config.setting == "sequential" and config.replay_share > 0 else []
+                    replayed = previous_caches if config.setting == "sequential" and config.replay_batch_size > 0 else []
                     delta, losses = train(replayed + [cache], spec.steps or config.steps,
                                           spec.learning_rate or config.learning_rate, seed, request.target,
                                           replay=bool(replayed))

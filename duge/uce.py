@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import torch
 
+from .backends.base import text_hidden_states
 from .concepts import ResolvedRequest, render_prompt
 
 DEFAULT_LAMBDA = 0.5
@@ -88,11 +89,11 @@ def uce_embeddings(backend, requests: list[ResolvedRequest]) -> tuple[torch.Tens
         names = list(dict.fromkeys([request.target, *request.aliases]))
         for template in request.templates:
             anchor_prompt = render_prompt(template, request.anchor)
-            anchor_ctx = backend.encode_prompts([anchor_prompt])[0].float().cpu()  # [tokens, dim]
+            anchor_ctx = text_hidden_states(backend.encode_prompts([anchor_prompt]))[0].float().cpu()  # [tokens, dim]
             _, anchor_rows = _phrase_positions(backend, [anchor_prompt], [request.anchor], eos_fallback=True)
             anchor_vector = anchor_ctx[anchor_rows[0][-1]]
             prompts = [render_prompt(template, name) for name in names]
-            ctx = backend.encode_prompts(prompts).float().cpu()
+            ctx = text_hidden_states(backend.encode_prompts(prompts)).float().cpu()
             _, rows = _phrase_positions(backend, prompts, names)
             for k, positions in enumerate(rows):
                 for pos in positions:
@@ -102,7 +103,7 @@ def uce_embeddings(backend, requests: list[ResolvedRequest]) -> tuple[torch.Tens
             preserve.extend(anchor_ctx[: _eos_position(backend, anchor_prompt) + 1])
             if request.preserve:
                 kept_prompts = [render_prompt(template, p) for p in request.preserve]
-                kept_ctx = backend.encode_prompts(kept_prompts).float().cpu()
+                kept_ctx = text_hidden_states(backend.encode_prompts(kept_prompts)).float().cpu()
                 _, kept_rows = _phrase_positions(backend, kept_prompts, list(request.preserve))
                 for k, positions in enumerate(kept_rows):
                     preserve.extend(kept_ctx[k, pos] for pos in positions)

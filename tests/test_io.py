@@ -482,13 +482,22 @@ def test_models_without_a_manifest_read_as_none(tiny_pipe, tmp_path):
     assert io.read_manifest(folder / "unet" / "diffusion_pytorch_model.safetensors") is None
 
 
-def test_sd2_style_text_encoders_are_refused_with_a_reason(tiny_pipe, tmp_path, monkeypatch):
+def test_files_of_other_architectures_are_refused_naming_the_layout(tiny_pipe, tmp_path):
+    from duge.layouts import UnsupportedLayoutError
+
     path = io.save_single_file(tiny_pipe, tmp_path / "model.safetensors", None)
     checkpoint = load_file(str(path))
-    checkpoint["cond_stage_model.model.token_embedding.weight"] = torch.zeros(4, 4)
-    save_file(checkpoint, str(tmp_path / "sd2.safetensors"), metadata=io.read_safetensors_metadata(path))
-    with pytest.raises(ModelLoadError, match="OpenCLIP"):
-        io.load_single_file_pipeline(tmp_path / "sd2.safetensors")
-    monkeypatch.setattr(tiny_pipe.text_encoder.config, "hidden_act", "gelu")  # as SD 2.x's OpenCLIP-H
-    with pytest.raises(DugeError, match="diffusers folder"):
-        io.save_single_file(tiny_pipe, tmp_path / "other.safetensors", None)
+    refiner = {k: v for k, v in checkpoint.items() if not k.startswith("cond_stage_model.")}
+    refiner["conditioner.embedders.0.model.text_projection"] = torch.zeros(4, 4)
+    save_file(refiner, str(tmp_path / "refiner.safetensors"))
+    with pytest.raises(UnsupportedLayoutError, match="SDXL refiner"):
+        io.load_single_file_pipeline(tmp_path / "refiner.safetensors")
+    sd3 = {"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": torch.zeros(4, 4)}
+    save_file(sd3, str(tmp_path / "sd3.safetensors"))
+    with pytest.raises(UnsupportedLayoutError, match="Stable Diffusion 3"):
+        io.load_single_file_pipeline(tmp_path / "sd3.safetensors")
+    inpainting = dict(checkpoint)
+    inpainting["model.diffusion_model.input_blocks.0.0.weight"] = torch.zeros(32, 9, 3, 3)
+    save_file(inpainting, str(tmp_path / "inpainting.safetensors"))
+    with pytest.raises(UnsupportedLayoutError, match="9 input channels"):
+        io.load_single_file_pipeline(tmp_path / "inpainting.safetensors")

@@ -9,9 +9,41 @@ cross-attention K/V projections as named linear layers that the trainer edits th
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+
+
+@dataclass
+class TextConditioning:
+    """Text conditioning of a model with a pooled text input (SDXL): what `encode_prompts` returns there.
+
+    hidden: [B, tokens, dim] (the UNet's cross-attention context); pooled: [B, pooled_dim] (the second
+    text encoder's projected end-of-text embedding). Indexing and slicing select prompts, as on a
+    tensor of hidden states, so the trainer can treat both kinds alike.
+    """
+
+    hidden: torch.Tensor
+    pooled: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.hidden.shape[0]
+
+    def __getitem__(self, index) -> "TextConditioning":
+        return TextConditioning(self.hidden[index], self.pooled[index])
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.hidden.shape
+
+    def to(self, *args, **kwargs) -> "TextConditioning":
+        return TextConditioning(self.hidden.to(*args, **kwargs), self.pooled.to(*args, **kwargs))
+
+
+def text_hidden_states(conditioning: torch.Tensor | TextConditioning) -> torch.Tensor:
+    """The cross-attention context [B, tokens, dim] of either kind of conditioning."""
+    return conditioning.hidden if isinstance(conditioning, TextConditioning) else conditioning
 
 
 class Backend(Protocol):
@@ -19,8 +51,9 @@ class Backend(Protocol):
     prediction_type: str  # "epsilon" | "v_prediction"
     num_train_timesteps: int
 
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """Text conditioning [B, tokens, dim] from the frozen text encoder (no grad)."""
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor | TextConditioning:
+        """Text conditioning [B, tokens, dim] from the frozen text encoder (no grad); a
+        `TextConditioning` for models that also take a pooled text embedding (SDXL)."""
 
     def token_indices(self, prompts: list[str], words: list[str], eos_fallback: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Positions of `words[i]` in tokenized `prompts[i]`: (indices [B, K] long, mask [B, K] bool)."""
@@ -28,7 +61,7 @@ class Backend(Protocol):
     def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """z_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise for latents [B, C, h, w] and timesteps [B]."""
 
-    def predict_noise(self, noisy: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def predict_noise(self, noisy: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | TextConditioning) -> torch.Tensor:
         """The UNet's output (epsilon or v, per `prediction_type`) [B, C, h, w]."""
 
     def sample_latents(self, prompts: list[str], seed: int, steps: int, guidance: float) -> torch.Tensor:

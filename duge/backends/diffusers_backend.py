@@ -1,8 +1,13 @@
-"""Backend for diffusers `StableDiffusionPipeline` models: the built-in one, a diffusers folder,
-or a single-file SD checkpoint loaded with a local config (see `duge.models.load_pipeline`).
+"""Backend for diffusers pipelines of SD 1.x, SD 2.x (v-prediction) and SDXL: the built-in model, a
+diffusers folder, or a single-file checkpoint loaded with a local config (see `duge.models.load_pipeline`).
 
 Edits are installed on the UNet's linear layers with `torch.nn.utils.parametrize` and removed
-in `finally`, leaving the host pipeline's weights bit-identical.
+in `finally`, leaving the host pipeline's weights bit-identical. SDXL's conditioning is a
+`TextConditioning` (hidden states of both text encoders, concatenated, and the pooled embedding);
+its size/crop time ids are built from the latent size of each UNet call.
+
+Run-time choices, each logged: attention implementation (`choose_attention_implementation`), compute
+dtype for autocast (`choose_dtype`; trainable deltas stay float32), gradient checkpointing.
 """
 
 from __future__ import annotations
@@ -10,13 +15,14 @@ from __future__ import annotations
 import copy
 import logging
 import re
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch.nn.utils import parametrize
 
 from ..attention import capture_cross_attention, list_cross_attention_layers, token_indices_for
 from ..edits import DeltaWeight, LayerEdits
+from .base import TextConditioning
 
 logger = logging.getLogger(__name__)
 
@@ -44,14 +50,56 @@ def choose_dtype(requested: str, device: torch.device) -> torch.dtype:
             logger.info("dtype %s requested but device is %s: falling back to float32", requested, device.type)
         return torch.float32
     if requested == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        chosen = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        logger.info("autocast: %s on CUDA (trainable deltas stay float32)", str(chosen).removeprefix("torch."))
+        return chosen
     return {"float16": torch.float16, "bfloat16": torch.bfloat16}[requested]
 
 
-class DiffusersBackend:
-    """The backend interface (duge.backends.base.Backend) over a diffusers SD pipeline."""
+def storage_dtype(requested: str) -> torch.dtype:
+    """The dtype to load the frozen weights in: the autocast dtype on CUDA (halves their memory), else float32."""
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    return choose_dtype(requested, device)
 
-    def __init__(self, pipe, device: str | torch.device | None = None, dtype: str = "auto"):
+
+def checkpoint_keeping_processors(module: torch.nn.Module, *args):
+    """diffusers' gradient-checkpointing function (torch.utils.checkpoint, non-reentrant), except that the
+    recomputation in the backward pass runs the attention processors the forward pass ran.
+
+    The trainer captures cross-attention maps with temporary processors (`duge.attention`), which are
+    gone by the time of the backward pass; recomputing with the model's own processors would save a
+    different set of tensors than the forward did, which torch.utils.checkpoint rejects.
+    """
+    from diffusers.models.attention_processor import Attention
+
+    forward_processors = {m: m.processor for m in module.modules() if isinstance(m, Attention)}
+
+    @contextmanager
+    def as_in_forward():
+        current = {m: m.processor for m in forward_processors}
+        for m, processor in forward_processors.items():
+            m.processor = processor
+        try:
+            yield
+        finally:
+            for m, processor in current.items():
+                m.processor = processor
+
+    return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False,
+                                             context_fn=lambda: (nullcontext(), as_in_forward()))
+
+
+class DiffusersBackend:
+    """The backend interface (duge.backends.base.Backend) over a diffusers SD 1.x / 2.x / XL pipeline.
+
+    `resolution`: image size in pixels of the images the backend generates (default: the UNet's
+    `sample_size` times the VAE factor, e.g. 512 for SD 1.5, 768 for SD 2.1, 1024 for SDXL).
+    `gradient_checkpointing`: recompute each UNet block in the backward pass instead of keeping its
+    activations (diffusers' `enable_gradient_checkpointing`; see `duge.plan` for the memory saved).
+    """
+
+    def __init__(self, pipe, device: str | torch.device | None = None, dtype: str = "auto",
+                 gradient_checkpointing: bool = False, resolution: int | None = None):
         from diffusers import DDPMScheduler
 
         self.pipe = pipe
@@ -59,32 +107,55 @@ class DiffusersBackend:
         pipe.to(self.device)
         self.unet = pipe.unet
         self.text_encoder = pipe.text_encoder
+        self.text_encoder_2 = getattr(pipe, "text_encoder_2", None)  # SDXL's second (pooled) text encoder
         self.tokenizer = pipe.tokenizer
         self.vae = pipe.vae
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         self.prediction_type = self.noise_scheduler.config.prediction_type
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"scheduler prediction_type {self.prediction_type!r}: expected 'epsilon' or 'v_prediction'")
         self.num_train_timesteps = self.noise_scheduler.config.num_train_timesteps
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.resolution = resolution
         self.compute_dtype = choose_dtype(dtype, self.device)
         self.attention_implementation = choose_attention_implementation(self.unet, self.device)
-        self._prompt_cache: dict[str, torch.Tensor] = {}
-        for module in (self.unet, self.text_encoder, self.vae):
-            module.requires_grad_(False)
+        self.gradient_checkpointing = gradient_checkpointing
+        if gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing(checkpoint_keeping_processors)
+            logger.info("gradient checkpointing: on (each UNet block is recomputed in the backward pass)")
+        elif getattr(self.unet, "is_gradient_checkpointing", False):
+            self.unet.disable_gradient_checkpointing()
+        logger.info("model: %s, prediction %s, compute dtype %s", type(pipe).__name__, self.prediction_type,
+                    str(self.compute_dtype).removeprefix("torch."))
+        self._prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        for module in (self.unet, self.text_encoder, self.text_encoder_2, self.vae):
+            if module is not None:
+                module.requires_grad_(False)
         pipe.set_progress_bar_config(disable=True)
 
     # ---------------------------------------------------------------- text
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """[B, tokens, dim] last hidden states of the frozen text encoder; cached per prompt."""
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor | TextConditioning:
+        """[B, tokens, dim] last hidden states of the frozen text encoder, cached per prompt; for SDXL a
+        `TextConditioning` (both encoders' penultimate hidden states [B, 77, 2048] and the pooled [B, 1280])."""
         missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
-        if missing:
+        if missing and self.text_encoder_2 is not None:
+            hidden, _, pooled, _ = self.pipe.encode_prompt(prompt=missing, device=self.device, num_images_per_prompt=1,
+                                                           do_classifier_free_guidance=False)
+            for prompt, h, p in zip(missing, hidden, pooled):
+                self._prompt_cache[prompt] = (h, p)
+        elif missing:
             ids = self.tokenizer(
                 missing, padding="max_length", max_length=self.tokenizer.model_max_length,
                 truncation=True, return_tensors="pt",
             ).input_ids.to(self.device)
             hidden = self.text_encoder(ids)[0]
             for prompt, h in zip(missing, hidden):
-                self._prompt_cache[prompt] = h
-        return torch.stack([self._prompt_cache[p] for p in prompts])
+                self._prompt_cache[prompt] = (h, None)
+        hidden = torch.stack([self._prompt_cache[p][0] for p in prompts])
+        if self.text_encoder_2 is None:
+            return hidden
+        return TextConditioning(hidden, torch.stack([self._prompt_cache[p][1] for p in prompts]))
 
     def token_indices(self, prompts, words, eos_fallback=False):
         indices, mask = token_indices_for(self.tokenizer, prompts, words, eos_fallback=eos_fallback)
@@ -94,16 +165,28 @@ class DiffusersBackend:
     def add_noise(self, latents, noise, timesteps):
         return self.noise_scheduler.add_noise(latents, noise, timesteps)
 
+    def time_ids(self, latents: torch.Tensor) -> torch.Tensor:
+        """SDXL's size/crop conditioning [B, 6] for latents [B, C, h, w]: original size (H, W), crop (0, 0),
+        target size (H, W), in pixels — what the pipeline passes when it generates at that size."""
+        height, width = (latents.shape[-2] * self.vae_scale_factor, latents.shape[-1] * self.vae_scale_factor)
+        ids = torch.tensor([height, width, 0, 0, height, width], dtype=latents.dtype, device=latents.device)
+        return ids.expand(latents.shape[0], 6)
+
     def predict_noise(self, noisy, timesteps, context):
+        extra = {}
+        if isinstance(context, TextConditioning):
+            extra["added_cond_kwargs"] = {"text_embeds": context.pooled, "time_ids": self.time_ids(noisy)}
+            context = context.hidden
         with torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32):
-            out = self.unet(noisy, timesteps, encoder_hidden_states=context).sample
+            out = self.unet(noisy, timesteps, encoder_hidden_states=context, **extra).sample
         return out.float()
 
     @torch.no_grad()
     def sample_latents(self, prompts, seed, steps, guidance):
         generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(len(prompts))]
+        size = {"height": self.resolution, "width": self.resolution} if self.resolution else {}
         out = self.pipe(prompt=list(prompts), num_inference_steps=steps, guidance_scale=guidance,
-                        generator=generators, output_type="latent")
+                        generator=generators, output_type="latent", **size)
         return out.images.float()
 
     @torch.no_grad()
@@ -152,9 +235,9 @@ class DiffusersBackend:
 
     def edited_pipeline(self, deltas: dict[str, torch.Tensor]):
         """A new pipeline whose UNet is a copy of the host's with `deltas` added; the host is untouched."""
-        from diffusers import StableDiffusionPipeline
-
         unet = copy.deepcopy(self.unet)
+        if getattr(unet, "is_gradient_checkpointing", False):
+            unet.disable_gradient_checkpointing()
         modules = dict(unet.named_modules())
         with torch.no_grad():
             for name, delta in deltas.items():
@@ -162,6 +245,7 @@ class DiffusersBackend:
                 weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
         components = dict(self.pipe.components)
         components["unet"] = unet
-        pipe = StableDiffusionPipeline(**components, requires_safety_checker=False)
+        extra = {"requires_safety_checker": False} if self.text_encoder_2 is None else {}
+        pipe = type(self.pipe)(**components, **extra)
         pipe.set_progress_bar_config(disable=True)
         return pipe

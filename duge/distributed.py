@@ -1,0 +1,89 @@
+"""Several processes (GPUs) through accelerate: `accelerate launch -m duge.cli unlearn ...`.
+
+Data parallel over the per-step batch. Every process loads the model, builds the same cached
+images (same seeds) and draws the same batch (anchor and related latents, prompts, noise and
+timesteps) from the same generators; each then runs the UNet on its own contiguous slice of that
+batch, scales its losses by its share of the batch, and the gradients of the trainable deltas are
+averaged over the processes (an all-reduce through accelerate) before every optimizer step. The
+result is the gradient of the whole batch, as in a single process, up to floating-point summation
+order. Only the main process writes files.
+
+The deltas are new parameters for every request, so they are reduced explicitly instead of
+through a `DistributedDataParallel` wrapper, whose gradient hooks are set up once per module.
+With one process every function here is a no-op.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from .errors import DugeError
+
+logger = logging.getLogger(__name__)
+
+
+def launched_distributed() -> bool:
+    """True inside `accelerate launch` (or torchrun) with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def start():
+    """accelerate's `PartialState` for this process (sets up the process group under `accelerate launch`:
+    NCCL on GPUs, gloo on the CPU). Its `.device` is the device this process trains on."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    if state.num_processes > 1:
+        logger.info("data parallel: process %d of %d on %s (%s)", state.process_index, state.num_processes,
+                    state.device, state.backend)
+    return state
+
+
+def rank_and_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def is_main_process() -> bool:
+    return rank_and_world()[0] == 0
+
+
+def shard_rows(count: int) -> slice:
+    """This process's contiguous rows of a batch of `count` (sizes differ by at most one; all rows alone)."""
+    rank, world = rank_and_world()
+    base, extra = divmod(count, world)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (1 if rank < extra else 0))
+
+
+def shard_weight(rows: slice, count: int) -> float:
+    """Factor for a loss averaged over this process's rows so that the average over processes is the
+    loss averaged over all `count` rows: rows · world / count."""
+    _, world = rank_and_world()
+    return (rows.stop - rows.start) * world / count if count else 0.0
+
+
+def check_batch(batch_size: int) -> None:
+    _, world = rank_and_world()
+    if batch_size < world:
+        raise DugeError(f"batch_size {batch_size} is smaller than the number of processes ({world}); "
+                        "every process needs at least one anchor sample per step")
+
+
+def average_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Replace each parameter's gradient by its mean over the processes (one all-reduce of a flat buffer)."""
+    _, world = rank_and_world()
+    if world == 1 or not params:
+        return
+    from accelerate.utils import reduce
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="mean")
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset : offset + g.numel()].view_as(p).clone()
+        offset += g.numel()
