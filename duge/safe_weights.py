@@ -31,6 +31,7 @@ from .errors import ModelLoadError
 SAFETENSORS_SUFFIX = ".safetensors"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
+MIN_TORCH_FOR_PICKLES = "2.6"  # torch.load(weights_only=True) before 2.6: CVE-2025-32434
 HEADER_LENGTH_BYTES = 8
 # safetensors dtype name -> (torch dtype, bytes per element)
 DTYPES = {
@@ -205,8 +206,15 @@ def load_tensors(path: str | Path, allow_pickle: bool = False, finite: bool = Tr
 
 
 def load_pickled_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a pickled checkpoint, read with `torch.load(weights_only=True)` only."""
+    """The tensors of a pickled checkpoint, read with `torch.load(weights_only=True)` only.
+
+    Refused on torch < 2.6, whose weights-only unpickler could be made to run code (CVE-2025-32434).
+    """
     path = Path(path)
+    if torch.__version__ < MIN_TORCH_FOR_PICKLES:
+        raise ModelLoadError(f"'{path}': pickles are not read with torch {torch.__version__}: its weights-only "
+                             f"loader can be bypassed (CVE-2025-32434); upgrade torch to {MIN_TORCH_FOR_PICKLES} "
+                             "or later, or convert the file to safetensors elsewhere")
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:

@@ -246,3 +246,13 @@ def test_allow_pickle_loads_a_checkpoint_like_its_safetensors_twin(single_file, 
     twin = io.load_single_file_pipeline(single_file)
     a, b = pipe.unet.state_dict(), twin.unet.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pickles_are_refused_on_a_torch_with_a_bypassable_weights_only_loader(tmp_path, monkeypatch):
+    from duge import safe_weights
+
+    path = tmp_path / "model.ckpt"
+    torch.save({"w": torch.ones(1)}, path)
+    monkeypatch.setattr(safe_weights, "MIN_TORCH_FOR_PICKLES", "99.0")  # as if this torch were older than needed
+    with pytest.raises(ModelLoadError, match="its weights-only loader can be bypassed \\(CVE-2025-32434\\)"):
+        load_tensors(path, allow_pickle=True)
