@@ -23,7 +23,6 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 import comfy.model_detection
 import comfy.model_management as mm
@@ -34,6 +33,7 @@ from comfy import latent_formats, supported_models_base, utils
 
 from .. import keys
 from ..errors import ModelLoadError
+from ..safe_weights import load_tensors
 
 CLIP_EMBEDDING_ROWS = 49408  # comfy.clip_model.CLIPEmbeddings' fixed vocabulary size
 # What a user enters in EmptyLatentImage for the built-in model's latents (it divides by 8).
@@ -125,7 +125,7 @@ def load_demo_model(folder: str | Path | None = None):
 
     # Weights are built outside inference mode so that training can use them in autograd.
     with torch.inference_mode(False):
-        unet_sd = keys.unet_to_ldm(load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors")), unet_config)
+        unet_sd = keys.unet_to_ldm(load_tensors(folder / "unet" / "diffusion_pytorch_model.safetensors"), unet_config)
         detected = comfy.model_detection.detect_unet_config(unet_sd, keys.LDM_UNET_PREFIX)
         vocab_size = int(te_config["vocab_size"])
         config = DugeDemoModel(detected, _heads(unet_config), float(vae_config.get("scaling_factor", 0.18215)),
@@ -138,7 +138,7 @@ def load_demo_model(folder: str | Path | None = None):
                                                  offload_device=mm.unet_offload_device())
 
         clip = comfy.sd.CLIP(config.clip_target(), parameters=0, model_options={"dtype": torch.float32})
-        te_state = keys.text_encoder_to_ldm(load_file(str(folder / "text_encoder" / "model.safetensors")))
+        te_state = keys.text_encoder_to_ldm(load_tensors(folder / "text_encoder" / "model.safetensors"))
         te_state = {"clip_l." + k[len("cond_stage_model."):]: v for k, v in te_state.items()}
         embedding = "clip_l.transformer.text_model.embeddings.token_embedding.weight"
         rows = te_state[embedding]
@@ -151,7 +151,7 @@ def load_demo_model(folder: str | Path | None = None):
         te_state["clip_l.logit_scale"] = torch.tensor(4.6055)
         _load_exact(clip.cond_stage_model, te_state, "text encoder", folder)
 
-        vae_state = keys.vae_to_ldm(load_file(str(folder / "vae" / "diffusion_pytorch_model.safetensors")), vae_config)
+        vae_state = keys.vae_to_ldm(load_tensors(folder / "vae" / "diffusion_pytorch_model.safetensors"), vae_config)
         vae_state = {k[len(keys.LDM_VAE_PREFIX):]: v for k, v in vae_state.items()}
         channels = list(vae_config["block_out_channels"])
         ddconfig = {

@@ -59,9 +59,9 @@ def _to_evaluator_size(images: torch.Tensor) -> torch.Tensor:
 
 
 def load_evaluator(path: str | Path) -> WorldEvaluator:
-    """Load the evaluator from a safetensors file (weights only, no pickle)."""
-    from safetensors.torch import load_file
+    """Load the evaluator from a safetensors file (checked by `duge.safe_weights`; no pickle)."""
+    from ..safe_weights import load_tensors
 
     model = WorldEvaluator()
-    model.load_state_dict(load_file(str(path)))
+    model.load_state_dict(load_tensors(path))
     return model.eval()
