@@ -40,6 +40,7 @@ FORMAT = "duge-progress"
 METADATA_KEY = "duge_progress"
 DELTA_PREFIX = "delta/"
 CACHE_TENSORS = ("anchor_latents", "related_latents", "target_latents")
+SETTINGS_NOT_IN_INPUTS = ("cache_dir",)  # where generated images are kept between runs, not what they are
 
 
 class ResumeError(DugeError):
@@ -50,13 +51,26 @@ def progress_folder(out: str | Path) -> Path:
     return contained_path(out, PROGRESS_FOLDER)
 
 
+def require_progress(folder: str | Path) -> Path:
+    """The state file of the progress `folder`; ResumeError if there is nothing to resume."""
+    state_path = Path(folder) / STATE_FILE
+    if not state_path.is_file():
+        raise ResumeError(f"nothing to resume: '{state_path}' does not exist (the run stopped before its first "
+                          "request finished, or was never started here); run without --resume")
+    return state_path
+
+
 def run_inputs(model: str, model_sha256: str, config: UnlearnConfig, concept_set: ConceptSet) -> dict:
-    """Everything that decides a run's weights, as plain JSON: a checkpoint resumes only the same inputs."""
+    """Everything that decides a run's weights, as plain JSON: a checkpoint resumes only the same inputs.
+
+    Config fields that cannot change the weights (`SETTINGS_NOT_IN_INPUTS`) are left out.
+    """
+    settings = {k: v for k, v in asdict(config).items() if k not in SETTINGS_NOT_IN_INPUTS}
     return json.loads(json.dumps({
         "model": str(model),
         "model_sha256": model_sha256,
         "concept_set": concept_set_to_dict(concept_set),
-        "config": asdict(config),
+        "config": settings,
     }, default=_json_default))
 
 
@@ -135,10 +149,7 @@ class ProgressCheckpoint:
     def load(cls, folder: str | Path, inputs: dict) -> tuple[ProgressCheckpoint, ResumeState, dict]:
         """The checkpoint in `folder` for a run with `inputs`: itself, what the trainer resumes from, and `extra`."""
         folder = Path(folder)
-        state_path = folder / STATE_FILE
-        if not state_path.is_file():
-            raise ResumeError(f"nothing to resume: '{state_path}' does not exist (the run stopped before its first "
-                              "request finished, or was never started here); run without --resume")
+        state_path = require_progress(folder)
         try:
             state = json.loads(state_path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, ValueError) as err:

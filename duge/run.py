@@ -134,7 +134,7 @@ def run_unlearn(model: str, concepts_path: str, out: str | Path, config, overwri
     from .backends.diffusers_backend import DiffusersBackend
     from .io import make_manifest, model_hash, save_diffusers_folder, save_lora, save_single_file
     from .models import load_pipeline
-    from .progress import ProgressCheckpoint, progress_folder, run_inputs
+    from .progress import ProgressCheckpoint, progress_folder, require_progress, run_inputs
     from .trainer import unlearn
 
     out = Path(out)
@@ -148,6 +148,8 @@ def run_unlearn(model: str, concepts_path: str, out: str | Path, config, overwri
         if not state.is_main_process:
             _train_without_outputs(model, concept_set, config, device, allow_pickle, config_dir, progress, cancel)
             return {}
+    if resume:
+        require_progress(progress_folder(out))  # before minutes of loading and measuring
     tmp = prepare_output_folder(out, overwrite, resume)
     checkpoint = None
     try:

@@ -176,6 +176,17 @@ def test_output_folder_with_only_progress_needs_resume_and_other_content_needs_o
         run.prepare_output_folder(out, overwrite=False, resume=True)
 
 
+def test_resume_without_progress_fails_fast_on_the_command_line(tmp_path, capsys):
+    from duge.cli import main
+
+    concepts = tmp_path / "set.yaml"
+    concepts.write_text(CONCEPTS)
+    out = tmp_path / "run"
+    assert main(["unlearn", "--concepts", str(concepts), "--out", str(out), "--resume", "--allow-pickle"]) == 2
+    assert f"nothing to resume: '{out / 'progress' / 'state.json'}' does not exist" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["set.yaml"]  # nothing created, no temporary left
+
+
 @pytest.mark.slow  # three runs of `run_unlearn` (about 20 s on a loaded 2-core CPU)
 def test_run_unlearn_interrupted_writes_only_progress_and_resume_finishes_it(tmp_path, quick_run, monkeypatch):
     concepts = tmp_path / "set.yaml"
