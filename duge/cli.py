@@ -59,6 +59,8 @@ def _unlearn_config(args):
     config = UnlearnConfig(method=args.method, setting=args.setting, seed=args.seed, trainable=args.trainable,
                            trainable_mode=args.trainable_mode, dtype=args.dtype,
                            gradient_checkpointing=args.gradient_checkpointing, cache_dir=args.cache_dir)
+    if args.batch_size is not None:
+        config.batch_size = args.batch_size
     if args.steps is not None:
         config.steps = args.steps
     if args.lr is not None:
@@ -196,6 +198,7 @@ def _add_unlearn_options(p, default_out=None) -> None:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from the progress it saved in OUT/progress/ (same settings)")
+    p.add_argument("--batch-size", type=int, default=None, help="anchor samples per step (default 8)")
     _add_memory_options(p)
 
 

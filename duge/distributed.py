@@ -4,12 +4,17 @@ Data parallel over the per-step batch. Every process loads the model, builds the
 images (same seeds) and draws the same batch (anchor and related latents, prompts, noise and
 timesteps) from the same generators; each then runs the UNet on its own contiguous slice of that
 batch, scales its losses by its share of the batch, and the gradients of the trainable deltas are
-averaged over the processes (an all-reduce through accelerate) before every optimizer step. The
+averaged over the processes (one all-reduce in the process group accelerate set up) before every
+optimizer step. The
 result is the gradient of the whole batch, as in a single process, up to floating-point summation
 order. Only the main process writes files.
 
 The deltas are new parameters for every request, so they are reduced explicitly instead of
 through a `DistributedDataParallel` wrapper, whose gradient hooks are set up once per module.
+
+Launch: `accelerate launch --multi_gpu --num_processes N -m duge.cli unlearn ...` (on a machine
+without CUDA this runs N CPU processes over gloo; accelerate's `--cpu` starts a single process
+unless MPI is set up).
 With one process every function here is a no-op.
 """
 
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -30,16 +36,35 @@ def launched_distributed() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def start():
-    """accelerate's `PartialState` for this process (sets up the process group under `accelerate launch`:
-    NCCL on GPUs, gloo on the CPU). Its `.device` is the device this process trains on."""
+@dataclass
+class ProcessInfo:
+    rank: int
+    world: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.rank == 0
+
+
+def start() -> ProcessInfo:
+    """Join the process group of `accelerate launch` (accelerate's `PartialState` sets it up: NCCL on
+    GPUs, gloo without CUDA) and return this process's rank, the number of processes and its device.
+
+    Rank and world size are read from torch.distributed: on a machine without CUDA, `accelerate launch
+    --multi_gpu` starts the processes and PartialState joins them to a gloo group while reporting its
+    own distributed type as NO, so its `num_processes` says 1 there."""
     from accelerate import PartialState
 
     state = PartialState()
-    if state.num_processes > 1:
-        logger.info("data parallel: process %d of %d on %s (%s)", state.process_index, state.num_processes,
-                    state.device, state.backend)
-    return state
+    rank, world = rank_and_world()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else torch.device("cpu")
+    backend = torch.distributed.get_backend() if world > 1 else "none"
+    info = ProcessInfo(rank, world, device if world > 1 else state.device, backend)
+    if world > 1:
+        logger.info("data parallel: process %d of %d on %s (%s)", rank, world, info.device, backend)
+    return info
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -79,10 +104,10 @@ def average_gradients(params: list[torch.nn.Parameter]) -> None:
     _, world = rank_and_world()
     if world == 1 or not params:
         return
-    from accelerate.utils import reduce
-
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="mean")
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+    flat /= world
     offset = 0
     for p, g in zip(params, grads):
         p.grad = flat[offset : offset + g.numel()].view_as(p).clone()

@@ -7,8 +7,8 @@ the latents are stored as `<key>.safetensors` and reused by a later run with the
 The key is a SHA-256 of everything the images depend on: the request (target, aliases, anchor,
 preserve, templates), the image settings (counts, sampler steps, guidance, seed, method objective,
 whether an image filter ran) and a fingerprint of the reference model (every UNet parameter's name
-and shape, and a strided sample of at most 4096 values of each — the edited layers included, as
-they are at that moment, i.e. with the earlier requests' deltas). The fingerprint samples values
+and shape, and a strided sample of at most 4096 values of each — the edited layers' committed
+deltas included, i.e. the model as the earlier requests left it). The fingerprint samples values
 rather than hashing every byte, which would take seconds per request on SDXL.
 """
 
@@ -31,24 +31,16 @@ SAMPLED_VALUES = 4096
 
 @torch.no_grad()
 def model_fingerprint(unet: torch.nn.Module) -> str:
-    """SHA-256 over each parameter's name, shape and a strided sample of its values (see module doc).
+    """SHA-256 over each state-dict tensor's name, shape and a strided sample of its values (module doc).
 
-    Parametrized weights (DUGE's edits) are read through their parametrization: the current weights."""
+    With DUGE's edits installed the state dict holds W0 (`...parametrizations.weight.original`) and the
+    committed deltas (`...parametrizations.weight.0.committed`): the reference model's weights."""
     digest = hashlib.sha256()
-    for name, module in unet.named_modules():
-        for param_name, _ in list(module.named_parameters(recurse=False)):
-            key = f"{name}.{param_name}" if name else param_name
-            value = getattr(module, param_name) if param_name != "original" else None
-            if value is None:  # parametrize's storage of W0; the effective weight is read on the parent
-                continue
-            flat = value.detach().reshape(-1)
-            sample = flat[:: max(1, flat.numel() // SAMPLED_VALUES)].float().cpu()
-            digest.update(f"{key}\0{list(value.shape)}\0".encode())
-            digest.update(memoryview(sample.numpy()))
-        if hasattr(module, "parametrizations") and "weight" in module.parametrizations:
-            weight = module.weight.detach().reshape(-1)
-            digest.update(f"{name}.weight(effective)\0".encode())
-            digest.update(memoryview(weight[:: max(1, weight.numel() // SAMPLED_VALUES)].float().cpu().numpy()))
+    for key, value in sorted(unet.state_dict().items()):
+        flat = value.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // SAMPLED_VALUES)].float().cpu().contiguous()
+        digest.update(f"{key}\0{list(value.shape)}\0".encode())
+        digest.update(sample.numpy().tobytes())
     return digest.hexdigest()
 
 

@@ -11,8 +11,9 @@ Memory (bytes), for one training step — the peak of a request:
 - W, the frozen weights: (UNet + text encoders + VAE parameters) · s, where s = 2 for fp16/bf16
   storage (CUDA with autocast: `storage_dtype`) and 4 for float32.
 - E, the edited layers, per edited weight element: committed delta (4) + θ0 float32 copy
-  (4 when s = 2, else 0) + the effective weight W0 + Δ saved by each of the two UNet passes with
-  gradient (2 · (s + 4)) + the regulariser's temporaries (12); and for the trainable parameters
+  (4 when s = 2, else 0) + the effective weight W0 + Δ that F.linear saves in each of the two UNet
+  passes with gradient (2 · s) + the regulariser's float32 terms alive at the backward pass (8);
+  and for the trainable parameters
   (every edited element in `full` mode, r · (out + in) per layer in `lora` mode): value, gradient and
   AdamW's two moments, 16 bytes each.
 - A, the activations kept for the backward pass, for the anchor batch B plus the related batch
@@ -279,7 +280,7 @@ def plan_run(pipe, config, model_name: str = "", resolution: int | None = None, 
     else:
         trainable = sizes.edited_elements
     weights = (sizes.unet + sizes.text_encoders + sizes.vae) * storage
-    per_edited = 4 + (4 if storage == 2 else 0) + 2 * (storage + 4) + 12
+    per_edited = 4 + (4 if storage == 2 else 0) + 2 * storage + 8
     edits = sizes.edited_elements * per_edited + trainable * ADAM_BYTES
     counts = unet_activation_elements(sizes.unet_config, latent, sizes.text_tokens)
     full = counts.full * samples * compute

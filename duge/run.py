@@ -163,7 +163,7 @@ def run_unlearn(model: str, concepts_path: str, out: str | Path, config, overwri
         base_hash = model_hash(pipe)
         report: dict = {"model": str(model), "concept_set": concept_set.name, "method": config.method,
                         "setting": config.setting, "config": asdict(config), "requests": [],
-                        "processes": state.num_processes if state is not None else 1}
+                        "processes": state.world if state is not None else 1}
         t_start = time.time()
         inputs = run_inputs(str(model), base_hash, config, concept_set)
         resumed = None

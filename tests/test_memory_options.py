@@ -1,0 +1,138 @@
+"""Run-time choices of the diffusers backend (attention, autocast, gradient checkpointing) and the
+on-disk image cache: the GPU-only branches fall back, and say so, when CUDA or xformers are absent."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import types
+
+import pytest
+import torch
+
+from duge.backends import diffusers_backend
+from duge.backends.diffusers_backend import DiffusersBackend, choose_attention_implementation, choose_dtype
+from duge.concepts import parse_concept_set, resolve_request
+from duge.image_cache import cache_key
+from duge.trainer import UnlearnConfig, unlearn
+
+SET = "name: t\nrequests:\n  - target: circle\n    preserve: [square]\n"
+
+
+class _RecordingUnet:
+    def __init__(self):
+        self.xformers = False
+
+    def enable_xformers_memory_efficient_attention(self):
+        self.xformers = True
+
+
+def test_sdpa_is_chosen_and_logged_on_the_cpu(caplog):
+    caplog.set_level(logging.INFO, logger="duge")
+    unet = _RecordingUnet()
+    assert choose_attention_implementation(unet, torch.device("cpu")) == "sdpa"
+    assert not unet.xformers
+    assert "PyTorch SDPA (device cpu" in caplog.text
+
+
+def test_cuda_without_xformers_falls_back_to_sdpa_and_logs_why(monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="duge")
+    monkeypatch.setitem(sys.modules, "xformers", None)  # `import xformers` raises ImportError
+    unet = _RecordingUnet()
+    assert choose_attention_implementation(unet, torch.device("cuda")) == "sdpa"
+    assert not unet.xformers
+    assert "xformers unavailable" in caplog.text and "using PyTorch SDPA" in caplog.text
+
+
+def test_cuda_with_xformers_enables_it_and_logs(monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="duge")
+    monkeypatch.setitem(sys.modules, "xformers", types.ModuleType("xformers"))
+    unet = _RecordingUnet()
+    assert choose_attention_implementation(unet, torch.device("cuda")) == "xformers"
+    assert unet.xformers and "xformers memory-efficient attention" in caplog.text
+
+
+def test_half_precision_requested_without_cuda_computes_in_float32_and_logs(caplog):
+    caplog.set_level(logging.INFO, logger="duge")
+    assert choose_dtype("float16", torch.device("cpu")) is torch.float32
+    assert "falling back to float32" in caplog.text
+    assert choose_dtype("auto", torch.device("cpu")) is torch.float32
+
+
+def test_auto_dtype_on_cuda_picks_bf16_when_supported(monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="duge")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert choose_dtype("auto", torch.device("cuda")) is torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert choose_dtype("auto", torch.device("cuda")) is torch.float16
+    assert "autocast: float16 on CUDA" in caplog.text
+
+
+def test_storage_dtype_is_float32_without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert diffusers_backend.storage_dtype("auto") is torch.float32
+
+
+def _gradients(backend, checkpointing: bool) -> dict[str, torch.Tensor]:
+    """Gradients of the cross-attention loss (output + attention term) w.r.t. every K/V delta."""
+    from duge.losses import cross_attention_loss
+    from duge.trainer import _predict
+
+    backend.unet.disable_gradient_checkpointing()
+    if checkpointing:
+        backend.unet.enable_gradient_checkpointing(diffusers_backend.checkpoint_keeping_processors)
+    generator = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 4, 16, 16, generator=generator)
+    t = torch.tensor([100, 700])
+    prompts, words = ["a red circle", "a blue circle"], ["circle", "circle"]
+    ctx = backend.encode_prompts(prompts)
+    tokens, mask = backend.token_indices(prompts, words)
+    config = UnlearnConfig()
+    with backend.edits(r"attn2\.to_[kv]$") as edits:
+        params = edits.start_request(0)
+        with torch.no_grad():
+            for p in params:
+                p.normal_(0, 1e-3, generator=generator)
+        with torch.no_grad(), edits.reference():
+            ref, ref_maps = _predict(backend, z, t, ctx, tokens, mask, config, True)
+        pred, maps = _predict(backend, z, t, ctx, tokens, mask, config, True)
+        loss, _ = cross_attention_loss(pred, ref, maps, ref_maps, 50.0)
+        loss.backward()
+        grads = {name: d.delta.grad.clone() for name, d in edits.deltas.items()}
+    backend.unet.disable_gradient_checkpointing()
+    return grads
+
+
+def test_gradient_checkpointing_gives_the_same_gradients_with_attention_capture(builtin_pipe, caplog):
+    caplog.set_level(logging.INFO, logger="duge")
+    backend = DiffusersBackend(builtin_pipe, device="cpu", gradient_checkpointing=True)
+    assert "gradient checkpointing: on" in caplog.text
+    assert backend.unet.is_gradient_checkpointing
+    plain, checkpointed = _gradients(backend, False), _gradients(backend, True)
+    assert plain.keys() == checkpointed.keys() and len(plain) == 2 * len(backend.cross_attention_layers())
+    for name in plain:
+        assert plain[name].abs().max() > 0, name
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-4, atol=1e-7)
+
+
+def test_cached_images_are_written_once_and_reused(builtin_pipe, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="duge")
+    backend = DiffusersBackend(builtin_pipe, device="cpu")
+    config = UnlearnConfig(steps=1, batch_size=1, anchor_images=1, related_images=1, cache_steps=1,
+                           cache_dir=str(tmp_path / "cache"))
+    first = unlearn(backend, parse_concept_set(SET), config, builtin_world=True)
+    files = sorted((tmp_path / "cache").glob("*.safetensors"))
+    assert len(files) == 1 and "cached images written" in caplog.text
+    caplog.clear()
+    second = unlearn(backend, parse_concept_set(SET), config, builtin_world=True)
+    assert "cached images read" in caplog.text
+    assert sorted((tmp_path / "cache").glob("*.safetensors")) == files
+    for name, delta in first.total_delta.items():
+        assert torch.equal(delta, second.total_delta[name]), name
+    request = resolve_request(parse_concept_set(SET).requests[0], builtin_world=True)
+    key = cache_key(backend, request, config, 0, False)
+    assert cache_key(backend, request, UnlearnConfig(**{**config.__dict__, "anchor_images": 3}), 0, False) != key
+    assert cache_key(backend, request, config, 1, False) != key
+    with backend.edits(r"attn2\.to_[kv]$") as edits:  # the reference model changes with committed deltas
+        edits.load_committed({n: torch.full_like(d.committed, 1e-3) for n, d in edits.deltas.items()})
+        assert cache_key(backend, request, config, 0, False) != key
