@@ -342,6 +342,25 @@ def test_concept_set_errors_name_the_field(nodes):
     assert nodes["DugeLoadConceptSet"].validate_inputs("demo.yaml", "") is True
 
 
+def test_concept_sets_in_a_registered_models_folder_are_listed_and_loaded(nodes, tmp_path):
+    """A user's file in a `concept_sets` folder (models/concept_sets, or one named in
+    extra_model_paths.yaml) shows up in the node's file list; a broken one is refused naming its field."""
+    (tmp_path / "mine.yaml").write_text("name: mine\nrequests:\n  - target: heart\n    preserve: [square]\n")
+    (tmp_path / "broken.json").write_text('{"name": "b", "requests": [{"target": "circle", "preserve": "square"}]}')
+    (tmp_path / "notes.txt").write_text("not a concept set")
+    folder_paths.add_model_folder_path("concept_sets", str(tmp_path))  # what extra_model_paths.yaml does
+    try:
+        options = nodes["DugeLoadConceptSet"].GET_SCHEMA().inputs[0].options
+        assert {"mine.yaml", "broken.json"} <= set(options) and "notes.txt" not in options
+        concept_set, summary = nodes["DugeLoadConceptSet"].execute("mine.yaml", "").args
+        assert [r.target for r in concept_set.requests] == ["heart"] and "erase 'heart', keep square" in summary
+        error = nodes["DugeLoadConceptSet"].validate_inputs("broken.json", "")
+        assert isinstance(error, str) and "broken.json" in error and "preserve" in error
+    finally:
+        paths, extensions = folder_paths.folder_names_and_paths["concept_sets"]
+        folder_paths.folder_names_and_paths["concept_sets"] = ([p for p in paths if p != str(tmp_path)], extensions)
+
+
 # ---------------------------------------------------------------- SD 1.5 and SDXL layouts
 
 
