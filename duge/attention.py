@@ -247,8 +247,8 @@ def token_indices_for(
     row.
 
     `eos_fallback=True`: a prompt where no phrase occurs (an empty phrase included) gets the
-    position of its first EOS token instead, mask True. Used when the anchor is the empty prompt:
-    the target's attention is then matched to the sentence-summary token.
+    position of its first EOS token instead, mask True (the sentence-summary token; UCE takes the
+    empty anchor's embedding there).
     """
     if isinstance(words, str):
         words = [words] * len(prompts)

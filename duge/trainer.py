@@ -56,7 +56,7 @@ class UnlearnConfig:
     steps: int = 150  # optimisation steps per request (a request's `steps` overrides)
     learning_rate: float = 2e-3
     batch_size: int = 8
-    beta: float = 50.0  # weight of the attention-map term inside L_xattn
+    beta: float = 10.0  # weight of the attention-map term inside L_xattn
     lambda_prior: float = 1.0
     lambda_reg: float = 1e-5  # L_reg is a sum over parameters (see losses.regularization_loss)
     regularizer: str = "l2sp"  # "l2sp" (F = 1) or "fisher" (diagonal Fisher on general prompts)
@@ -196,9 +196,6 @@ def build_request_cache(backend, request: ResolvedRequest, config: UnlearnConfig
             related_prompts.append(render_prompt(request.templates[(i + j) % len(request.templates)], concept))
     related = (backend.sample_latents(related_prompts, seed + 10_000, config.cache_steps, config.cache_guidance)
                if related_prompts else latents[:0])
-    if getattr(config, "preserve_anchor", False) and get_method(config.method).prior_term:
-        related = torch.cat([related, latents]) if len(related) else latents
-        related_prompts = related_prompts + [render_prompt(request.templates[t], request.anchor) for t in template_ids]
     target = None
     if get_method(config.method).objective == "negative_guidance":
         target_prompts = [render_prompt(request.templates[i % len(request.templates)], request.target) for i in range(n)]
@@ -270,8 +267,7 @@ def _request_step(backend, edits, caches: list[RequestCache], config: UnlearnCon
     ctx_target = backend.encode_prompts(target_prompts)
     ctx_anchor = backend.encode_prompts(anchor_prompts)
     tok_target, mask_target = backend.token_indices(target_prompts, target_words)
-    mode = getattr(config, "empty_anchor_attention", "eos")
-    tok_anchor, mask_anchor = backend.token_indices(anchor_prompts, anchor_words, eos_fallback=mode == "eos")
+    tok_anchor, mask_anchor = backend.token_indices(anchor_prompts, anchor_words)
     use_attention = method.attention_term and config.beta > 0
 
     with torch.no_grad(), edits.reference():
@@ -283,8 +279,10 @@ def _request_step(backend, edits, caches: list[RequestCache], config: UnlearnCon
         else:
             ref_anchor, maps_anchor = _predict(backend, zt, t, ctx_anchor, tok_anchor, mask_anchor, config, use_attention)
     pred_target, maps_target = _predict(backend, zt, t, ctx_target, tok_target, mask_target, config, use_attention)
-    if use_attention and mode == "skip":
-        has_anchor = mask_anchor.any(1).to(pred_target.device)
+    if use_attention:
+        # The attention term needs anchor tokens to look at: a sample whose anchor is the empty
+        # prompt (a colour left unmentioned) is steered by the output term alone.
+        has_anchor = mask_anchor.any(1).to(pred_target.device)  # [rows]
         maps_target = [m[has_anchor] for m in maps_target] if has_anchor.any() else []
         maps_anchor = [m[has_anchor] for m in maps_anchor] if has_anchor.any() else []
     loss_xattn, parts = cross_attention_loss(pred_target, ref_anchor, maps_target, maps_anchor,

@@ -27,7 +27,7 @@ class DugeUnlearn(io.ComfyNode):
                 ConceptSetType.Input("concept_set"),
                 io.Int.Input("steps", default=150, min=1, max=100000, tooltip="Optimisation steps per request."),
                 io.Float.Input("learning_rate", default=2e-3, min=1e-7, max=1.0, step=1e-4, round=1e-7),
-                io.Float.Input("beta", default=50.0, min=0.0, max=1e4, step=1.0,
+                io.Float.Input("beta", default=10.0, min=0.0, max=1e4, step=1.0,
                                tooltip="Weight of the attention-map term (target words must look where the anchor's do)."),
                 io.Float.Input("lambda_prior", default=1.0, min=0.0, max=1e4, step=0.1,
                                tooltip="Weight of the prior-preservation loss on the related concepts."),
