@@ -183,6 +183,18 @@ def test_diffusers_folder_with_broken_or_pickled_weights_is_refused(folder, tmp_
         load_pipeline(pickled)
 
 
+def test_diffusers_folder_with_a_wrong_shape_names_the_tensor(folder, tmp_path):
+    changed = shutil.copytree(folder, tmp_path / "changed")
+    weights = changed / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(str(weights))
+    name = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight"
+    tensors[name] = torch.zeros(3, 3)
+    save_file(tensors, str(weights))
+    with pytest.raises(ModelLoadError, match=f"could not load '{changed}'.*{name} expected shape "
+                                             r"torch.Size\(\[64, 128\]\), but got torch.Size\(\[3, 3\]\)"):
+        load_pipeline(changed)
+
+
 def test_diffusers_folder_with_nan_weights_names_component_and_parameter(folder, tmp_path):
     poisoned = shutil.copytree(folder, tmp_path / "poisoned")
     weights = poisoned / "text_encoder" / "model.safetensors"
