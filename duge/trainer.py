@@ -9,7 +9,10 @@ the trainable deltas on the cross-attention K/V are optimised with
 Settings: sequential (each request starts from the last result; the default), independent (each
 from θ0; the results are merged at the end), simultaneous (all requests in one optimisation).
 The host model is never changed: edits are deltas removed in `finally`, so an error, Ctrl-C or a
-cancel callback leaves the host bit-identical and returns nothing.
+cancel callback leaves the host bit-identical and returns nothing. A NaN/inf loss or weight, or an
+optimiser step that overflows, rolls the request back to the deltas committed before it and raises
+`TrainingDiverged`. `on_request_done` sees each finished request (`duge.progress` checkpoints it)
+and `resume` continues from such checkpoints with the same result as a run never stopped.
 
 The frozen reference ε_φ of request k is the model as request k−1 left it (θ0 plus the deltas
 already committed; θ0 itself for the first request and in the independent setting). Taking θ0
