@@ -39,6 +39,9 @@ MAX_DESCRIPTION_CHARS = 10_000
 MAX_LIST_ENTRIES = 1000  # requests, and each list inside a request
 MAX_STEPS = 1_000_000
 MAX_SEED = 2**32 - 1  # the range every seeded generator accepts (torch, numpy, random)
+# YAML flow brackets ([ {) open at once. A concept set needs 3; PyYAML recurses per level and takes
+# seconds to give up on a few thousand, so deeper text is refused before it is parsed.
+MAX_FLOW_NESTING = 100
 
 TOP_LEVEL_KEYS = ("name", "description", "requests", "general_prompts")
 REQUEST_KEYS = ("target", "anchor", "preserve", "aliases", "templates", "steps", "learning_rate", "seed")
@@ -224,7 +227,40 @@ def _parse_json(text: str, source: str) -> Any:
         raise ConceptSetError(f"{source}: invalid JSON: {_parser_complaint(error)}") from None
 
 
+def _flow_nesting(text: str) -> int:
+    """The deepest run of open YAML flow brackets in `text`, outside quoted strings and comments.
+
+    An apostrophe inside a plain word reads as a quote here, which can only lower the count.
+    """
+    depth = deepest = 0
+    quote = None
+    escaped = comment = False
+    for ch in text:
+        if comment:
+            comment = ch != "\n"
+        elif quote is not None:
+            if escaped:
+                escaped = False
+            elif ch == "\\" and quote == '"':
+                escaped = True
+            elif ch == quote:
+                quote = None
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "#":
+            comment = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth = max(0, depth - 1)
+    return deepest
+
+
 def _parse_yaml(text: str, source: str) -> Any:
+    if text.count("[") + text.count("{") > MAX_FLOW_NESTING and _flow_nesting(text) > MAX_FLOW_NESTING:
+        raise ConceptSetError(f"{source}: invalid YAML: brackets nested more than {MAX_FLOW_NESTING} levels deep; "
+                              "expected a concept set (a mapping of lists of mappings)")
     try:
         return yaml.safe_load(text)
     except yaml.MarkedYAMLError as error:

@@ -152,6 +152,18 @@ PROPERTIES = {
 }
 
 
+@pytest.mark.parametrize("text", ["[" * 5000, "name: n\nrequests: " + "[{a: " * 3000, "{" * 200 + "}" * 200])
+def test_deep_yaml_flow_nesting_is_refused_before_pyyaml_recurses(text):
+    with pytest.raises(ConceptSetError, match="brackets nested more than 100 levels deep"):
+        parse_concept_set(text, fmt="yaml")
+
+
+def test_brackets_in_quotes_and_comments_do_not_count_as_nesting():
+    deep = "[" * 150
+    text = f'name: "{deep}"\ndescription: \'{deep}\'  # {deep}\nrequests:\n  - {{target: circle, preserve: [square]}}\n'
+    assert parse_concept_set(text, fmt="yaml").name == deep
+
+
 def run_property(name: str, examples: int) -> int:
     """Run one property for up to `examples` x its share inputs; returns how many inputs were tried
     (fewer when hypothesis has exhausted a small space, as for the alias bombs' 288)."""
