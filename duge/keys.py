@@ -36,6 +36,13 @@ What was verified, and how (tests/test_io.py unless said otherwise):
   `_convert_unet_lora_key`) reads our LoRA files and `fuse_lora()` reproduces the edited weights
   (test: attn1/attn2 `to_q/to_k/to_v/to_out.0`, a 1x1-conv `proj_in`; `ff.net.*` checked once
   by hand). It needs one `.alpha` for the whole file: see `duge.io.save_lora`.
+- SD 2.x and SDXL single files (`open_clip_text_encoder_to_ldm`, the SDXL `conditioner.embedders.*`
+  prefixes, the SDXL UNet's `label_emb`): written from SD 2.1 / SDXL pipelines built from their real
+  configs (reduced UNet width), loaded back by diffusers' `from_single_file(file, config=<local folder>)`
+  with every tensor equal and none unmatched or missing, and their UNet keys by ComfyUI's own SD20 /
+  SDXL model classes with no missing or unexpected key (tests/test_real_layouts.py,
+  benchmarks/real_layouts.py). Their kohya LoRAs (`lora_unet_` + diffusers path, as for SD 1.x) load
+  in diffusers' `load_lora_weights` and ComfyUI's LoraLoader path with no unmatched key.
 - A1111 (`extensions-builtin/Lora/networks.py`, read, not run): `convert_diffusers_name_to_compvis`
   maps `lora_unet_down_blocks_{b}_attentions_{j}_…` to `input_blocks_{1 + 3b + j}_1_…`, i.e. it
   assumes two layers per block, as in SD 1.x / 2.x. Files for models with another

@@ -136,13 +136,15 @@ def pipeline_layout(pipe) -> Layout:
 
 
 def reduced_unet_config(config: dict, width_divisor: int) -> dict:
-    """The UNet config with every block's channels divided by `width_divisor` (rounded to a multiple of 32,
-    GroupNorm's group count) and 32-channel attention heads; block types, layers per block, transformer
-    depths and the text/time conditioning sizes stay, so every module and key name is the full model's."""
+    """The UNet config with every block's channels divided by `width_divisor` (rounded to a multiple of 64,
+    at least 64); block types, layers per block, transformer depths, head counts of SD 1.x (8 per layer)
+    or head width of SD 2.x / SDXL (64) and the text/time conditioning sizes stay, so every module and
+    key name is the full model's (and ComfyUI's model classes, which fix those head sizes, accept it)."""
     config = dict(config)
-    channels = [max(32, round(c / width_divisor / 32) * 32) for c in config["block_out_channels"]]
+    channels = [max(64, round(c / width_divisor / 64) * 64) for c in config["block_out_channels"]]
     config["block_out_channels"] = channels
-    config["attention_head_dim"] = [c // 32 for c in channels]
+    if isinstance(config["attention_head_dim"], (list, tuple)):  # SD 2.x / SDXL: heads of 64 channels
+        config["attention_head_dim"] = [c // 64 for c in channels]
     return config
 
 
