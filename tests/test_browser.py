@@ -6,8 +6,9 @@ the system's /usr/bin/chromium (or $DUGE_CHROMIUM) through `executable_path`.
 
 Checks that the example workflows load with no missing node type, that the frontend converts the
 demo to exactly its API twin, that the extension `duge.unlearning` is registered and does what it
-says (the concept-set hint; after a real run, DUGE Unlearn shows what was erased), and that no
-console error comes from the pack. Screenshots go to test-artifacts/.
+says (the concept-set hint; after a real run, DUGE Unlearn shows what was erased and a click on
+one of Attention Probe's heatmaps enlarges it), and that no console error comes from the pack.
+Screenshots go to test-artifacts/.
 """
 
 from __future__ import annotations
@@ -191,5 +192,82 @@ def test_demo_runs_from_the_page_and_unlearn_shows_what_was_erased(browser_page)
     assert lines[2].split()[:3] == ["#", "erased", "anchor"] and lines[3].split()[:2] == ["1", "circle"]
     assert "erase 'circle'" in summary  # the run's report below the table
     _screenshot(page, "comfyui_demo_run.png")
+    assert not console.errors(since=mark), console.errors(since=mark)
+    assert not console.ours(), console.ours()
+
+
+def _node_screenshot(page, node_type: str, name: str) -> Path:
+    """A screenshot of one node (at the canvas' current scale), kept in test-artifacts/."""
+    box = page.evaluate("""(type) => {
+        const node = app.graph.nodes.find((n) => n.type === type), scale = app.canvas.ds.scale;
+        const [x, y] = app.canvas.ds.convertOffsetToCanvas([node.pos[0], node.pos[1] - LiteGraph.NODE_TITLE_HEIGHT]);
+        const rect = app.canvas.canvas.getBoundingClientRect();
+        return {x: rect.left + x - 10, y: rect.top + y - 10, width: node.size[0] * scale + 20,
+                height: (node.size[1] + LiteGraph.NODE_TITLE_HEIGHT) * scale + 20};
+    }""", node_type)
+    page.wait_for_timeout(500)
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / name
+    page.screenshot(path=str(path), clip={k: max(0, v) for k, v in box.items()})
+    return path
+
+
+def _canvas_pixels(page, selector: str):
+    """The pixels of a <canvas> on the page, as an RGB PIL image."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    data_url = page.evaluate("(selector) => document.querySelector(selector).toDataURL('image/png')", selector)
+    return Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1]))).convert("RGB")
+
+
+def test_probe_heatmaps_enlarge_on_click(browser_page, server):
+    """After the demo's run (the test above, on the same page): Attention Probe shows its heatmaps
+    as tiles; clicking the after-model's 'circle' tile shows that map enlarged, with its model, word
+    and prompt; clicking the enlarged map goes back to the tiles."""
+    import numpy as np
+    from PIL import Image
+
+    page, console = browser_page
+    mark = len(console.entries)
+    page.evaluate("""() => {  // the probe node at the top left of the view, at 100 %
+        const node = app.graph.nodes.find((n) => n.type === "DugeAttentionProbe");
+        app.canvas.ds.scale = 1; app.canvas.ds.offset = [40 - node.pos[0], 60 - node.pos[1]];
+        app.graph.setDirtyCanvas(true, true);
+    }""")
+    tiles = page.locator(".duge-heatmap-tile")
+    tiles.first.wait_for(state="visible", timeout=30_000)
+    probe = page.evaluate("""() => app.graph.nodes.find((n) => n.type === "DugeAttentionProbe")
+        .widgets.find((w) => w.name === "duge_heatmaps").viewer.probe""")  # the node's ui output, as received
+    assert tiles.count() == len(probe["rows"]) * len(probe["columns"]) == 2 * 3
+    assert probe["rows"] == ["model", "model 2"] and probe["columns"] == ["image", "circle", "red"]
+
+    _node_screenshot(page, "DugeAttentionProbe", "comfyui_probe_heatmaps.png")
+    page.locator('.duge-heatmap-tile[data-row="1"][data-column="1"]').click()  # a real click, through the canvas' DOM layer
+    enlarged = page.locator(".duge-heatmap-enlarged")
+    enlarged.wait_for(state="visible", timeout=10_000)
+    caption = enlarged.locator("figcaption").inner_text()
+    assert "model 2" in caption and "“circle”" in caption and "prompt: a red circle" in caption
+    assert tiles.count() == 0
+
+    # the enlarged canvas is that tile of the panel the node saved, scaled up without smoothing
+    image = probe["image"]
+    panel = Image.open(server.workdir / "temp" / "temp" / image["subfolder"] / image["filename"]).convert("RGB")
+    x, y, cell = probe["left"] + 1 * probe["cell"], probe["top"] + 1 * probe["cell"], probe["cell"]
+    expected = np.asarray(panel.crop((x, y, x + cell, y + cell)).resize((64, 64), Image.NEAREST), dtype=int)
+    shown = _canvas_pixels(page, ".duge-heatmap-enlarged canvas")
+    assert shown.size[0] > cell  # enlarged
+    shown = np.asarray(shown.resize((64, 64), Image.NEAREST), dtype=int)
+    assert np.abs(shown - expected).mean() < 8, "the enlarged view is not the clicked word's heatmap"
+    other = np.asarray(panel.crop((x + cell, y, x + 2 * cell, y + cell)).resize((64, 64), Image.NEAREST), dtype=int)
+    assert np.abs(shown - other).mean() > np.abs(shown - expected).mean()  # and not the 'red' one next to it
+
+    _node_screenshot(page, "DugeAttentionProbe", "comfyui_probe_heatmap_enlarged.png")
+
+    enlarged.click()
+    tiles.first.wait_for(state="visible", timeout=10_000)
+    assert tiles.count() == 6
     assert not console.errors(since=mark), console.errors(since=mark)
     assert not console.ours(), console.ours()

@@ -207,6 +207,6 @@ def test_web_extension_registers_through_the_frontends_app_module():
     source = (REPO / "web" / "duge.js").read_text()
     assert 'from "../../scripts/app.js"' in source
     assert 'const EXTENSION = "duge.unlearning"' in source and "app.registerExtension({\n  name: EXTENSION" in source
-    for node_id in ("DugeUnlearn", "DugeLoadConceptSet"):
+    for node_id in ("DugeUnlearn", "DugeLoadConceptSet", "DugeAttentionProbe"):
         assert f'nodeData.name === "{node_id}"' in source
     assert sorted(p.name for p in (REPO / "web").glob("**/*.js")) == ["duge.js"]  # every .js there is loaded

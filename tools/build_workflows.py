@@ -94,9 +94,11 @@ def demo_workflow(object_info: dict) -> dict:
     compare_view = w.node("PreviewImage", (1380, 0), size=(440, 640), title="Before / after",
                           images=compare.out("IMAGE"))
     scores = w.node("PreviewAny", (1000, 480), size=(340, 220), title="Evaluator scores", source=compare.out("scores"))
-    probe = w.node("DugeAttentionProbe", (1000, 760), size=(340, 390), model=model, clip=clip, vae=vae,
+    # tall enough for the clickable heatmaps web/duge.js shows under the widgets after a run; 400 wide, the
+    # width the frontend gives it on load (its multiline prompt's minimum), so the preview beside it stays clear
+    probe = w.node("DugeAttentionProbe", (1000, 760), size=(400, 640), model=model, clip=clip, vae=vae,
                    prompt="a red circle", words="circle, red", seed=0, steps=12, cfg=7.5, model_2=edited)
-    probe_view = w.node("PreviewImage", (1380, 700), size=(440, 450), title="Where 'circle' and 'red' look",
+    probe_view = w.node("PreviewImage", (1440, 700), size=(380, 450), title="Where 'circle' and 'red' look",
                         images=probe.out("IMAGE"))
 
     save_lora = w.node("DugeSaveUnlearningLora", (1900, 0), size=(340, 150), lora=unlearn.out("lora"),
@@ -104,7 +106,7 @@ def demo_workflow(object_info: dict) -> dict:
     save_checkpoint = w.node("DugeSaveUnlearnedCheckpoint", (1900, 220), size=(340, 130), model=edited, clip=clip,
                              vae=vae, filename_prefix="checkpoints/duge_demo")
 
-    y = 1290
+    y = 1540
     positive = w.node("CLIPTextEncode", (0, y), size=(360, 150), clip=clip, text="a red circle with dots")
     negative = w.node("CLIPTextEncode", (0, y + 210), size=(360, 150), clip=clip, text="")
     latent = w.node("EmptyLatentImage", (440, y), size=(300, 110), width=128, height=128, batch_size=4)
@@ -153,9 +155,9 @@ def sd_checkpoint_workflow(object_info: dict) -> dict:
         saved = w.node("SaveImage", (1680, y), size=(400, 500), title=f"Save Image ({label})", images=decoded.out(0),
                        filename_prefix=f"duge_sd/{label}")
         sampling += [sampler, decoded, saved]
-    probe = w.node("DugeAttentionProbe", (920, 590), size=(360, 400), model=model, clip=clip, vae=vae,
+    probe = w.node("DugeAttentionProbe", (920, 590), size=(360, 650), model=model, clip=clip, vae=vae,
                    prompt=prompt, words="Van Gogh, village", seed=42, steps=25, cfg=7.0, model_2=edited)
-    probe_view = w.node("PreviewImage", (920, 1050), size=(1160, 360), title="Where 'Van Gogh' and 'village' look",
+    probe_view = w.node("PreviewImage", (920, 1300), size=(1160, 360), title="Where 'Van Gogh' and 'village' look",
                         images=probe.out("IMAGE"))
 
     w.group("1 · Checkpoint and concepts", [note, checkpoint, concepts], color="#3f789e")
