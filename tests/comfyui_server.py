@@ -143,7 +143,10 @@ class ComfyServer:
         """The /history entry of `prompt_id` once it has finished (success or error)."""
         deadline = time.time() + timeout
         while time.time() < deadline:
-            history = self.get(f"/history/{prompt_id}")
+            try:
+                history = self.get(f"/history/{prompt_id}")
+            except (TimeoutError, urllib.error.URLError):  # a server starved by a big model answers late
+                history = {}
             if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
                 return history[prompt_id]
             if self.process.poll() is not None:

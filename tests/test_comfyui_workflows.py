@@ -4,7 +4,9 @@ One server (tests/comfyui_server.py) with the pack loaded from this checkout and
 every queued prompt really runs. The demo's API twin, which is the frontend's conversion of its UI
 form, runs end to end on the built-in model with the UI form attached as the frontend sends it.
 The SD checkpoint workflow passes ComfyUI's validation (a stand-in file takes the checkpoint's
-name) and stops only where the checkpoint is loaded. The CI snapshot of the node definitions is compared with the live ones.
+name) and stops only where the checkpoint is loaded; marked slow, it also runs end to end, at
+a small image size and few steps, on an SD 1.5-layout checkpoint with random weights
+(tests/sd_checkpoint.py). The CI snapshot of the node definitions is compared with the live ones.
 """
 
 from __future__ import annotations
@@ -130,3 +132,51 @@ def test_checkpoint_workflow_passes_validation_and_stops_only_at_the_checkpoint(
     assert entry["status"]["status_str"] == "error"
     errors = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
     assert [e["node_type"] for e in errors] == ["CheckpointLoaderSimple"], status_messages(entry)
+
+
+def _small_checkpoint_run(prompt: dict) -> dict:
+    """The checkpoint workflow's API form at CPU size: 64x64 images (8x8 latents), 2 sampler and 2
+    training steps, one anchor image; the Van Gogh set typed in with steps: 2 (its file asks 400)."""
+    prompt = json.loads(json.dumps(prompt))
+    concept_set = prompt[_node_id(prompt, "DugeLoadConceptSet")]["inputs"]
+    text = (REPO / "duge" / "concept_sets" / concept_set["file"]).read_text()
+    assert "steps: 400" in text
+    concept_set.update(file="(typed text below)", text=text.replace("steps: 400", "steps: 2"))
+    prompt[_node_id(prompt, "DugeUnlearn")]["inputs"].update(steps=2, anchor_images=1, sampler_steps=2)
+    prompt[_node_id(prompt, "EmptyLatentImage")]["inputs"].update(width=64, height=64, batch_size=1)
+    prompt[_node_id(prompt, "DugeAttentionProbe")]["inputs"].update(steps=2)
+    for node in prompt.values():
+        if node["class_type"] == "KSampler":
+            node["inputs"]["steps"] = 2
+    return prompt
+
+
+@pytest.mark.slow
+def test_checkpoint_workflow_runs_on_an_sd15_layout_checkpoint(tmp_path):
+    """The SD 1.5 workflow end to end on a real-size SD 1.5 single file with random weights, loaded
+    by the stock CheckpointLoaderSimple from a checkpoints folder of the test's own. Writing the
+    2.1 GB file takes about a minute; the run is full SD 1.5 training on the CPU (about 9 GB of RAM)."""
+    import time
+
+    from sd_checkpoint import write_sd15_checkpoint
+
+    from duge.io import read_manifest
+
+    write_sd15_checkpoint(tmp_path / "checkpoints" / _checkpoint_name())
+    prompt = _small_checkpoint_run(_load(API_DIR / "duge_sd15_checkpoint_api.json"))
+    with ComfyServer(COMFYUI_PATH, tmp_path, extra_model_paths={"checkpoints": "checkpoints"}) as server:
+        started = time.monotonic()
+        entry = server.wait(server.queue(prompt), timeout=RUN_TIMEOUT)
+        seconds = time.monotonic() - started
+        log = server.log_tail()
+    assert entry["status"]["status_str"] == "success", status_messages(entry) + log
+    assert "model_type EPS" in log  # ComfyUI detected the file as an SD 1.x checkpoint
+    outputs = entry["outputs"]
+    lora_path = Path(outputs[_node_id(prompt, "DugeSaveUnlearningLora")]["text"][0].removeprefix("saved "))
+    manifest = read_manifest(lora_path)
+    assert manifest["base_model"] == "SD15" and [r["target"] for r in manifest["requests"]] == ["Van Gogh"]
+    saved = [outputs[k]["images"][0] for k, n in prompt.items() if n["class_type"] == "SaveImage"]
+    assert len(saved) == 2 and all((server.output_dir / i["subfolder"] / i["filename"]).is_file() for i in saved)
+    probe = outputs[_node_id(prompt, "DugeAttentionProbe")]["duge_probe"][0]
+    assert probe["columns"] == ["image", "Van Gogh", "village"] and probe["rows"] == ["model", "model 2"]
+    print(f"SD 1.5 checkpoint workflow: {seconds:.0f} s from queueing to the end")
