@@ -145,6 +145,23 @@ def test_demo_model_matches_the_diffusers_pipeline(demo):
     assert vae.downscale_ratio == vae.upscale_ratio == 2
 
 
+def test_training_differentiates_through_comfyuis_cpu_attention(nodes, demo, monkeypatch):
+    """ComfyUI on the CPU attends with sub-quadratic attention, whose chunked path exponentiates in
+    place and cannot be differentiated (a real SD 1.5 checkpoint hit it); training goes through
+    ComfyUI's SDPA attention via the `optimized_attention_override` hook instead."""
+    import comfy.ldm.modules.attention as attention
+
+    model, clip, vae = demo
+    monkeypatch.setattr(attention, "optimized_attention", attention.attention_sub_quad)
+    monkeypatch.setattr(attention.model_management, "get_free_memory",  # little free memory: kv chunks
+                        lambda dev=None, torch_free_too=False: (1, 1) if torch_free_too else 1)
+    q = torch.randn(1, 16, 8, requires_grad=True)
+    with pytest.raises(RuntimeError, match="automatic differentiation"):  # what training met without the hook
+        attention.attention_sub_quad(q, q, q, 1).sum().backward()
+    edited, lora, report = _run_unlearn(nodes, model, clip, vae, steps=2)
+    assert "erase 'circle'" in report
+
+
 def test_unlearn_returns_an_edit_and_leaves_the_incoming_model_bit_identical(nodes, demo):
     model, clip, vae = demo
     before = _weights(model)

@@ -97,6 +97,17 @@ def attn2_block_key(comfy_module: str) -> tuple[str, int, int] | None:
     return (block, int(number) if block != "middle" else 0, int(index))
 
 
+def differentiable_attention(default_attention, *args, **kwargs):
+    """ComfyUI's `optimized_attention_override` hook while gradients are needed: its own PyTorch
+    SDPA attention instead of the host's choice. On the CPU ComfyUI picks sub-quadratic attention,
+    which exponentiates in place (`torch.exp(..., out=...)`) and cannot be differentiated; SDPA
+    can, and it is what ComfyUI itself uses on most GPUs. ComfyUI versions without the hook ignore
+    the key (they then train with whatever attention they chose).
+    """
+    from comfy.ldm.modules.attention import attention_pytorch
+
+    return attention_pytorch(*args, **kwargs)
+
 class _Attn2Capture:
     """`patches_replace["attn2"]` hook of one captured layer: ComfyUI's optimized attention for the
     output, plus the probabilities of the store's token columns (gradients flow through both)."""
@@ -120,7 +131,10 @@ class _Attn2Capture:
         self.store.maps[self.layer_name] = selected_token_probabilities(
             qh, kh, self.store.token_indices, 1 / math.sqrt(dim_head)
         )
-        return attention.optimized_attention(q, k, v, heads, attn_precision=extra_options.get("attn_precision"))
+        precision = extra_options.get("attn_precision")
+        if torch.is_grad_enabled():
+            return differentiable_attention(attention.optimized_attention, q, k, v, heads, attn_precision=precision)
+        return attention.optimized_attention(q, k, v, heads, attn_precision=precision)
 
 
 class _ClipTokenizerView:
@@ -274,6 +288,8 @@ class ComfyBackend:
         if transformer_options:
             options.update(transformer_options)
         options["sigmas"] = sigma
+        if torch.is_grad_enabled() and "optimized_attention_override" not in options:
+            options["optimized_attention_override"] = differentiable_attention
         extra = {}
         if pooled is not None:
             height, width = (s * 8 for s in noisy.shape[-2:])
