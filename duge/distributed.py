@@ -92,6 +92,14 @@ def shard_weight(rows: slice, count: int) -> float:
     return (rows.stop - rows.start) * world / count if count else 0.0
 
 
+def masked_shard_weight(rows: slice, selected) -> float:
+    """`shard_weight` for a loss averaged only over the batch rows where `selected` [count] (bool) is
+    True: selected rows here · world / selected rows in the whole batch (0 when none is selected)."""
+    _, world = rank_and_world()
+    total = int(selected.sum())
+    return int(selected[rows].sum()) * world / total if total else 0.0
+
+
 def check_batch(batch_size: int) -> None:
     _, world = rank_and_world()
     if batch_size < world:

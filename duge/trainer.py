@@ -32,7 +32,7 @@ import torch
 
 from .attention import reduce_token_maps
 from .concepts import ConceptSet, ResolvedRequest, render_prompt, resolve_request
-from .distributed import average_gradients, check_batch, shard_rows, shard_weight
+from .distributed import average_gradients, check_batch, masked_shard_weight, shard_rows, shard_weight
 from .edits import trainable_pattern
 from .errors import DugeError
 from .image_cache import load_or_build_request_cache
@@ -262,15 +262,21 @@ def _request_step(backend, edits, caches: list[RequestCache], config: UnlearnCon
     noise = torch.randn(z0.shape, generator=generator).to(device)
     t = torch.randint(0, backend.num_train_timesteps, (b,), generator=generator).to(device)
     zt = backend.add_noise(z0, noise, t)
+    # The attention term needs anchor tokens to look at: a sample whose anchor is the empty prompt
+    # (a colour left unmentioned) is steered by the output term alone.
+    tok_anchor, mask_anchor = backend.token_indices(anchor_prompts, anchor_words)
+    has_anchor = mask_anchor.any(1)  # [b]
     # Several processes (duge.distributed): each takes its rows of the same batch; one process takes all.
     rows = shard_rows(b)
     zt, t = zt[rows], t[rows]
     target_prompts, anchor_prompts = target_prompts[rows], anchor_prompts[rows]
-    target_words, anchor_words = target_words[rows], anchor_words[rows]
+    target_words = target_words[rows]
+    tok_anchor, mask_anchor = tok_anchor[rows], mask_anchor[rows]
+    attention_weight = masked_shard_weight(rows, has_anchor)  # the attention term averages these rows only
+    has_anchor = has_anchor[rows].to(device)
     ctx_target = backend.encode_prompts(target_prompts)
     ctx_anchor = backend.encode_prompts(anchor_prompts)
     tok_target, mask_target = backend.token_indices(target_prompts, target_words)
-    tok_anchor, mask_anchor = backend.token_indices(anchor_prompts, anchor_words)
     use_attention = method.attention_term and config.beta > 0
 
     with torch.no_grad(), edits.reference():
@@ -283,15 +289,13 @@ def _request_step(backend, edits, caches: list[RequestCache], config: UnlearnCon
             ref_anchor, maps_anchor = _predict(backend, zt, t, ctx_anchor, tok_anchor, mask_anchor, config, use_attention)
     pred_target, maps_target = _predict(backend, zt, t, ctx_target, tok_target, mask_target, config, use_attention)
     if use_attention:
-        # The attention term needs anchor tokens to look at: a sample whose anchor is the empty
-        # prompt (a colour left unmentioned) is steered by the output term alone.
-        has_anchor = mask_anchor.any(1).to(pred_target.device)  # [rows]
         maps_target = [m[has_anchor] for m in maps_target] if has_anchor.any() else []
         maps_anchor = [m[has_anchor] for m in maps_anchor] if has_anchor.any() else []
-    loss_xattn, parts = cross_attention_loss(pred_target, ref_anchor, maps_target, maps_anchor,
-                                             config.beta if use_attention else 0.0)
+    beta = config.beta if use_attention else 0.0
+    _, parts = cross_attention_loss(pred_target, ref_anchor, maps_target, maps_anchor, beta)
     losses = {"output": float(parts["output"].detach()), "attention": float(parts["attention"].detach())}
-    loss = shard_weight(rows, b) * loss_xattn
+    # L_xattn = L_out + β·L_attn, each part weighted by this process's share of its rows
+    loss = shard_weight(rows, b) * parts["output"] + beta * attention_weight * parts["attention"]
 
     if related_z and method.prior_term and config.lambda_prior > 0:
         zr0 = torch.stack(related_z).to(device)
