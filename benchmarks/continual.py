@@ -35,6 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from duge.memory import PeakMemory  # noqa: E402
+from duge.paths import atomic_write_text  # noqa: E402
 
 METHODS = ("duge", "esd-x", "ca", "ft-l2sp", "uce")
 
@@ -419,9 +420,7 @@ def main(argv=None) -> int:
         result["seconds_total"] = time.perf_counter() - t0
         if not args.no_plots and result.get("methods"):
             result["plots"] = [str(p) for p in write_plots(result, out_dir)]
-        tmp = json_path.with_name(f".{json_path.name}.tmp")
-        tmp.write_text(json.dumps(result, indent=2))
-        tmp.replace(json_path)
+        atomic_write_text(json_path, json.dumps(result, indent=2), overwrite=True)
 
     if args.merge:
         result = merge_results([json.loads(Path(p).read_text()) for p in args.merge])

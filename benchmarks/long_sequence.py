@@ -29,6 +29,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from duge.paths import atomic_write_text  # noqa: E402
+
 N_REQUESTS = 20
 NEVER_ERASED = "square"
 MEMORY_TOLERANCE = 0.10
@@ -162,9 +164,8 @@ def main(argv=None) -> int:
     print(table)
     if args.json:
         path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2) + "\n")
-        path.with_suffix(".md").write_text(table)
+        atomic_write_text(path, json.dumps(result, indent=2) + "\n", overwrite=True)
+        atomic_write_text(path.with_suffix(".md"), table, overwrite=True)
         print(f"wrote {path} and {path.with_suffix('.md')}")
     return 0 if all(v for v in result["checks"].values() if isinstance(v, bool)) else 1
 

@@ -38,6 +38,7 @@ from duge.edits import trainable_pattern  # noqa: E402
 from duge.io import load_lora, pipeline_config_files, pipeline_to_ldm_state_dict, save_lora, save_single_file  # noqa: E402
 from duge.layouts import LAYOUTS, random_pipeline  # noqa: E402
 from duge.memory import PeakMemory  # noqa: E402
+from duge.paths import atomic_write_text  # noqa: E402
 from duge.plan import measure_tflops, plan_run  # noqa: E402
 from duge.trainer import UnlearnConfig, unlearn  # noqa: E402
 from duge.world.model import BUILTIN_MODEL_DIR  # noqa: E402
@@ -210,8 +211,7 @@ def main(argv=None) -> int:
            "cpu_tflops_measured": tflops, "torch": torch.__version__, "rows": rows}
     print(table(rows))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
+        atomic_write_text(args.json, json.dumps(doc, indent=2) + "\n", overwrite=True)
     return 0
 
 

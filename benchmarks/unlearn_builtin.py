@@ -19,6 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from duge.paths import atomic_write_text  # noqa: E402
+
 TARGETS = {"UA": 0.90, "UA_each": 0.80, "IRA_ratio": 0.90, "CRA_ratio": 0.95, "seconds_per_request": 180.0}
 VARIANTS = {
     "duge": {},
@@ -111,8 +113,7 @@ def main(argv=None) -> int:
             "CRA_ratio": (f["CRA_ratio"] or 0) >= TARGETS["CRA_ratio"],
             "seconds_per_request": f["max_seconds_per_request"] <= TARGETS["seconds_per_request"]}
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        atomic_write_text(args.json, json.dumps(result, indent=2), overwrite=True)
         print(f"wrote {args.json}")
     return 0
 

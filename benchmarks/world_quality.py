@@ -18,6 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from duge.paths import atomic_write_text  # noqa: E402
+
 TARGETS = {"per_kind": 0.90, "per_concept": 0.75, "all_three": 0.70, "seconds_for_8": 5.0}
 
 
@@ -82,8 +84,7 @@ def main(argv=None) -> int:
         },
     }
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        atomic_write_text(args.json, json.dumps(result, indent=2), overwrite=True)
         print(f"wrote {args.json}")
     return 0
 

@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 from .errors import DugeError
+from .paths import atomic_write_text
 
 REPORT_NAME = "report.html"
 METRICS = ("UA", "IRA", "CRA", "H", "distance")
@@ -53,11 +54,7 @@ def write_report(run_dir: str | Path) -> Path:
                         "`duge unlearn` or of benchmarks/continual.py")
     page = (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{_e(title)}</title>"
             f"<style>{_CSS}</style></head><body>\n<h1>{_e(title)}</h1>\n{body}\n</body></html>\n")
-    out = run_dir / REPORT_NAME
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(out)
-    return out
+    return atomic_write_text(run_dir / REPORT_NAME, page, overwrite=True)
 
 
 # ---------------------------------------------------------------- a `duge unlearn` folder
