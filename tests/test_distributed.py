@@ -46,7 +46,9 @@ def test_sharded_gradients_match_when_some_rows_have_no_anchor_tokens(builtin_pi
     whole = _step_gradients(backend, caches, config, 0, 1, monkeypatch, replay=3)
     shards = [_step_gradients(backend, caches, config, rank, 2, monkeypatch, replay=3) for rank in range(2)]
     for name, grad in whole.items():
-        torch.testing.assert_close((shards[0][name] + shards[1][name]) / 2, grad, rtol=1e-4, atol=1e-9)
+        # float sums in another order: a tolerance relative to the gradient's scale
+        torch.testing.assert_close((shards[0][name] + shards[1][name]) / 2, grad, rtol=1e-4,
+                                   atol=1e-5 * float(grad.abs().max()))
 
 
 def _step_gradients(backend, cache, config, rank: int, world: int, monkeypatch, replay: int = 0) -> dict[str, torch.Tensor]:
