@@ -6,6 +6,10 @@ one ablation row per loss switched off (β = 0, λ_prior = 0, λ_reg = 0) on the
 seeds, so each loss's effect is visible. Prints a table and writes JSON.
 
     python benchmarks/unlearn_builtin.py [--concepts duge/concept_sets/demo.yaml] [--json PATH]
+                                         [--set FIELD=VALUE ...] [--threads N]
+
+--set changes a default for every row (e.g. --set lambda_reg=2e-6), to measure a setting
+side by side with the same seeds before it becomes the default.
 """
 
 from __future__ import annotations
@@ -37,7 +41,20 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="override the default steps per request")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="change an UnlearnConfig default for every row")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
+
+    import torch
+
+    from continual import parse_overrides
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    common = parse_overrides(args.set)
+    if any(":" in key for key in common):
+        raise SystemExit("--set: this benchmark runs DUGE only; write FIELD=VALUE without a method")
 
     from duge.backends.diffusers_backend import DiffusersBackend
     from duge.concepts import example_concept_set_path, load_concept_set, resolve_request
@@ -58,7 +75,7 @@ def main(argv=None) -> int:
     rows = {}
     for name in args.variants.split(","):
         overrides = VARIANTS[name]
-        config = dataclasses.replace(UnlearnConfig(seed=args.seed), **overrides)
+        config = dataclasses.replace(UnlearnConfig(seed=args.seed), **{**common, **overrides})
         if args.steps:
             config.steps = args.steps
         per_request, peaks = [], []
@@ -89,7 +106,7 @@ def main(argv=None) -> int:
             "seconds_total": time.time() - t0}
     memory.close()
 
-    print(f"base model: " + "; ".join(f"after {k + 1}: IRA {b['IRA']:.3f} CRA {b['CRA']:.3f}" for k, b in base.items()))
+    print("base model: " + "; ".join(f"after {k + 1}: IRA {b['IRA']:.3f} CRA {b['CRA']:.3f}" for k, b in base.items()))
     header = f"{'variant':<42}{'UA':>6}{'minUA':>7}{'IRA':>7}{'CRA':>7}{'IRA/0':>7}{'CRA/0':>7}{'s/req':>7}{'MiB':>7}"
     print(header)
     print("-" * len(header))

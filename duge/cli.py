@@ -58,7 +58,9 @@ def _unlearn_config(args):
 
     config = UnlearnConfig(method=args.method, setting=args.setting, seed=args.seed, trainable=args.trainable,
                            trainable_mode=args.trainable_mode, dtype=args.dtype,
-                           gradient_checkpointing=args.gradient_checkpointing, cache_dir=args.cache_dir)
+                           gradient_checkpointing=args.gradient_checkpointing,
+                           micro_batch_size=args.micro_batch_size, memory_budget_gib=args.memory_budget,
+                           cache_dir=args.cache_dir)
     if args.batch_size is not None:
         config.batch_size = args.batch_size
     if args.steps is not None:
@@ -94,12 +96,19 @@ def _run_unlearn_job(model: str, concepts: str, out: str, config, overwrite: boo
     return 0
 
 
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _cmd_plan(args) -> int:
     from .plan import meta_pipeline, plan_run
     from .trainer import UnlearnConfig
 
     config = UnlearnConfig(trainable=args.trainable, trainable_mode=args.trainable_mode, dtype=args.dtype,
-                           gradient_checkpointing=args.gradient_checkpointing)
+                           gradient_checkpointing=args.gradient_checkpointing,
+                           micro_batch_size=args.micro_batch_size, memory_budget_gib=args.memory_budget)
     if args.steps is not None:
         config.steps = args.steps
     if args.batch_size is not None:
@@ -112,12 +121,17 @@ def _cmd_plan(args) -> int:
         requests = load_concept_set(args.concepts).requests
         related = max((len(r.preserve) for r in requests), default=0)
     pipe = meta_pipeline(args.model, args.config)
+    vram = args.vram
+    if vram is None and (args.device or ("cuda" if torch_cuda_available() else "cpu")) == "cuda" and torch_cuda_available():
+        import torch
+
+        vram = torch.cuda.get_device_properties(0).total_memory / 2**30
     plans = []
     for spec in requests or [None]:
         if spec is not None and spec.steps:
             config.steps = spec.steps
         plan = plan_run(pipe, config, str(args.model), args.resolution, args.device, args.tflops,
-                        related_concepts=len(spec.preserve) if spec is not None else related)
+                        related_concepts=len(spec.preserve) if spec is not None else related, vram_gib=vram)
         args.tflops = plan.tflops  # measure once
         if spec is not None:
             print(f"request '{spec.target}':")
@@ -202,9 +216,36 @@ def _add_unlearn_options(p, default_out=None) -> None:
     _add_memory_options(p)
 
 
+def _on_off_auto(text: str):
+    values = {"auto": "auto", "on": True, "off": False}
+    if text not in values:
+        raise argparse.ArgumentTypeError(f"expected auto, on or off, got {text!r}")
+    return values[text]
+
+
+def _rows_or_auto(text: str):
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 'auto', 0 (the whole batch) or a number of rows, got {text!r}")
+    return value
+
+
 def _add_memory_options(p) -> None:
-    p.add_argument("--gradient-checkpointing", action="store_true",
-                   help="recompute UNet blocks in the backward pass instead of keeping activations (see `duge plan`)")
+    p.add_argument("--gradient-checkpointing", type=_on_off_auto, nargs="?", const=True, default="auto",
+                   metavar="auto|on|off",
+                   help="recompute UNet blocks in the backward pass instead of keeping activations; auto (default): "
+                        "only when one batch row's activations would not fit the free memory (see `duge plan`)")
+    p.add_argument("--micro-batch-size", type=_rows_or_auto, default="auto", metavar="auto|N",
+                   help="batch rows per UNet pass, gradients accumulated (the same step); auto (default): as many "
+                        "as fit the free memory, 0: the whole batch at once")
+    p.add_argument("--memory-budget", type=float, default=None, metavar="GIB",
+                   help="memory the training may add over the loaded model, for the auto choices "
+                        "(default: the device's free memory; `duge plan`: the device's total)")
     p.add_argument("--cache-dir", default=None, help="keep each request's generated anchor/related images here "
                                                       "and reuse them in later runs")
 
@@ -283,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trainable-mode", default="full", choices=["full", "lora"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     _add_memory_options(p)
+    p.add_argument("--vram", type=float, default=None, metavar="GIB",
+                   help="the device's memory, for the auto memory settings (default: this machine's GPU's; "
+                        "none: no limit)")
     p.add_argument("--json", default=None, help="also write the plan here")
     p.set_defaults(func=_cmd_plan)
 

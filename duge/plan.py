@@ -10,15 +10,21 @@ Memory (bytes), for one training step — the peak of a request:
 
 - W, the frozen weights: (UNet + text encoders + VAE parameters) · s, where s = 2 for fp16/bf16
   storage (CUDA with autocast: `storage_dtype`) and 4 for float32.
-- E, the edited layers, per edited weight element: committed delta (4) + θ0 float32 copy
-  (4 when s = 2, else 0) + the effective weight W0 + Δ that F.linear saves in each of the two UNet
-  passes with gradient (2 · s) + the regulariser's float32 terms alive at the backward pass (8);
-  and for the trainable parameters
-  (every edited element in `full` mode, r · (out + in) per layer in `lora` mode): value, gradient and
-  AdamW's two moments, 16 bytes each.
-- A, the activations kept for the backward pass, for the anchor batch B plus the related batch
-  (B again when the request preserves related concepts), in the compute dtype's bytes a:
-  per sample, summed over the UNet at its latent resolutions (P = h · w pixels of a level, c
+- E, the edited layers: per edited weight element its float32 committed delta (4 bytes); the
+  effective weight W0 + Δ is built per layer when the layer runs and not kept (autograd saves the
+  text context, not the weight, since the context needs no gradient), and the regulariser is
+  back-propagated one layer at a time. For the trainable parameters (every edited element in
+  `full` mode, r · (out + in) per layer in `lora` mode): value, gradient and AdamW's two moments,
+  16 bytes each.
+- A, the activations kept for the backward pass, for the rows of one UNet pass in the compute
+  dtype's bytes a. A step's anchor rows (B, plus the replayed rows after a sequential run's first
+  request) and its related rows (B when the request preserves related concepts) are two groups,
+  each back-propagated before the next runs, so A is set by the larger group — or by the
+  micro-batch, when the rows go through the UNet a few at a time (gradients accumulated; the same
+  step). "auto" gradient checkpointing and micro-batch size are settled against the device's
+  memory as a run settles them (`choose_memory_settings`): the whole group if it fits, else the
+  largest micro-batch that fits, and checkpointing only when one row does not fit. Per row,
+  summed over the UNet at its latent resolutions (P = h · w pixels of a level, c
   channels, T = text tokens):
 
       ResNet block (c_in → c_out):           (3 c_in + 5 c_out) · P
@@ -31,7 +37,7 @@ Memory (bytes), for one training step — the peak of a request:
   With gradient checkpointing every ResNet block and every transformer block keeps only its input
   (c_in · P or c · P) and one block at a time is recomputed in the backward pass, so A is the
   sum of those inputs plus the non-checkpointed parts, plus the largest single block's full
-  activations for the batch.
+  activations for the rows of the pass.
 
 Time (FLOPs): F = one UNet forward for one sample, counted by torch's FlopCounterMode on the meta
 device (exact per operation, no computation). One step costs 2 B F (reference passes, no grad) +
@@ -54,6 +60,7 @@ import torch
 
 UNET_EFFICIENCY = 0.5  # share of the matmul throughput a UNet forward/backward reaches (assumed)
 ADAM_BYTES = 16  # value, gradient, exp_avg, exp_avg_sq in float32
+EDITED_BYTES = 4  # the float32 committed delta of each edited weight element
 GiB = 2**30
 
 
@@ -214,11 +221,15 @@ class Plan:
     resolution: int
     latent: tuple[int, int]
     batch_size: int
+    replay_rows: int  # replayed rows of earlier requests per step (sequential setting, after the first request)
     related_batch: int
     device: str
     storage_bytes: int
     compute_bytes: int
     gradient_checkpointing: bool
+    micro_batch_size: int  # 0: the whole batch in one pass
+    memory_choice: str  # why (duge.plan.choose_memory_settings)
+    vram_gib: float | None
     trainable: str
     trainable_mode: str
     parameters: dict = field(default_factory=dict)  # unet, text_encoders, vae, edited, trainable
@@ -242,9 +253,11 @@ class Plan:
             f"parameters: UNet {p['unet'] / 1e6:.1f} M, text encoders {p['text_encoders'] / 1e6:.1f} M, "
             f"VAE {p['vae'] / 1e6:.1f} M; edited ({self.trainable}) {p['edited'] / 1e6:.2f} M, "
             f"trainable ({self.trainable_mode}) {p['trainable'] / 1e6:.2f} M",
-            f"batch {self.batch_size} anchor + {self.related_batch} related, weights in {8 * self.storage_bytes}-bit, "
+            f"batch {self.batch_size} anchor + {self.replay_rows} replayed + {self.related_batch} related, weights in {8 * self.storage_bytes}-bit, "
             f"activations in {8 * self.compute_bytes}-bit, gradient checkpointing "
-            f"{'on' if self.gradient_checkpointing else 'off'}",
+            f"{'on' if self.gradient_checkpointing else 'off'}, "
+            + (f"micro-batches of {self.micro_batch_size} rows" if self.micro_batch_size else "whole batch per pass")
+            + (f" (for {self.vram_gib:g} GiB: {self.memory_choice})" if self.vram_gib else ""),
             f"peak memory  {m['total']:.2f} GiB = weights {m['weights']:.2f} + edits {m['edits']:.2f} "
             f"+ activations {m['activations']:.2f}",
             f"             (activations with gradient checkpointing {'off' if self.gradient_checkpointing else 'on'}: "
@@ -257,11 +270,13 @@ class Plan:
 
 
 def plan_run(pipe, config, model_name: str = "", resolution: int | None = None, device: str | None = None,
-             tflops: float | None = None, related_concepts: int = 1) -> Plan:
+             tflops: float | None = None, related_concepts: int = 1, vram_gib: float | None = None) -> Plan:
     """The plan for `config` (an `UnlearnConfig`) on `pipe` (real or meta weights); see the module doc.
 
     `device`: "cuda" or "cpu" (default: CUDA when available); `related_concepts`: preserved concepts
-    per request (sets the related batch: B when > 0, else 0).
+    per request (sets the related batch: B when > 0, else 0). `vram_gib`: the device's memory, for
+    settling "auto" gradient checkpointing and micro-batch size as a run would
+    (`choose_memory_settings`); None: no limit (the whole batch in one pass, no checkpointing).
     """
     from .layouts import pipeline_layout
 
@@ -272,20 +287,30 @@ def plan_run(pipe, config, model_name: str = "", resolution: int | None = None, 
     resolution = resolution or sizes.unet_config["sample_size"] * sizes.vae_scale_factor
     latent = (resolution // sizes.vae_scale_factor, resolution // sizes.vae_scale_factor)
     batch = config.batch_size
+    # A step's anchor rows (the current request's batch plus, after the first request of a
+    # sequential run, the replayed rows) and its related rows run through the UNet one group after
+    # the other, each back-propagated before the next: the activations peak at the larger group.
+    rows = batch + (config.replay_batch_size if config.setting == "sequential" else 0)
     related = batch if related_concepts > 0 and config.lambda_prior > 0 else 0
-    samples = batch + related
+    samples = rows + related
 
     if config.trainable_mode == "lora":
         trainable = sum(min(config.lora_rank, o, i) * (o + i) for o, i in sizes.edited_layers)
     else:
         trainable = sizes.edited_elements
     weights = (sizes.unet + sizes.text_encoders + sizes.vae) * storage
-    per_edited = 4 + (4 if storage == 2 else 0) + 2 * storage + 8
-    edits = sizes.edited_elements * per_edited + trainable * ADAM_BYTES
+    edits = sizes.edited_elements * EDITED_BYTES + trainable * ADAM_BYTES
     counts = unet_activation_elements(sizes.unet_config, latent, sizes.text_tokens)
-    full = counts.full * samples * compute
-    checkpointed = (counts.checkpointed * samples + counts.largest_block * samples) * compute
-    activations, other = (checkpointed, full) if config.gradient_checkpointing else (full, checkpointed)
+    per_row_full = counts.full * compute
+    per_row_checkpointed = (counts.checkpointed + counts.largest_block) * compute
+    budget = None
+    if vram_gib is not None:
+        budget = max(0.0, (vram_gib * GiB - weights - edits) * MEMORY_MARGIN)
+    choice = choose_memory_settings(max(rows, related), per_row_full, per_row_checkpointed, budget,
+                                    config.gradient_checkpointing, config.micro_batch_size)
+    in_pass = max(rows, related) if not choice.micro_batch_size else min(choice.micro_batch_size, max(rows, related))
+    full, checkpointed = per_row_full * in_pass, per_row_checkpointed * in_pass
+    activations, other = (checkpointed, full) if choice.gradient_checkpointing else (full, checkpointed)
 
     flops = unet_forward_flops(pipe, latent)
     if tflops is None:
@@ -294,12 +319,13 @@ def plan_run(pipe, config, model_name: str = "", resolution: int | None = None, 
     else:
         source = "given"
     rate = tflops * 1e12 * UNET_EFFICIENCY
-    per_step = (2 * batch + 2 * samples + 2 * samples + (2 * samples if config.gradient_checkpointing else 0)) * flops
+    per_step = (2 * rows + 2 * samples + 2 * samples + (2 * samples if choice.gradient_checkpointing else 0)) * flops
     cached = (config.anchor_images + config.related_images * related_concepts) * config.cache_steps * 2 * flops
     return Plan(
         model=model_name, layout=pipeline_layout(pipe).name, resolution=resolution, latent=latent, batch_size=batch,
-        related_batch=related, device=device.type, storage_bytes=storage, compute_bytes=compute,
-        gradient_checkpointing=config.gradient_checkpointing, trainable=config.trainable,
+        replay_rows=rows - batch, related_batch=related, device=device.type, storage_bytes=storage, compute_bytes=compute,
+        gradient_checkpointing=choice.gradient_checkpointing, micro_batch_size=choice.micro_batch_size,
+        memory_choice=choice.reason, vram_gib=vram_gib, trainable=config.trainable,
         trainable_mode=config.trainable_mode,
         parameters={"unet": sizes.unet, "text_encoders": sizes.text_encoders, "vae": sizes.vae,
                     "edited": sizes.edited_elements, "trainable": trainable},
@@ -361,3 +387,92 @@ def _meta_pipeline_from_folder(folder: Path, fallback_tokenizer: Path):
     extra = {"add_watermarker": False} if layout.name == "sdxl" else {
         "safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
     return cls(**components, **extra)
+
+
+# ---------------------------------------------------------------- run-time choice ("auto")
+
+MEMORY_MARGIN = 0.8  # share of the free memory the activations may take (the rest: allocator slack, transients)
+
+
+def free_memory_bytes(device: torch.device) -> int | None:
+    """Memory free for this process now: CUDA's free device memory, on the CPU the kernel's
+    MemAvailable; None when it cannot be read."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+@dataclass
+class MemoryChoice:
+    gradient_checkpointing: bool
+    micro_batch_size: int  # rows per UNet pass; 0: the whole batch at once
+    reason: str
+
+
+def choose_memory_settings(rows: int, full_bytes_per_row: float, checkpointed_bytes_per_row: float | None,
+                           budget_bytes: float | None, gradient_checkpointing="auto",
+                           micro_batch_size="auto") -> MemoryChoice:
+    """Settle "auto" gradient checkpointing and micro-batch size for a step of `rows` batch rows.
+
+    The activations kept for the backward pass grow with the rows in one UNet pass (`*_bytes_per_row`,
+    measured or planned; `checkpointed_bytes_per_row` None: the backend cannot checkpoint). Within
+    `budget_bytes` (None: unknown, nothing is limited): the whole batch at once if it fits; else
+    micro-batches as large as fit (accumulated gradients: the same step, no extra compute); only when
+    a single row does not fit, gradient checkpointing (a third more compute) with the largest
+    micro-batch that then fits. A setting given as a value is kept as it is.
+    """
+    def rows_fitting(per_row: float) -> int:
+        return int(budget_bytes // per_row) if per_row > 0 else rows
+
+    def micro_for(per_row: float) -> int:
+        if micro_batch_size != "auto":
+            return int(micro_batch_size)
+        fit = rows_fitting(per_row)
+        return 0 if fit >= rows else max(1, fit)
+
+    gib = 2**30
+    if budget_bytes is None:
+        ckpt = gradient_checkpointing is True
+        return MemoryChoice(ckpt, 0 if micro_batch_size == "auto" else int(micro_batch_size),
+                            "free memory unknown: the whole batch at once")
+    if gradient_checkpointing != "auto":
+        per_row = checkpointed_bytes_per_row if gradient_checkpointing and checkpointed_bytes_per_row else full_bytes_per_row
+        micro = micro_for(per_row)
+        return MemoryChoice(bool(gradient_checkpointing), micro,
+                            f"{per_row / gib:.2f} GiB of activations per row, {budget_bytes / gib:.2f} GiB free for them")
+    if rows_fitting(full_bytes_per_row) >= 1 or checkpointed_bytes_per_row is None:
+        micro = micro_for(full_bytes_per_row)
+        why = (f"{full_bytes_per_row / gib:.2f} GiB of activations per row, {budget_bytes / gib:.2f} GiB free for them")
+        if rows_fitting(full_bytes_per_row) < 1:
+            why += "; even one row may not fit, and this backend cannot checkpoint"
+        return MemoryChoice(False, micro, why)
+    micro = micro_for(checkpointed_bytes_per_row)
+    return MemoryChoice(True, micro, f"one row needs {full_bytes_per_row / gib:.2f} GiB without checkpointing, "
+                                     f"{checkpointed_bytes_per_row / gib:.2f} GiB with it; "
+                                     f"{budget_bytes / gib:.2f} GiB free for activations")
+
+
+def saved_activation_bytes(forward) -> int:
+    """Bytes of the activations autograd keeps for the backward pass while `forward()` runs: the
+    distinct storages of the saved tensors that an operation produced (a grad_fn). Leaves — the
+    frozen weights, the trainable parameters, inputs that need no gradient — already exist apart
+    from the graph and are not counted. The graph is dropped after."""
+    kept: dict[int, int] = {}
+
+    def pack(tensor):
+        if tensor.grad_fn is not None:
+            storage = tensor.untyped_storage()
+            kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = forward()
+    del out
+    return sum(kept.values())

@@ -23,6 +23,8 @@ The regulariser still anchors to θ0, which is what keeps erosion from accumulat
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -38,6 +40,8 @@ from .errors import DugeError
 from .image_cache import load_or_build_request_cache
 from .losses import cross_attention_loss, prior_preservation_loss, regularization_loss
 from .methods import get_method
+
+logger = logging.getLogger(__name__)
 
 SETTINGS = ("sequential", "independent", "simultaneous")
 
@@ -83,10 +87,17 @@ class UnlearnConfig:
     # cached anchor images), added to each step's batch, so that a later request — and the
     # regulariser's pull towards θ0 — cannot undo an earlier erasure. 0 turns replay off.
     replay_batch_size: int = 4
-    # Memory (duge.plan): recompute each UNet block in the backward pass instead of keeping its
-    # activations; and a folder where the cached anchor/related images of each request are kept
-    # between runs (duge.image_cache), None: kept in memory only.
-    gradient_checkpointing: bool = False
+    # Memory (duge.plan.choose_memory_settings). gradient_checkpointing: recompute each UNet block in
+    # the backward pass instead of keeping its activations; micro_batch_size: rows of the batch per
+    # UNet pass, their gradients accumulated (the same step as the whole batch at once; 0: all at
+    # once). "auto" for either: chosen at the start of the run so that the activations fit the
+    # device's free memory (or `memory_budget_gib`), micro-batching first (it costs no compute),
+    # checkpointing only when one row alone would not fit. The choice is logged.
+    gradient_checkpointing: bool | str = "auto"
+    micro_batch_size: int | str = "auto"
+    memory_budget_gib: float | None = None  # None: the device's free memory when the run starts
+    # A folder where the cached anchor/related images of each request are kept between runs
+    # (duge.image_cache), None: kept in memory only.
     cache_dir: str | None = None
 
     def validate(self) -> None:
@@ -99,6 +110,14 @@ class UnlearnConfig:
             raise DugeError(f"replay_batch_size must be 0 (no replay) or more, got {self.replay_batch_size}")
         if self.learning_rate <= 0:
             raise DugeError(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.gradient_checkpointing not in (True, False, "auto"):
+            raise DugeError(f"gradient_checkpointing must be true, false or 'auto', got {self.gradient_checkpointing!r}")
+        if self.micro_batch_size != "auto" and (isinstance(self.micro_batch_size, bool)
+                                                or not isinstance(self.micro_batch_size, int) or self.micro_batch_size < 0):
+            raise DugeError(f"micro_batch_size must be 'auto', 0 (the whole batch) or a positive number of rows, "
+                            f"got {self.micro_batch_size!r}")
+        if self.memory_budget_gib is not None and not self.memory_budget_gib > 0:
+            raise DugeError(f"memory_budget_gib must be positive or None, got {self.memory_budget_gib!r}")
         if self.regularizer not in ("l2sp", "fisher"):
             raise DugeError(f"regularizer must be 'l2sp' or 'fisher', got {self.regularizer!r}")
         trainable_pattern(self.trainable)
@@ -218,10 +237,27 @@ def _predict(backend, zt, t, context, tokens, mask, config, capture: bool):
         return backend.predict_noise(zt, t, context), _reduced_maps(store, mask)
 
 
-def _request_step(backend, edits, caches: list[RequestCache], config: UnlearnConfig, rng: np.random.Generator,
-                  generator: torch.Generator, theta0: dict, fisher: dict | None,
-                  replay: int = 0) -> tuple[torch.Tensor, dict]:
-    """One optimisation step's loss over a batch drawn from `caches`.
+@dataclass
+class _Batch:
+    """One step's samples, drawn whole (the same in every process and for any micro-batching).
+    Row i of the anchor part: noised latent zt[i] at timestep t[i], prompts and words."""
+
+    zt: torch.Tensor  # [b, C, h, w]
+    t: torch.Tensor  # [b]
+    target_prompts: list[str]
+    anchor_prompts: list[str]
+    target_words: list[str]
+    tok_anchor: torch.Tensor  # [b, T] token indices of the anchor word
+    mask_anchor: torch.Tensor  # [b, T] bool
+    has_anchor: torch.Tensor  # [b] bool: the anchor has tokens (the attention term needs them)
+    related_zt: torch.Tensor | None = None  # [r, C, h, w]
+    related_t: torch.Tensor | None = None  # [r]
+    related_prompts: list[str] = field(default_factory=list)
+
+
+def _draw_batch(backend, caches: list[RequestCache], config: UnlearnConfig, rng: np.random.Generator,
+                generator: torch.Generator, replay: int = 0) -> _Batch:
+    """The samples of one step.
 
     `replay` > 0: the last cache is the current request, which fills `batch_size` samples, and
     `replay` samples are drawn from the earlier caches (replayed erasures). Otherwise the
@@ -234,7 +270,6 @@ def _request_step(backend, edits, caches: list[RequestCache], config: UnlearnCon
                                 rng.integers(0, len(caches) - 1, replay)])
     else:
         which = rng.integers(0, len(caches), config.batch_size)
-    b = len(which)
     anchor_z, target_prompts, anchor_prompts, target_words, anchor_words = [], [], [], [], []
     related_z, related_prompts = [], []
     for c in which:
@@ -260,66 +295,143 @@ def _request_step(backend, edits, caches: list[RequestCache], config: UnlearnCon
 
     z0 = torch.stack(anchor_z).to(device)
     noise = torch.randn(z0.shape, generator=generator).to(device)
-    t = torch.randint(0, backend.num_train_timesteps, (b,), generator=generator).to(device)
-    zt = backend.add_noise(z0, noise, t)
-    # The attention term needs anchor tokens to look at: a sample whose anchor is the empty prompt
-    # (a colour left unmentioned) is steered by the output term alone.
+    t = torch.randint(0, backend.num_train_timesteps, (len(which),), generator=generator).to(device)
     tok_anchor, mask_anchor = backend.token_indices(anchor_prompts, anchor_words)
-    has_anchor = mask_anchor.any(1)  # [b]
-    # Several processes (duge.distributed): each takes its rows of the same batch; one process takes all.
-    rows = shard_rows(b)
-    zt, t = zt[rows], t[rows]
-    target_prompts, anchor_prompts = target_prompts[rows], anchor_prompts[rows]
-    target_words = target_words[rows]
-    tok_anchor, mask_anchor = tok_anchor[rows], mask_anchor[rows]
-    attention_weight = masked_shard_weight(rows, has_anchor)  # the attention term averages these rows only
-    has_anchor = has_anchor[rows].to(device)
-    ctx_target = backend.encode_prompts(target_prompts)
-    ctx_anchor = backend.encode_prompts(anchor_prompts)
-    tok_target, mask_target = backend.token_indices(target_prompts, target_words)
-    use_attention = method.attention_term and config.beta > 0
-
-    with torch.no_grad(), edits.reference():
-        if method.objective == "negative_guidance":
-            uncond = backend.encode_prompts([""] * len(target_prompts))
-            ref_uncond = backend.predict_noise(zt, t, uncond)
-            ref_anchor = ref_uncond - config.esd_eta * (backend.predict_noise(zt, t, ctx_target) - ref_uncond)
-            maps_anchor = []
-        else:
-            ref_anchor, maps_anchor = _predict(backend, zt, t, ctx_anchor, tok_anchor, mask_anchor, config, use_attention)
-    pred_target, maps_target = _predict(backend, zt, t, ctx_target, tok_target, mask_target, config, use_attention)
-    if use_attention:
-        maps_target = [m[has_anchor] for m in maps_target] if has_anchor.any() else []
-        maps_anchor = [m[has_anchor] for m in maps_anchor] if has_anchor.any() else []
-    beta = config.beta if use_attention else 0.0
-    _, parts = cross_attention_loss(pred_target, ref_anchor, maps_target, maps_anchor, beta)
-    losses = {"output": float(parts["output"].detach()), "attention": float(parts["attention"].detach())}
-    # L_xattn = L_out + β·L_attn, each part weighted by this process's share of its rows
-    loss = shard_weight(rows, b) * parts["output"] + beta * attention_weight * parts["attention"]
-
+    batch = _Batch(backend.add_noise(z0, noise, t), t, target_prompts, anchor_prompts, target_words,
+                   tok_anchor, mask_anchor, mask_anchor.any(1))
     if related_z and method.prior_term and config.lambda_prior > 0:
         zr0 = torch.stack(related_z).to(device)
         noise_r = torch.randn(zr0.shape, generator=generator).to(device)
         t_r = torch.randint(0, backend.num_train_timesteps, (len(related_z),), generator=generator).to(device)
-        zr = backend.add_noise(zr0, noise_r, t_r)
-        related_rows = shard_rows(len(related_z))
-        zr, t_r, related_prompts = zr[related_rows], t_r[related_rows], related_prompts[related_rows]
-        if len(related_prompts):
-            ctx_r = backend.encode_prompts(related_prompts)
+        batch.related_zt, batch.related_t = backend.add_noise(zr0, noise_r, t_r), t_r
+        batch.related_prompts = related_prompts
+    return batch
+
+
+def micro_batches(rows: slice, size: int) -> list[slice]:
+    """`rows` cut into consecutive slices of at most `size` rows (0: one slice)."""
+    if size <= 0 or rows.stop - rows.start <= size:
+        return [rows]
+    return [slice(i, min(i + size, rows.stop)) for i in range(rows.start, rows.stop, size)]
+
+
+def _request_step(backend, edits, caches: list[RequestCache], config: UnlearnConfig, rng: np.random.Generator,
+                  generator: torch.Generator, fisher: dict | None, replay: int = 0,
+                  micro_batch_size: int = 0) -> dict:
+    """One optimisation step's loss over a batch drawn from `caches`, back-propagated into the
+    trainable deltas' `.grad` (the caller zeroes them before and steps the optimiser after).
+
+    Each process (duge.distributed) takes its rows of the batch, and those rows run through the
+    UNet `micro_batch_size` at a time (0: all at once), each part's loss weighted by its share of
+    the batch and back-propagated before the next part runs: the gradients add up to the whole
+    batch's, while only one part's activations are alive at a time. The regulariser is
+    back-propagated layer by layer for the same reason. Returns the loss values (floats).
+    """
+    method = get_method(config.method)
+    batch = _draw_batch(backend, caches, config, rng, generator, replay)
+    b = len(batch.t)
+    use_attention = method.attention_term and config.beta > 0
+    beta = config.beta if use_attention else 0.0
+    totals = {"output": 0.0, "attention": 0.0, "total": 0.0}
+    rows = shard_rows(b)
+    for part in micro_batches(rows, micro_batch_size):
+        zt, t = batch.zt[part], batch.t[part]
+        target_prompts, anchor_prompts = batch.target_prompts[part], batch.anchor_prompts[part]
+        tok_anchor, mask_anchor = batch.tok_anchor[part], batch.mask_anchor[part]
+        # The attention term needs anchor tokens to look at: a sample whose anchor is the empty prompt
+        # (a colour left unmentioned) is steered by the output term alone.
+        has_anchor = batch.has_anchor[part].to(zt.device)
+        ctx_target = backend.encode_prompts(target_prompts)
+        ctx_anchor = backend.encode_prompts(anchor_prompts)
+        tok_target, mask_target = backend.token_indices(target_prompts, batch.target_words[part])
+        with torch.no_grad(), edits.reference():
+            if method.objective == "negative_guidance":
+                uncond = backend.encode_prompts([""] * len(target_prompts))
+                ref_uncond = backend.predict_noise(zt, t, uncond)
+                ref_anchor = ref_uncond - config.esd_eta * (backend.predict_noise(zt, t, ctx_target) - ref_uncond)
+                maps_anchor = []
+            else:
+                ref_anchor, maps_anchor = _predict(backend, zt, t, ctx_anchor, tok_anchor, mask_anchor, config,
+                                                   use_attention)
+        pred_target, maps_target = _predict(backend, zt, t, ctx_target, tok_target, mask_target, config, use_attention)
+        if use_attention:
+            maps_target = [m[has_anchor] for m in maps_target] if has_anchor.any() else []
+            maps_anchor = [m[has_anchor] for m in maps_anchor] if has_anchor.any() else []
+        _, parts = cross_attention_loss(pred_target, ref_anchor, maps_target, maps_anchor, beta)
+        # L_xattn = L_out + β·L_attn, each part weighted by this part's share of its rows in the batch
+        output_weight = shard_weight(part, b)
+        attention_weight = masked_shard_weight(part, batch.has_anchor)  # averages rows with anchor tokens only
+        loss = output_weight * parts["output"] + beta * attention_weight * parts["attention"]
+        loss.backward()
+        totals["output"] += output_weight * float(parts["output"].detach())
+        totals["attention"] += attention_weight * float(parts["attention"].detach())
+        totals["total"] += float(loss.detach())
+
+    if batch.related_zt is not None:
+        count = len(batch.related_prompts)
+        related_rows = shard_rows(count)
+        for part in micro_batches(related_rows, micro_batch_size):
+            if part.stop == part.start:
+                continue
+            zr, t_r = batch.related_zt[part], batch.related_t[part]
+            ctx_r = backend.encode_prompts(batch.related_prompts[part])
             with torch.no_grad(), edits.reference():
                 ref_r = backend.predict_noise(zr, t_r, ctx_r)
             loss_prior = prior_preservation_loss(backend.predict_noise(zr, t_r, ctx_r), ref_r)
-            loss = loss + config.lambda_prior * shard_weight(related_rows, len(related_z)) * loss_prior
-            losses["prior"] = float(loss_prior.detach())
+            weight = shard_weight(part, count)
+            loss = config.lambda_prior * weight * loss_prior
+            loss.backward()
+            totals["prior"] = totals.get("prior", 0.0) + weight * float(loss_prior.detach())
+            totals["total"] += float(loss.detach())
 
     if method.regularizer and config.lambda_reg > 0:
-        deltas = edits.total_deltas()
-        params = {name: theta0[name] + d for name, d in deltas.items()}
-        loss_reg = regularization_loss(params, theta0, fisher)
-        loss = loss + config.lambda_reg * loss_reg
-        losses["regularization"] = float(loss_reg.detach())
-    losses["total"] = float(loss.detach())
-    return loss, losses
+        # Σ F·(θ − θ0)² on the total deltas θ − θ0 themselves (a 0-dim θ0 of zero), one layer at a time.
+        # In every process (the regulariser is not sharded; the gradients are averaged over processes).
+        loss_reg = 0.0
+        for name, delta in edits.total_deltas().items():
+            term = regularization_loss({name: delta}, {name: torch.zeros(())},
+                                       {name: fisher[name]} if fisher is not None else None)
+            (config.lambda_reg * term).backward()
+            loss_reg += float(term.detach())
+        totals["regularization"] = loss_reg
+        totals["total"] += config.lambda_reg * loss_reg
+    return totals
+
+
+def choose_memory(backend, edits, params: list[torch.nn.Parameter], cache: RequestCache, config: UnlearnConfig,
+                  rows: int):
+    """Settle `config.gradient_checkpointing` / `micro_batch_size` when "auto" (duge.plan.choose_memory_settings).
+
+    The activations one batch row keeps for the backward pass are measured: one row of `cache`
+    through the UNet with gradient (attention captured as in training), counting the tensors autograd
+    saves. The budget is `config.memory_budget_gib` or the device's free memory now, less the
+    gradients and AdamW moments the trainable `params` will need, times `duge.plan.MEMORY_MARGIN`.
+    """
+    from .plan import MEMORY_MARGIN, MemoryChoice, choose_memory_settings, free_memory_bytes, saved_activation_bytes
+
+    if config.gradient_checkpointing != "auto" and config.micro_batch_size != "auto":
+        return MemoryChoice(bool(config.gradient_checkpointing), int(config.micro_batch_size), "as configured")
+    if config.memory_budget_gib is not None:
+        budget = config.memory_budget_gib * 2**30
+    else:
+        free = free_memory_bytes(backend.device)
+        budget = None if free is None else free - 12 * sum(p.numel() for p in params)
+    if budget is not None:
+        budget = max(0.0, budget * MEMORY_MARGIN)
+    previous = backend.set_gradient_checkpointing(False)
+    req = cache.request
+    prompt = [render_prompt(req.templates[cache.anchor_templates[0]] if cache.anchor_templates else req.templates[0],
+                            req.target)]
+    latents = (cache.anchor_latents if len(cache.anchor_latents) else cache.target_latents)[:1].to(backend.device)
+    t = torch.full((1,), backend.num_train_timesteps // 2, device=backend.device)
+    tokens, mask = backend.token_indices(prompt, [req.target])
+    context = backend.encode_prompts(prompt)
+    use_attention = get_method(config.method).attention_term and config.beta > 0
+    per_row = saved_activation_bytes(lambda: _predict(backend, latents, t, context, tokens, mask, config, use_attention))
+    ratio = backend.gradient_checkpointing_ratio()
+    backend.set_gradient_checkpointing(previous)
+    return choose_memory_settings(rows, per_row, per_row * ratio if ratio else None, budget,
+                                  config.gradient_checkpointing, config.micro_batch_size)
 
 
 def estimate_fisher(backend, edits, prompts: list[str], config: UnlearnConfig, seed: int) -> dict[str, torch.Tensor]:
@@ -381,11 +493,12 @@ def unlearn(backend, concept_set: ConceptSet, config: UnlearnConfig, builtin_wor
                       for x in [q.target, *q.aliases]}
             r.preserve = [p for p in r.preserve if p.lower() not in erased]
     results: list[RequestResult] = []
+    memory: list = []  # the run's MemoryChoice, settled at the first request that trains
+    checkpointing_before: list[bool] = []
     torch.manual_seed(config.seed)
     try:
         with backend.edits(trainable_pattern(config.trainable), mode=config.trainable_mode,
                            rank=config.lora_rank) as edits:
-            theta0 = {name: w.detach().float() for name, w in edits.originals.items()}
             fisher = None
             if config.regularizer == "fisher":
                 prompts = list(concept_set.general_prompts) or [render_prompt(r.templates[0], r.anchor) for r in requests]
@@ -412,6 +525,15 @@ def unlearn(backend, concept_set: ConceptSet, config: UnlearnConfig, builtin_wor
                 generator = torch.Generator().manual_seed(seed)
                 before = edits.committed()
                 params = edits.start_request(seed)
+                if not memory:  # once per run, at the first request that trains
+                    rows = shard_rows(config.batch_size + (config.replay_batch_size if config.setting == "sequential" else 0))
+                    memory.append(choose_memory(backend, edits, params, caches[-1], config, rows.stop - rows.start))
+                    checkpointing_before.append(backend.set_gradient_checkpointing(memory[0].gradient_checkpointing))
+                    logger.info("memory: gradient checkpointing %s, %s (%s)",
+                                "on" if memory[0].gradient_checkpointing else "off",
+                                f"micro-batches of {memory[0].micro_batch_size} rows" if memory[0].micro_batch_size
+                                else "the whole batch in one pass", memory[0].reason)
+                micro_batch_size = memory[0].micro_batch_size
                 optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
                 losses = {}
 
@@ -423,12 +545,12 @@ def unlearn(backend, concept_set: ConceptSet, config: UnlearnConfig, builtin_wor
 
                 for step in range(steps):
                     _check_cancel(cancel)
-                    loss, losses = _request_step(backend, edits, caches, config, rng, generator, theta0, fisher,
-                                                 replay=config.replay_batch_size if len(caches) > 1 and replay else 0)
-                    if not torch.isfinite(loss):
-                        raise roll_back(f"loss became {float(loss.detach())} at step {step + 1}")
                     optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
+                    losses = _request_step(backend, edits, caches, config, rng, generator, fisher,
+                                           replay=config.replay_batch_size if len(caches) > 1 and replay else 0,
+                                           micro_batch_size=micro_batch_size)
+                    if not math.isfinite(losses["total"]):
+                        raise roll_back(f"loss became {losses['total']} at step {step + 1}")
                     average_gradients(params)  # over the processes of `accelerate launch`; else nothing
                     try:
                         optimizer.step()
@@ -488,6 +610,9 @@ def unlearn(backend, concept_set: ConceptSet, config: UnlearnConfig, builtin_wor
             total = edits.committed()
     except KeyboardInterrupt as err:
         raise UnlearnCancelled("unlearning interrupted; the model was left unchanged and nothing was written") from err
+    finally:
+        if checkpointing_before:
+            backend.set_gradient_checkpointing(checkpointing_before[0])
     return UnlearnResult(config, results, total)
 
 

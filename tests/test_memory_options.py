@@ -7,7 +7,6 @@ import logging
 import sys
 import types
 
-import pytest
 import torch
 
 from duge.backends import diffusers_backend
@@ -136,3 +135,25 @@ def test_cached_images_are_written_once_and_reused(builtin_pipe, tmp_path, caplo
     with backend.edits(r"attn2\.to_[kv]$") as edits:  # the reference model changes with committed deltas
         edits.load_committed({n: torch.full_like(d.committed, 1e-3) for n, d in edits.deltas.items()})
         assert cache_key(backend, request, config, 0, False) != key
+
+
+def test_auto_memory_settles_on_micro_batches_or_checkpointing_from_the_budget(builtin_pipe, caplog):
+    """A budget smaller than the batch's activations: micro-batches, the same edit as the whole batch
+    at once (up to float summation order); smaller than one row: gradient checkpointing as well,
+    switched off again after the run. Each choice is logged."""
+    caplog.set_level(logging.INFO, logger="duge")
+    backend = DiffusersBackend(builtin_pipe, device="cpu")
+    base = dict(steps=3, batch_size=4, anchor_images=2, related_images=1, cache_steps=2)
+    whole = unlearn(backend, parse_concept_set(SET), UnlearnConfig(**base, memory_budget_gib=64.0), builtin_world=True)
+    assert "the whole batch in one pass" in caplog.text
+    caplog.clear()
+    per_row_gib = 5e6 / 2**30  # the built-in UNet keeps about 3.5 MB per row at 16x16 latents
+    micro = unlearn(backend, parse_concept_set(SET), UnlearnConfig(**base, memory_budget_gib=per_row_gib),
+                    builtin_world=True)
+    assert "gradient checkpointing off, micro-batches of" in caplog.text
+    for name, delta in whole.total_delta.items():
+        torch.testing.assert_close(micro.total_delta[name], delta, rtol=1e-3, atol=1e-3 * float(delta.abs().max()))
+    caplog.clear()
+    unlearn(backend, parse_concept_set(SET), UnlearnConfig(**base, memory_budget_gib=1e-6), builtin_world=True)
+    assert "gradient checkpointing on, micro-batches of 1 rows" in caplog.text
+    assert not backend.gradient_checkpointing and not backend.unet.is_gradient_checkpointing

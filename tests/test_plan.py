@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 
-from duge.plan import meta_pipeline, model_sizes, plan_run, unet_activation_elements
+from duge.plan import (choose_memory_settings, meta_pipeline, model_sizes, plan_run, saved_activation_bytes,
+                       unet_activation_elements)
 from duge.trainer import UnlearnConfig
 
 
@@ -48,21 +49,11 @@ def test_activation_formula_is_within_a_factor_of_two_of_what_autograd_keeps(bui
 
     backend = DiffusersBackend(builtin_pipe, device="cpu")
     batch, latent = 2, (16, 16)
-    saved: dict[int, int] = {}
-
-    def pack(tensor):
-        saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-        return tensor
-
     z = torch.randn(batch, 4, *latent)
     ctx = backend.encode_prompts(["a red circle"] * batch)
     with backend.edits(r"attn2\.to_[kv]$") as edits:
         edits.start_request(0)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = backend.predict_noise(z, torch.tensor([10, 500]), ctx)
-        weights = {p.untyped_storage().data_ptr() for p in builtin_pipe.unet.parameters()}
-        measured = sum(n for ptr, n in saved.items() if ptr not in weights)
-        del out
+        measured = saved_activation_bytes(lambda: backend.predict_noise(z, torch.tensor([10, 500]), ctx))
     formula = unet_activation_elements(dict(builtin_pipe.unet.config), latent, ctx.shape[1]).full * batch * 4
     assert 0.5 < formula / measured < 2.0, (formula, measured)
 
@@ -81,3 +72,30 @@ def test_plan_command_prints_and_writes_json(tmp_path, capsys):
     plan = json.loads(out.read_text())
     assert plan["layout"] == "sdxl" and plan["resolution"] == 1024 and plan["steps"] == 40
     assert plan["related_batch"] == plan["batch_size"] == 8
+
+
+def test_memory_choice_prefers_micro_batches_and_checkpoints_only_when_one_row_does_not_fit():
+    gib = 2**30
+    whole = choose_memory_settings(12, 1 * gib, 0.25 * gib, budget_bytes=20 * gib)
+    assert (whole.gradient_checkpointing, whole.micro_batch_size) == (False, 0)
+    micro = choose_memory_settings(12, 1 * gib, 0.25 * gib, budget_bytes=4.5 * gib)
+    assert (micro.gradient_checkpointing, micro.micro_batch_size) == (False, 4)
+    checkpointed = choose_memory_settings(12, 1 * gib, 0.25 * gib, budget_bytes=0.6 * gib)
+    assert (checkpointed.gradient_checkpointing, checkpointed.micro_batch_size) == (True, 2)
+    cannot = choose_memory_settings(12, 1 * gib, None, budget_bytes=0.6 * gib)  # a backend that cannot checkpoint
+    assert (cannot.gradient_checkpointing, cannot.micro_batch_size) == (False, 1) and "cannot checkpoint" in cannot.reason
+    given = choose_memory_settings(12, 1 * gib, 0.25 * gib, budget_bytes=0.6 * gib, gradient_checkpointing=False,
+                                   micro_batch_size=3)
+    assert (given.gradient_checkpointing, given.micro_batch_size) == (False, 3)
+    unknown = choose_memory_settings(12, 1 * gib, 0.25 * gib, budget_bytes=None)
+    assert (unknown.gradient_checkpointing, unknown.micro_batch_size) == (False, 0)
+
+
+def test_default_settings_fit_the_paper_targets():
+    """The README's targets: SD 1.5 at 512 px within 8 GB and SDXL at 1024 px within 16 GB, default settings."""
+    sd15 = plan_run(meta_pipeline("sd15"), UnlearnConfig(), device="cuda", tflops=70.0, vram_gib=8)
+    assert sd15.memory_gib["total"] <= 8 and sd15.micro_batch_size and not sd15.gradient_checkpointing
+    sdxl = plan_run(meta_pipeline("sdxl"), UnlearnConfig(), device="cuda", tflops=70.0, vram_gib=16)
+    assert sdxl.memory_gib["total"] <= 16 and sdxl.gradient_checkpointing and sdxl.micro_batch_size
+    unlimited = plan_run(meta_pipeline("sd15"), UnlearnConfig(), device="cuda", tflops=70.0)
+    assert unlimited.micro_batch_size == 0 and unlimited.memory_gib["total"] > 8

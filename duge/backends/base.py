@@ -78,3 +78,11 @@ class Backend(Protocol):
 
     def capture_attention(self, layers: list[str] | None, token_indices: torch.Tensor) -> AbstractContextManager:
         """Context manager capturing cross-attention probabilities for the given token columns."""
+
+    def set_gradient_checkpointing(self, enabled: bool) -> bool:
+        """Recompute UNet blocks in the backward pass (True) or not; returns the previous setting.
+        A backend that cannot checkpoint raises NotImplementedError."""
+
+    def gradient_checkpointing_ratio(self) -> float | None:
+        """Activations kept per row with gradient checkpointing over those kept without (planned from
+        the UNet's config, `duge.plan`); None when this backend cannot checkpoint."""

@@ -356,6 +356,17 @@ class ComfyBackend:
         return self.decode(self.sample_latents(prompts, seed, steps, guidance))
 
     # ---------------------------------------------------------------- structure
+    def set_gradient_checkpointing(self, enabled: bool) -> bool:
+        """ComfyUI's UNet forward has no per-block recomputation hook: only False is accepted (memory is
+        kept down by micro-batching instead, `UnlearnConfig.micro_batch_size`)."""
+        if enabled:
+            raise NotImplementedError("gradient checkpointing is not available on a ComfyUI MODEL; "
+                                      "use micro-batching (micro_batch_size) to lower the memory")
+        return False
+
+    def gradient_checkpointing_ratio(self) -> float | None:
+        return None
+
     def cross_attention_layers(self) -> list[str]:
         """diffusers names of the UNet's attn2 modules, in forward order (input, middle, output)."""
         layers = {}

@@ -119,12 +119,8 @@ class DiffusersBackend:
         self.resolution = resolution
         self.compute_dtype = choose_dtype(dtype, self.device)
         self.attention_implementation = choose_attention_implementation(self.unet, self.device)
-        self.gradient_checkpointing = gradient_checkpointing
-        if gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing(checkpoint_keeping_processors)
-            logger.info("gradient checkpointing: on (each UNet block is recomputed in the backward pass)")
-        elif getattr(self.unet, "is_gradient_checkpointing", False):
-            self.unet.disable_gradient_checkpointing()
+        self.gradient_checkpointing = False
+        self.set_gradient_checkpointing(gradient_checkpointing is True)
         logger.info("model: %s, prediction %s, compute dtype %s", type(pipe).__name__, self.prediction_type,
                     str(self.compute_dtype).removeprefix("torch."))
         self._prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
@@ -132,6 +128,29 @@ class DiffusersBackend:
             if module is not None:
                 module.requires_grad_(False)
         pipe.set_progress_bar_config(disable=True)
+
+    def set_gradient_checkpointing(self, enabled: bool) -> bool:
+        """diffusers' `enable_gradient_checkpointing` (through `checkpoint_keeping_processors`) or its
+        `disable_gradient_checkpointing`; returns the previous setting."""
+        previous = self.gradient_checkpointing
+        if enabled:
+            self.unet.enable_gradient_checkpointing(checkpoint_keeping_processors)
+            if not previous:
+                logger.info("gradient checkpointing: on (each UNet block is recomputed in the backward pass)")
+        elif getattr(self.unet, "is_gradient_checkpointing", False):
+            self.unet.disable_gradient_checkpointing()
+        self.gradient_checkpointing = bool(enabled)
+        return previous
+
+    def gradient_checkpointing_ratio(self) -> float | None:
+        """Activations per row with checkpointing over without, from `duge.plan`'s count for this UNet
+        at the latent size it trains at."""
+        from ..plan import unet_activation_elements
+
+        pixels = self.resolution or self.unet.config.sample_size * self.vae_scale_factor
+        latent = (pixels // self.vae_scale_factor, pixels // self.vae_scale_factor)
+        counts = unet_activation_elements(dict(self.unet.config), latent, self.tokenizer.model_max_length)
+        return (counts.checkpointed + counts.largest_block) / counts.full
 
     # ---------------------------------------------------------------- text
     @torch.no_grad()
