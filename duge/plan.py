@@ -395,11 +395,12 @@ MEMORY_MARGIN = 0.8  # share of the free memory the activations may take (the re
 
 
 def free_memory_bytes(device: torch.device) -> int | None:
-    """Memory free for this process now: CUDA's free device memory, on the CPU the kernel's
-    MemAvailable; None when it cannot be read."""
+    """Memory free for this process now: on CUDA the device's free memory plus what PyTorch's caching
+    allocator holds unused (reserved, not allocated), on the CPU the kernel's MemAvailable; None when
+    it cannot be read."""
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
-        return int(free)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):

@@ -157,3 +157,14 @@ def test_auto_memory_settles_on_micro_batches_or_checkpointing_from_the_budget(b
     unlearn(backend, parse_concept_set(SET), UnlearnConfig(**base, memory_budget_gib=1e-6), builtin_world=True)
     assert "gradient checkpointing on, micro-batches of 1 rows" in caplog.text
     assert not backend.gradient_checkpointing and not backend.unet.is_gradient_checkpointing
+
+
+def test_free_memory_counts_the_allocators_unused_cache_on_cuda_and_memavailable_on_the_cpu(monkeypatch):
+    from duge.plan import free_memory_bytes
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (3 * 2**30, 16 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 5 * 2**30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 4 * 2**30)
+    assert free_memory_bytes(torch.device("cuda", 0)) == 4 * 2**30
+    cpu = free_memory_bytes(torch.device("cpu"))
+    assert cpu is None or cpu > 0
