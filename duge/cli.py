@@ -67,6 +67,9 @@ def _unlearn_config(args):
         config.steps = args.steps
     if args.lr is not None:
         config.learning_rate = args.lr
+    for name in ("beta", "lambda_prior", "lambda_reg"):
+        if getattr(args, name) is not None:
+            setattr(config, name, getattr(args, name))
     return config
 
 
@@ -204,6 +207,11 @@ def _add_unlearn_options(p, default_out=None) -> None:
     p.add_argument("--setting", default="sequential", choices=["sequential", "independent", "simultaneous"])
     p.add_argument("--steps", type=int, default=None, help="optimisation steps per request")
     p.add_argument("--lr", type=float, default=None, help="learning rate")
+    p.add_argument("--beta", type=float, default=None, help="weight of the attention-map term (default 10)")
+    p.add_argument("--lambda-prior", type=float, default=None, help="weight of the prior-preservation loss (default 1)")
+    p.add_argument("--lambda-reg", type=float, default=None,
+                   help="weight of the regulariser towards θ0 (default 1e-5; lower erases two or three concepts "
+                        "more strongly, higher keeps long sequences from eroding; see the README)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trainable", default="kv", choices=["kv", "qkv", "attn2"], help="cross-attention projections to edit")
     p.add_argument("--trainable-mode", default="full", choices=["full", "lora"])

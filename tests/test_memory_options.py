@@ -7,6 +7,7 @@ import logging
 import sys
 import types
 
+import pytest
 import torch
 
 from duge.backends import diffusers_backend
@@ -168,3 +169,21 @@ def test_free_memory_counts_the_allocators_unused_cache_on_cuda_and_memavailable
     assert free_memory_bytes(torch.device("cuda", 0)) == 4 * 2**30
     cpu = free_memory_bytes(torch.device("cpu"))
     assert cpu is None or cpu > 0
+
+
+def test_command_line_memory_and_loss_weight_options_reach_the_config():
+    from duge.cli import _unlearn_config, build_parser
+
+    parse = build_parser().parse_args
+    defaults = _unlearn_config(parse(["unlearn", "--concepts", "x.yaml", "--out", "o"]))
+    assert (defaults.gradient_checkpointing, defaults.micro_batch_size, defaults.memory_budget_gib) == ("auto", "auto", None)
+    assert (defaults.beta, defaults.lambda_prior, defaults.lambda_reg) == (UnlearnConfig().beta, 1.0, UnlearnConfig().lambda_reg)
+    config = _unlearn_config(parse(["unlearn", "--concepts", "x.yaml", "--out", "o", "--gradient-checkpointing",
+                                    "--micro-batch-size", "2", "--memory-budget", "6.5", "--lambda-reg", "2e-6",
+                                    "--beta", "5", "--lambda-prior", "0.5"]))
+    assert (config.gradient_checkpointing, config.micro_batch_size, config.memory_budget_gib) == (True, 2, 6.5)
+    assert (config.beta, config.lambda_prior, config.lambda_reg) == (5.0, 0.5, 2e-6)
+    assert _unlearn_config(parse(["unlearn", "--concepts", "x", "--out", "o", "--gradient-checkpointing", "off"])) \
+        .gradient_checkpointing is False
+    with pytest.raises(SystemExit):
+        parse(["unlearn", "--concepts", "x", "--out", "o", "--micro-batch-size", "-1"])
