@@ -50,6 +50,9 @@ class DugeUnlearn(io.ComfyNode):
                              tooltip="For progress previews and, on the built-in model, the evaluator's checks."),
                 io.Boolean.Input("evaluate", default=False, optional=True,
                                  tooltip="Built-in model with VAE only: measure UA/IRA/CRA after each request (slower)."),
+                io.Float.Input("memory_budget_gb", default=0.0, min=0.0, max=4096.0, step=0.5, optional=True,
+                               tooltip="Memory the training may add over the loaded model, in GiB; 0: the device's "
+                                       "free memory. The batch goes through the UNet in micro-batches that fit it."),
             ],
             outputs=[io.Model.Output(display_name="MODEL"), UnlearningLoraType.Output(display_name="lora"),
                      io.String.Output(display_name="report")],
@@ -58,13 +61,15 @@ class DugeUnlearn(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, concept_set, steps, learning_rate, beta, lambda_prior, lambda_reg, setting, seed,
-                trainable, method="duge", anchor_images=16, sampler_steps=20, vae=None, evaluate=False) -> io.NodeOutput:
+                trainable, method="duge", anchor_images=16, sampler_steps=20, vae=None, evaluate=False,
+                memory_budget_gb=0.0) -> io.NodeOutput:
         from duge.backends.comfy_run import run_unlearn
         from duge.trainer import UnlearnConfig
 
         config = UnlearnConfig(method=method, setting=setting, steps=steps, learning_rate=learning_rate, beta=beta,
                                lambda_prior=lambda_prior, lambda_reg=lambda_reg, trainable=trainable, seed=seed,
-                               anchor_images=anchor_images, cache_steps=sampler_steps)
+                               anchor_images=anchor_images, cache_steps=sampler_steps,
+                               memory_budget_gib=memory_budget_gb or None)
         node_id = cls.hidden.unique_id if cls.hidden is not None else None
         out = run_unlearn(model, clip, concept_set, config, vae=vae, evaluate=evaluate, node_id=node_id)
         # ui: shown on the node by web/duge.js (what the model has had erased, and how the run went)

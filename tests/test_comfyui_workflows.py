@@ -135,14 +135,17 @@ def test_checkpoint_workflow_passes_validation_and_stops_only_at_the_checkpoint(
 
 
 def _small_checkpoint_run(prompt: dict) -> dict:
-    """The checkpoint workflow's API form at CPU size: 64x64 images (8x8 latents), 2 sampler and 2
-    training steps, one anchor image; the Van Gogh set typed in with steps: 2 (its file asks 400)."""
+    """The checkpoint workflow's API form at CPU size: 64x64 images (8x8 latents) from the KSamplers,
+    2 sampler and 2 training steps, one anchor image; the Van Gogh set typed in with steps: 2 (its
+    file asks 400). DUGE Unlearn trains at the model's own 512 px within a 4 GiB budget (micro-batches
+    of two rows), leaving room on a 24 GiB machine for ComfyUI's copy of the model and the test."""
     prompt = json.loads(json.dumps(prompt))
     concept_set = prompt[_node_id(prompt, "DugeLoadConceptSet")]["inputs"]
     text = (REPO / "duge" / "concept_sets" / concept_set["file"]).read_text()
     assert "steps: 400" in text
     concept_set.update(file="(typed text below)", text=text.replace("steps: 400", "steps: 2"))
-    prompt[_node_id(prompt, "DugeUnlearn")]["inputs"].update(steps=2, anchor_images=1, sampler_steps=2)
+    prompt[_node_id(prompt, "DugeUnlearn")]["inputs"].update(steps=2, anchor_images=1, sampler_steps=2,
+                                                             memory_budget_gb=4.0)
     prompt[_node_id(prompt, "EmptyLatentImage")]["inputs"].update(width=64, height=64, batch_size=1)
     prompt[_node_id(prompt, "DugeAttentionProbe")]["inputs"].update(steps=2)
     for node in prompt.values():
@@ -155,7 +158,8 @@ def _small_checkpoint_run(prompt: dict) -> dict:
 def test_checkpoint_workflow_runs_on_an_sd15_layout_checkpoint(tmp_path):
     """The SD 1.5 workflow end to end on a real-size SD 1.5 single file with random weights, loaded
     by the stock CheckpointLoaderSimple from a checkpoints folder of the test's own. Writing the
-    2.1 GB file takes about a minute; the run is full SD 1.5 training on the CPU (about 9 GB of RAM)."""
+    2.1 GB file takes about a minute; the run is SD 1.5 training at 512 px on the CPU (ComfyUI's process
+    about 15 GB)."""
     import time
 
     from sd_checkpoint import write_sd15_checkpoint
