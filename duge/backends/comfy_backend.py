@@ -323,7 +323,8 @@ class ComfyBackend:
     def sample_latents(self, prompts, seed, steps, guidance, negative_prompt: str = ""):
         """Clean latents [B, C, h, w] as the UNet sees them (`process_latent_in` applied), from the
         KSampler machinery; image i uses the noise KSampler draws for seed `seed + i`."""
-        with torch.inference_mode(False):
+        # inference_mode(False) switches grad mode back on: no_grad after it (no graph while sampling)
+        with torch.inference_mode(False), torch.no_grad():
             height, width = self.latent_size
             empty = torch.zeros(1, self.latent_channels, height, width)
             noise = torch.cat([comfy.sample.prepare_noise(empty, seed + i) for i in range(len(prompts))])
@@ -345,7 +346,7 @@ class ComfyBackend:
         """Images [B, 3, H, W] in [0, 1] from latents as the UNet sees them."""
         if self.vae is None:
             raise DugeError("decoding images needs a VAE; connect the VAE that belongs to the model")
-        with torch.inference_mode(False):
+        with torch.inference_mode(False), torch.no_grad():  # a checkpoint's VAE holds inference tensors
             raw = self.patcher.model.process_latent_out(latents.float()).cpu()
             images = self.vae.decode(raw)  # [B, H, W, 3]
         return images.reshape(-1, *images.shape[-3:]).movedim(-1, 1).float().clamp(0, 1).cpu()
