@@ -2,7 +2,8 @@
 
 Each method says which loss terms the trainer sums and what the target prompt is steered to:
 
-- duge:    L_out + β·L_attn (target prompt → anchor's prediction on anchor images)
+- duge:    L_out + β·L_attn (target prompt → anchor's prediction on anchor images, optionally
+           guided away from the target: ε_φ(a) − η_a·(ε_φ(c) − ε_φ(a)), `anchor_guidance`)
            + λ_prior·L_prior + λ_reg·L_reg
 - ca:      Concept Ablation (Kumari et al. 2023): the output term alone
 - ft-l2sp: plain fine-tuning of the same output term with the L2-SP regulariser
@@ -26,10 +27,12 @@ class Method:
     prior_term: bool  # λ_prior·L_prior
     regularizer: bool  # λ_reg·L_reg
     objective: str  # "anchor" | "negative_guidance" | "closed_form"
+    guided_anchor: bool = False  # UnlearnConfig.anchor_guidance applies
 
 
 METHODS = {
-    "duge": Method("duge", attention_term=True, prior_term=True, regularizer=True, objective="anchor"),
+    "duge": Method("duge", attention_term=True, prior_term=True, regularizer=True, objective="anchor",
+                   guided_anchor=True),
     "ca": Method("ca", attention_term=False, prior_term=False, regularizer=False, objective="anchor"),
     "ft-l2sp": Method("ft-l2sp", attention_term=False, prior_term=False, regularizer=True, objective="anchor"),
     "esd-x": Method("esd-x", attention_term=False, prior_term=False, regularizer=False, objective="negative_guidance"),

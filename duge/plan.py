@@ -41,7 +41,8 @@ Memory (bytes), for one training step — the peak of a request:
   activations for the rows of the pass.
 
 Time (FLOPs): F = one UNet forward for one sample, counted by torch's FlopCounterMode on the meta
-device (exact per operation, no computation). One step costs 2 B F (reference passes, no grad) +
+device (exact per operation, no computation). One step costs 2 B F (reference passes, no grad;
++ 2 B F more with `anchor_guidance`, the unedited model on target and anchor prompts) +
 2 B F (the two passes with grad) + 2 B F (their backward: input gradients through the frozen
 weights ≈ one forward; weight gradients only for the edited layers) [+ 2 B F recomputation with
 gradient checkpointing]; a request adds its cached images: (anchor + related images) · cache_steps
@@ -320,7 +321,9 @@ def plan_run(pipe, config, model_name: str = "", resolution: int | None = None, 
     else:
         source = "given"
     rate = tflops * 1e12 * UNET_EFFICIENCY
-    per_step = (2 * rows + 2 * samples + 2 * samples + (2 * samples if choice.gradient_checkpointing else 0)) * flops
+    guidance = 2 * rows if config.method == "duge" and config.anchor_guidance > 0 else 0  # θ0 on target and anchor
+    per_step = (2 * rows + guidance + 2 * samples + 2 * samples
+                + (2 * samples if choice.gradient_checkpointing else 0)) * flops
     cached = (config.anchor_images + config.related_images * related_concepts) * config.cache_steps * 2 * flops
     return Plan(
         model=model_name, layout=pipeline_layout(pipe).name, resolution=resolution, latent=latent, batch_size=batch,

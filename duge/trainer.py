@@ -78,6 +78,9 @@ class UnlearnConfig:
     dtype: str = "auto"  # "auto" | "float32" | "float16" | "bfloat16" (autocast; deltas stay float32)
     seed: int = 0
     fisher_samples: int = 8
+    # DUGE's output-term target guided away from the target prompt by this much (0: the anchor's
+    # prediction alone, as in the design doc): ε_φ(anchor) − η_a·(ε_θ0(target) − ε_θ0(anchor)).
+    anchor_guidance: float = 0.0
     esd_eta: float = 1.0  # negative-guidance strength of the esd-x baseline
     # The uce baseline's closed form (duge.uce): λ, erase and preserve scales of the authors' script.
     uce_lambda: float = 0.5
@@ -108,6 +111,8 @@ class UnlearnConfig:
                 raise DugeError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.replay_batch_size < 0:
             raise DugeError(f"replay_batch_size must be 0 (no replay) or more, got {self.replay_batch_size}")
+        if self.anchor_guidance < 0:
+            raise DugeError(f"anchor_guidance must be 0 or more, got {self.anchor_guidance}")
         if self.learning_rate <= 0:
             raise DugeError(f"learning_rate must be positive, got {self.learning_rate}")
         if self.gradient_checkpointing not in (True, False, "auto"):
@@ -353,6 +358,13 @@ def _request_step(backend, edits, caches: list[RequestCache], config: UnlearnCon
             else:
                 ref_anchor, maps_anchor = _predict(backend, zt, t, ctx_anchor, tok_anchor, mask_anchor, config,
                                                    use_attention)
+        if method.guided_anchor and config.anchor_guidance > 0:
+            # away from the target as well as towards the anchor (the anchor's images still hold the
+            # target now and then: an empty anchor draws every colour, red too). The direction is
+            # the unedited model's, so a replayed row keeps the target its own request had.
+            with torch.no_grad(), edits.disabled():
+                direction = backend.predict_noise(zt, t, ctx_target) - backend.predict_noise(zt, t, ctx_anchor)
+            ref_anchor = ref_anchor - config.anchor_guidance * direction
         pred_target, maps_target = _predict(backend, zt, t, ctx_target, tok_target, mask_target, config, use_attention)
         if use_attention:
             maps_target = [m[has_anchor] for m in maps_target] if has_anchor.any() else []
@@ -404,20 +416,19 @@ def choose_memory(backend, edits, params: list[torch.nn.Parameter], cache: Reque
 
     The activations one batch row keeps for the backward pass are measured: one row of `cache`
     through the UNet with gradient (attention captured as in training), counting the tensors autograd
-    saves. The budget is `config.memory_budget_gib` or the device's free memory now, less the
-    gradients and AdamW moments the trainable `params` will need, times `duge.plan.MEMORY_MARGIN`.
+    saves. The budget is `config.memory_budget_gib`, or the device's free memory now times
+    `duge.plan.MEMORY_MARGIN`, less the gradients and AdamW moments the trainable `params` will need.
     """
     from .plan import MEMORY_MARGIN, MemoryChoice, choose_memory_settings, free_memory_bytes, saved_activation_bytes
 
     if config.gradient_checkpointing != "auto" and config.micro_batch_size != "auto":
         return MemoryChoice(bool(config.gradient_checkpointing), int(config.micro_batch_size), "as configured")
+    optimizer_bytes = 12 * sum(p.numel() for p in params)  # gradients and AdamW's two moments, float32
     if config.memory_budget_gib is not None:
-        budget = config.memory_budget_gib * 2**30
+        budget = max(0.0, config.memory_budget_gib * 2**30 - optimizer_bytes)
     else:
         free = free_memory_bytes(backend.device)
-        budget = None if free is None else free - 12 * sum(p.numel() for p in params)
-    if budget is not None:
-        budget = max(0.0, budget * MEMORY_MARGIN)
+        budget = None if free is None else max(0.0, (free - optimizer_bytes) * MEMORY_MARGIN)
     previous = backend.set_gradient_checkpointing(False)
     req = cache.request
     prompt = [render_prompt(req.templates[cache.anchor_templates[0]] if cache.anchor_templates else req.templates[0],

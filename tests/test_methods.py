@@ -158,6 +158,16 @@ def test_esd_x_steers_the_target_to_negative_guidance_of_the_frozen_model():
         assert set(out) == {"loss", "grad", "output", "attention", "total"}
 
 
+def test_duge_anchor_guidance_steers_away_from_the_target_along_the_unedited_models_direction():
+    # target: ε_φ(anchor) − η (ε_θ0(c) − ε_θ0(anchor)) = 2 − η·(3 − 2); prediction 3 + d
+    for eta in (0.0, 0.5, 1.0):
+        out = _losses("duge", d=0.5, anchor_guidance=eta, beta=0.0, lambda_prior=0.0, lambda_reg=0.0)
+        assert out["output"] == pytest.approx((3.5 - (2 - eta)) ** 2)
+        assert out["grad"] == pytest.approx(2 * (3.5 - (2 - eta)))
+    # the baselines keep their own targets
+    assert _losses("ca", d=0.5, anchor_guidance=1.0)["output"] == pytest.approx((3.5 - 2.0) ** 2)
+
+
 def test_concept_ablation_is_the_output_term_alone():
     out = _losses("ca", d=0.5, lambda_prior=3.0, lambda_reg=7.0, beta=9.0)
     assert out["output"] == pytest.approx((3.5 - 2.0) ** 2)  # target prompt → anchor's prediction
