@@ -2,8 +2,9 @@
 
 Measures, per request and after the last: UA (also under each concept's other names), IRA and
 CRA, and IRA/CRA as fractions of the unedited model's; seconds and peak memory per request. Then
-one ablation row per loss switched off (β = 0, λ_prior = 0, λ_reg = 0) on the same requests and
-seeds, so each loss's effect is visible. Prints a table and writes JSON.
+one ablation row per loss switched off (β = 0, λ_prior = 0, λ_reg = 0) and one without the
+anchor guidance (η = 0), on the same requests and seeds, so each part's effect is visible.
+Prints a table and writes JSON.
 
     python benchmarks/unlearn_builtin.py [--concepts duge/concept_sets/demo.yaml] [--json PATH]
                                          [--set FIELD=VALUE ...] [--threads N]
@@ -31,6 +32,7 @@ VARIANTS = {
     "no attention term (beta=0)": {"beta": 0.0},
     "no prior preservation (lambda_prior=0)": {"lambda_prior": 0.0},
     "no regularisation (lambda_reg=0)": {"lambda_reg": 0.0},
+    "no anchor guidance (anchor_guidance=0)": {"anchor_guidance": 0.0},
 }
 
 

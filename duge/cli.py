@@ -67,7 +67,7 @@ def _unlearn_config(args):
         config.steps = args.steps
     if args.lr is not None:
         config.learning_rate = args.lr
-    for name in ("beta", "lambda_prior", "lambda_reg"):
+    for name in ("beta", "lambda_prior", "lambda_reg", "anchor_guidance"):
         if getattr(args, name) is not None:
             setattr(config, name, getattr(args, name))
     return config
@@ -210,8 +210,11 @@ def _add_unlearn_options(p, default_out=None) -> None:
     p.add_argument("--beta", type=float, default=None, help="weight of the attention-map term (default 10)")
     p.add_argument("--lambda-prior", type=float, default=None, help="weight of the prior-preservation loss (default 1)")
     p.add_argument("--lambda-reg", type=float, default=None,
-                   help="weight of the regulariser towards θ0 (default 1e-5; lower erases two or three concepts "
+                   help="weight of the regulariser towards θ0 (default 2e-5; lower erases two or three concepts "
                         "more strongly, higher keeps long sequences from eroding; see the README)")
+    p.add_argument("--anchor-guidance", type=float, default=None,
+                   help="steer the target away from itself as well as towards the anchor (default 0.5; 0: the "
+                        "anchor's prediction alone)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trainable", default="kv", choices=["kv", "qkv", "attn2"], help="cross-attention projections to edit")
     p.add_argument("--trainable-mode", default="full", choices=["full", "lora"])

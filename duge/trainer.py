@@ -65,7 +65,7 @@ class UnlearnConfig:
     batch_size: int = 8
     beta: float = 10.0  # weight of the attention-map term inside L_xattn
     lambda_prior: float = 1.0
-    lambda_reg: float = 1e-5  # L_reg is a sum over parameters (see losses.regularization_loss)
+    lambda_reg: float = 2e-5  # L_reg is a sum over parameters (see losses.regularization_loss)
     regularizer: str = "l2sp"  # "l2sp" (F = 1) or "fisher" (diagonal Fisher on general prompts)
     trainable: str = "kv"  # "kv" | "qkv" | "attn2"
     trainable_mode: str = "full"  # "full" deltas or "lora"
@@ -80,7 +80,7 @@ class UnlearnConfig:
     fisher_samples: int = 8
     # DUGE's output-term target guided away from the target prompt by this much (0: the anchor's
     # prediction alone, as in the design doc): ε_φ(anchor) − η_a·(ε_θ0(target) − ε_θ0(anchor)).
-    anchor_guidance: float = 0.0
+    anchor_guidance: float = 0.5
     esd_eta: float = 1.0  # negative-guidance strength of the esd-x baseline
     # The uce baseline's closed form (duge.uce): λ, erase and preserve scales of the authors' script.
     uce_lambda: float = 0.5

@@ -31,9 +31,12 @@ class DugeUnlearn(io.ComfyNode):
                                tooltip="Weight of the attention-map term (target words must look where the anchor's do)."),
                 io.Float.Input("lambda_prior", default=1.0, min=0.0, max=1e4, step=0.1,
                                tooltip="Weight of the prior-preservation loss on the related concepts."),
-                io.Float.Input("lambda_reg", default=1e-5, min=0.0, max=1e4, step=1e-6, round=1e-9,
+                io.Float.Input("lambda_reg", default=2e-5, min=0.0, max=1e4, step=1e-6, round=1e-9,
                                tooltip="Weight of the regulariser towards the original weights (against erosion); "
                                        "it sums over every edited weight, so useful values are small."),
+                io.Float.Input("anchor_guidance", default=0.5, min=0.0, max=10.0, step=0.1, optional=True,
+                               tooltip="Also steer the target away from itself (along the original model's "
+                                       "target-minus-anchor direction), not only towards the anchor; 0: off."),
                 io.Combo.Input("setting", options=SETTINGS, default="sequential",
                                tooltip="sequential: each request from the last result; independent: each from the "
                                        "original, merged; simultaneous: all requests at once."),
@@ -62,14 +65,14 @@ class DugeUnlearn(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, concept_set, steps, learning_rate, beta, lambda_prior, lambda_reg, setting, seed,
                 trainable, method="duge", anchor_images=16, sampler_steps=20, vae=None, evaluate=False,
-                memory_budget_gb=0.0) -> io.NodeOutput:
+                memory_budget_gb=0.0, anchor_guidance=0.5) -> io.NodeOutput:
         from duge.backends.comfy_run import run_unlearn
         from duge.trainer import UnlearnConfig
 
         config = UnlearnConfig(method=method, setting=setting, steps=steps, learning_rate=learning_rate, beta=beta,
                                lambda_prior=lambda_prior, lambda_reg=lambda_reg, trainable=trainable, seed=seed,
                                anchor_images=anchor_images, cache_steps=sampler_steps,
-                               memory_budget_gib=memory_budget_gb or None)
+                               memory_budget_gib=memory_budget_gb or None, anchor_guidance=anchor_guidance)
         node_id = cls.hidden.unique_id if cls.hidden is not None else None
         out = run_unlearn(model, clip, concept_set, config, vae=vae, evaluate=evaluate, node_id=node_id)
         # ui: shown on the node by web/duge.js (what the model has had erased, and how the run went)
