@@ -81,7 +81,7 @@ class Backend(Protocol):
 
     def set_gradient_checkpointing(self, enabled: bool) -> bool:
         """Recompute UNet blocks in the backward pass (True) or not; returns the previous setting.
-        A backend that cannot checkpoint raises NotImplementedError."""
+        A backend that cannot checkpoint refuses True with a DugeError."""
 
     def gradient_checkpointing_ratio(self) -> float | None:
         """Activations kept per row with gradient checkpointing over those kept without (planned from

@@ -361,8 +361,9 @@ class ComfyBackend:
         """ComfyUI's UNet forward has no per-block recomputation hook: only False is accepted (memory is
         kept down by micro-batching instead, `UnlearnConfig.micro_batch_size`)."""
         if enabled:
-            raise NotImplementedError("gradient checkpointing is not available on a ComfyUI MODEL; "
-                                      "use micro-batching (micro_batch_size) to lower the memory")
+            raise DugeError("gradient_checkpointing: not available on a ComfyUI MODEL (its UNet has no per-block "
+                            "recomputation hook); leave it 'auto' or false and lower the memory with "
+                            "micro_batch_size or memory_budget_gib")
         return False
 
     def gradient_checkpointing_ratio(self) -> float | None:
