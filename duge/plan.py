@@ -397,8 +397,9 @@ def _meta_pipeline_from_folder(folder: Path, fallback_tokenizer: Path):
 
 MEMORY_MARGIN = 0.8  # share of the free memory the activations may take (the rest: allocator slack, other users)
 # Peak of one row's forward + backward pass over the activations autograd keeps for it: the
-# backward's own temporaries (gradients of the activations, a layer at a time). Measured 1.15 for
-# SD 1.5 at 512 px on the CPU (1.40 GiB kept, 1.60 GiB peak above the start for one row; 1.11 for two).
+# backward's own temporaries (gradients of the activations, a layer at a time). 1.15 was measured
+# once by hand, not by a shipped benchmark: a random-weight SD 1.5 UNet at 64x64 latents on the CPU,
+# VmHWM around one forward + backward (1.40 GiB kept, 1.60 GiB peak for one row; 1.11 for two).
 BACKWARD_PEAK = 1.15
 
 
