@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from duge.memory import PeakMemory  # noqa: E402
+from benchmarks.peak_memory import PeakMemory  # noqa: E402
 from duge.paths import atomic_write_text  # noqa: E402
 
 METHODS = ("duge", "esd-x", "ca", "ft-l2sp", "uce")

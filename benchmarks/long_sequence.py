@@ -4,7 +4,7 @@ Erases 20 of the built-in world's 21 concepts one after another (kinds interleav
 preserves up to two concepts of its kind that no earlier request erased; `square` is never
 erased) with DUGE's default settings except the step count (`--steps`, default 20 per request, so
 the run takes minutes, not an hour). Measures per request the wall time and the process's peak
-memory (`duge.memory.PeakMemory`, reset after every request), and the SHA-256 of the host model's
+memory (`benchmarks/peak_memory.py`, reset after every request), and the SHA-256 of the host model's
 weights (θ0, `duge.io.model_hash`) before the first request and after the last. Checks:
 
 - peak memory of request 20 within 10 % of request 2's (request 1 also pays for first-use
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
 
     from duge.backends.diffusers_backend import DiffusersBackend
     from duge.io import model_hash
-    from duge.memory import PeakMemory
+    from benchmarks.peak_memory import PeakMemory
     from duge.models import load_pipeline
     from duge.run import anchor_filter, builtin_evaluator
     from duge.trainer import UnlearnConfig, unlearn

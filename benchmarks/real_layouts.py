@@ -12,7 +12,7 @@ Per layout: trainable parameter count (attn2 to_k/to_v, checked against the coun
 UNet config), seconds per step, the loaders' unmatched / missing / differing tensor counts
 (diffusers `from_single_file` with a local config folder, diffusers `load_lora_weights` + `fuse_lora`,
 and ComfyUI's checkpoint UNet loading and LoraLoader path when COMFYUI_PATH is set, run in
-`COMFYUI_PYTHON` or COMFYUI_PATH/.venv), and planned vs measured peak memory (duge.memory).
+`COMFYUI_PYTHON` or COMFYUI_PATH/.venv), and planned vs measured peak memory (benchmarks/peak_memory.py).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from duge.concepts import parse_concept_set  # noqa: E402
 from duge.edits import trainable_pattern  # noqa: E402
 from duge.io import load_lora, pipeline_config_files, pipeline_to_ldm_state_dict, save_lora, save_single_file  # noqa: E402
 from duge.layouts import LAYOUTS, random_pipeline  # noqa: E402
-from duge.memory import PeakMemory  # noqa: E402
+from benchmarks.peak_memory import PeakMemory  # noqa: E402
 from duge.paths import atomic_write_text  # noqa: E402
 from duge.plan import measure_tflops, plan_run  # noqa: E402
 from duge.trainer import UnlearnConfig, unlearn  # noqa: E402

@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     from duge.backends.diffusers_backend import DiffusersBackend
     from duge.concepts import example_concept_set_path, load_concept_set, resolve_request
     from duge.evaluation import retention_ratios
-    from duge.memory import PeakMemory
+    from benchmarks.peak_memory import PeakMemory
     from duge.models import load_pipeline
     from duge.run import anchor_filter, builtin_evaluator, world_evaluate
     from duge.trainer import UnlearnConfig, unlearn

@@ -54,7 +54,7 @@ def _cmd_sample(args) -> int:
 
 
 def _unlearn_config(args):
-    from .trainer import UnlearnConfig
+    from .config import UnlearnConfig
 
     config = UnlearnConfig(method=args.method, setting=args.setting, seed=args.seed, trainable=args.trainable,
                            trainable_mode=args.trainable_mode, dtype=args.dtype,
@@ -107,7 +107,7 @@ def torch_cuda_available() -> bool:
 
 def _cmd_plan(args) -> int:
     from .plan import meta_pipeline, plan_run
-    from .trainer import UnlearnConfig
+    from .config import UnlearnConfig
 
     config = UnlearnConfig(trainable=args.trainable, trainable_mode=args.trainable_mode, dtype=args.dtype,
                            gradient_checkpointing=args.gradient_checkpointing,

@@ -584,6 +584,20 @@ def resolve_concept_set(concept_set: ConceptSet, builtin_world: bool) -> list[Re
     ]
 
 
+def apply_continual_rule(requests: list[ResolvedRequest], setting: str) -> list[ResolvedRequest]:
+    """The continual semantics, in one place: a concept erased by an earlier request (by any request, when
+    `setting` is "simultaneous") is not preserved later — preserving it would pull it back. Independent
+    requests each start from the original model and keep their preserve lists. Changes `requests` in place
+    and returns them."""
+    if setting == "independent":
+        return requests
+    for k, request in enumerate(requests):
+        earlier = requests if setting == "simultaneous" else requests[:k]
+        erased = {name.lower() for q in earlier for name in [q.target, *q.aliases]}
+        request.preserve = [p for p in request.preserve if p.lower() not in erased]
+    return requests
+
+
 _WORLD_CONCEPT_BY_NAME = {name: concept for concept in CONCEPTS for name in concept.names}
 
 

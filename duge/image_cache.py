@@ -1,6 +1,7 @@
-"""Cached anchor/related images of a request on disk (`UnlearnConfig.cache_dir`).
+"""The images the frozen model generates for a request (`RequestCache`), kept on disk between runs.
 
-Generating a request's anchor and related images takes `anchor_images + related_images · preserved`
+`build_request_cache` generates them: the anchor images (devoid of the target), the related
+concepts' images to preserve, and for esd-x the target's own images. Generating a request's anchor and related images takes `anchor_images + related_images · preserved`
 sampler runs — on a large model the most expensive part of a short request. With `cache_dir` set,
 the latents are stored as `<key>.safetensors` and reused by a later run with the same key.
 
@@ -17,16 +18,69 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from .concepts import ResolvedRequest, render_prompt
+from .config import RELATED_IMAGES_SEED_OFFSET, TARGET_IMAGES_SEED_OFFSET, UnlearnConfig
 from .distributed import is_main_process
+from .methods import get_method
 from .paths import atomic_write
 
 logger = logging.getLogger(__name__)
 SAMPLED_VALUES = 4096
+
+
+@dataclass
+class RequestCache:
+    """What the reference model generated for one request. Latents [N, C, h, w] as the UNet sees them."""
+
+    request: ResolvedRequest
+    anchor_latents: torch.Tensor
+    anchor_templates: list[int]  # template index of each anchor latent
+    related_latents: torch.Tensor
+    related_prompts: list[str]
+    dropped_anchor_images: int = 0
+    target_latents: torch.Tensor | None = None  # images of the target itself (esd-x only), one per anchor template
+
+
+def build_request_cache(backend, request: ResolvedRequest, config: UnlearnConfig, seed: int,
+                        image_filter=None) -> RequestCache:
+    """Generate the anchor and related images with the reference model (the caller chooses it).
+
+    `image_filter(latents, request) -> keep mask [N] bool` may drop anchor images that still show
+    the target (the built-in evaluator does this); at least a quarter are always kept.
+    """
+    objective = get_method(config.method).objective
+    if objective == "closed_form":  # UCE needs no images
+        return RequestCache(request, torch.zeros(0), [], torch.zeros(0), [])
+    n = config.anchor_images
+    template_ids = [i % len(request.templates) for i in range(n)]
+    prompts = [render_prompt(request.templates[i], request.anchor) for i in template_ids]
+    latents = backend.sample_latents(prompts, seed, config.cache_steps, config.cache_guidance)
+    dropped = 0
+    if image_filter is not None:
+        keep = image_filter(latents, request)
+        if int(keep.sum()) >= max(1, n // 4):
+            dropped = int((~keep).sum())
+            latents = latents[keep]
+            template_ids = [t for t, k in zip(template_ids, keep.tolist()) if k]
+    related_prompts = []
+    for j, concept in enumerate(request.preserve):
+        for i in range(config.related_images):
+            related_prompts.append(render_prompt(request.templates[(i + j) % len(request.templates)], concept))
+    related = (backend.sample_latents(related_prompts, seed + RELATED_IMAGES_SEED_OFFSET, config.cache_steps,
+                                      config.cache_guidance) if related_prompts else latents[:0])
+    target = None
+    if objective == "negative_guidance":
+        target_prompts = [render_prompt(request.templates[i % len(request.templates)], request.target) for i in range(n)]
+        target = backend.sample_latents(target_prompts, seed + TARGET_IMAGES_SEED_OFFSET, config.cache_steps,
+                                        config.cache_guidance)
+    return RequestCache(request, latents, template_ids, related, related_prompts, dropped, target)
 
 
 @torch.no_grad()
@@ -44,9 +98,7 @@ def model_fingerprint(unet: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def cache_key(backend, request, config, seed: int, filtered: bool) -> str:
-    from .methods import get_method
-
+def cache_key(backend, request: ResolvedRequest, config: UnlearnConfig, seed: int, filtered: bool) -> str:
     description = {
         "request": {"target": request.target, "aliases": list(request.aliases), "anchor": request.anchor,
                     "preserve": list(request.preserve), "templates": list(request.templates)},
@@ -60,17 +112,14 @@ def cache_key(backend, request, config, seed: int, filtered: bool) -> str:
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def load_or_build_request_cache(backend, request, config, seed: int, image_filter=None):
-    """`trainer.build_request_cache`, through the on-disk cache when `config.cache_dir` is set."""
-    from .trainer import RequestCache, build_request_cache
-
+def load_or_build_request_cache(backend, request: ResolvedRequest, config: UnlearnConfig, seed: int,
+                                image_filter=None) -> RequestCache:
+    """`build_request_cache`, through the on-disk cache when `config.cache_dir` is set."""
     if not getattr(config, "cache_dir", None) or not hasattr(backend, "unet"):
         return build_request_cache(backend, request, config, seed, image_filter)
     path = Path(config.cache_dir).expanduser() / f"{cache_key(backend, request, config, seed, image_filter is not None)}.safetensors"
     if path.exists():
         tensors = load_file(str(path), device=str(backend.device))
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads(f.metadata()["duge_request_cache"])
         logger.info("request '%s': cached images read from %s", request.target, path)

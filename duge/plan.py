@@ -60,6 +60,8 @@ from pathlib import Path
 
 import torch
 
+from .memory import BACKWARD_PEAK, MEMORY_MARGIN, choose_memory_settings
+
 UNET_EFFICIENCY = 0.5  # share of the matmul throughput a UNet forward/backward reaches (assumed)
 ADAM_BYTES = 16  # value, gradient, exp_avg, exp_avg_sq in float32
 EDITED_BYTES = 4  # the float32 committed delta of each edited weight element
@@ -230,7 +232,7 @@ class Plan:
     compute_bytes: int
     gradient_checkpointing: bool
     micro_batch_size: int  # 0: the whole batch in one pass
-    memory_choice: str  # why (duge.plan.choose_memory_settings)
+    memory_choice: str  # why (duge.memory.choose_memory_settings)
     vram_gib: float | None
     trainable: str
     trainable_mode: str
@@ -391,99 +393,3 @@ def _meta_pipeline_from_folder(folder: Path, fallback_tokenizer: Path):
     extra = {"add_watermarker": False} if layout.name == "sdxl" else {
         "safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
     return cls(**components, **extra)
-
-
-# ---------------------------------------------------------------- run-time choice ("auto")
-
-MEMORY_MARGIN = 0.8  # share of the free memory the activations may take (the rest: allocator slack, other users)
-# Peak of one row's forward + backward pass over the activations autograd keeps for it: the
-# backward's own temporaries (gradients of the activations, a layer at a time). 1.15 was measured
-# once by hand, not by a shipped benchmark: a random-weight SD 1.5 UNet at 64x64 latents on the CPU,
-# VmHWM around one forward + backward (1.40 GiB kept, 1.60 GiB peak for one row; 1.11 for two).
-BACKWARD_PEAK = 1.15
-
-
-def free_memory_bytes(device: torch.device) -> int | None:
-    """Memory free for this process now: on CUDA the device's free memory plus what PyTorch's caching
-    allocator holds unused (reserved, not allocated), on the CPU the kernel's MemAvailable; None when
-    it cannot be read."""
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-@dataclass
-class MemoryChoice:
-    gradient_checkpointing: bool
-    micro_batch_size: int  # rows per UNet pass; 0: the whole batch at once
-    reason: str
-
-
-def choose_memory_settings(rows: int, full_bytes_per_row: float, checkpointed_bytes_per_row: float | None,
-                           budget_bytes: float | None, gradient_checkpointing="auto",
-                           micro_batch_size="auto") -> MemoryChoice:
-    """Settle "auto" gradient checkpointing and micro-batch size for a step of `rows` batch rows.
-
-    The activations kept for the backward pass grow with the rows in one UNet pass (`*_bytes_per_row`,
-    measured or planned; `checkpointed_bytes_per_row` None: the backend cannot checkpoint), and the
-    pass peaks at `BACKWARD_PEAK` times that. Within
-    `budget_bytes` (None: unknown, nothing is limited): the whole batch at once if it fits; else
-    micro-batches as large as fit (accumulated gradients: the same step, no extra compute); only when
-    a single row does not fit, gradient checkpointing (a third more compute) with the largest
-    micro-batch that then fits. A setting given as a value is kept as it is.
-    """
-    def rows_fitting(per_row: float) -> int:
-        return int(budget_bytes // (per_row * BACKWARD_PEAK)) if per_row > 0 else rows
-
-    def micro_for(per_row: float) -> int:
-        if micro_batch_size != "auto":
-            return int(micro_batch_size)
-        fit = rows_fitting(per_row)
-        return 0 if fit >= rows else max(1, fit)
-
-    gib = 2**30
-    if budget_bytes is None:
-        ckpt = gradient_checkpointing is True
-        return MemoryChoice(ckpt, 0 if micro_batch_size == "auto" else int(micro_batch_size),
-                            "free memory unknown: the whole batch at once")
-    if gradient_checkpointing != "auto":
-        per_row = checkpointed_bytes_per_row if gradient_checkpointing and checkpointed_bytes_per_row else full_bytes_per_row
-        micro = micro_for(per_row)
-        return MemoryChoice(bool(gradient_checkpointing), micro,
-                            f"{per_row / gib:.2f} GiB of activations per row, {budget_bytes / gib:.2f} GiB free for them")
-    if rows_fitting(full_bytes_per_row) >= 1 or checkpointed_bytes_per_row is None:
-        micro = micro_for(full_bytes_per_row)
-        why = (f"{full_bytes_per_row / gib:.2f} GiB of activations per row, {budget_bytes / gib:.2f} GiB free for them")
-        if rows_fitting(full_bytes_per_row) < 1:
-            why += "; even one row may not fit, and this backend cannot checkpoint"
-        return MemoryChoice(False, micro, why)
-    micro = micro_for(checkpointed_bytes_per_row)
-    return MemoryChoice(True, micro, f"one row needs {full_bytes_per_row / gib:.2f} GiB without checkpointing, "
-                                     f"{checkpointed_bytes_per_row / gib:.2f} GiB with it; "
-                                     f"{budget_bytes / gib:.2f} GiB free for activations")
-
-
-def saved_activation_bytes(forward) -> int:
-    """Bytes of the activations autograd keeps for the backward pass while `forward()` runs: the
-    distinct storages of the saved tensors that an operation produced (a grad_fn). Leaves — the
-    frozen weights, the trainable parameters, inputs that need no gradient — already exist apart
-    from the graph and are not counted. The graph is dropped after."""
-    kept: dict[int, int] = {}
-
-    def pack(tensor):
-        if tensor.grad_fn is not None:
-            storage = tensor.untyped_storage()
-            kept[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        out = forward()
-    del out
-    return sum(kept.values())

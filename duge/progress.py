@@ -32,7 +32,9 @@ from .errors import DugeError
 from .io import _json_default
 from .paths import atomic_write, atomic_write_text, contained_path
 from .safe_weights import load_tensors, read_header
-from .trainer import RequestCache, RequestResult, ResumeState, UnlearnConfig
+from .config import UnlearnConfig
+from .image_cache import RequestCache
+from .results import RequestResult, ResumeState
 
 PROGRESS_FOLDER = "progress"
 STATE_FILE = "state.json"

@@ -67,7 +67,7 @@ class DugeUnlearn(io.ComfyNode):
                 trainable, method="duge", anchor_images=16, sampler_steps=20, vae=None, evaluate=False,
                 memory_budget_gb=0.0, anchor_guidance=0.5) -> io.NodeOutput:
         from duge.backends.comfy_run import run_unlearn
-        from duge.trainer import UnlearnConfig
+        from duge.config import UnlearnConfig
 
         config = UnlearnConfig(method=method, setting=setting, steps=steps, learning_rate=learning_rate, beta=beta,
                                lambda_prior=lambda_prior, lambda_reg=lambda_reg, trainable=trainable, seed=seed,

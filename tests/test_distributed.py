@@ -16,7 +16,10 @@ import torch
 from duge import distributed
 from duge.backends.diffusers_backend import DiffusersBackend
 from duge.concepts import parse_concept_set, resolve_request
-from duge.trainer import UnlearnConfig, _request_step, build_request_cache
+from duge.config import UnlearnConfig
+from duge.image_cache import build_request_cache
+from duge.methods import get_method
+from duge.objective import step_terms
 
 SET = "name: t\nrequests:\n  - target: circle\n    preserve: [square, heart]\n"
 
@@ -66,7 +69,7 @@ def _step_gradients(backend, cache, config, rank: int, world: int, monkeypatch, 
             for p in params:  # a non-zero delta, so that every term has a gradient
                 p.normal_(0, 1e-3, generator=torch.Generator().manual_seed(1))
         caches = cache if isinstance(cache, list) else [cache]
-        _request_step(backend, edits, caches, config, np.random.default_rng(5), torch.Generator().manual_seed(5),
+        step_terms(backend, edits, caches, get_method(config.method), config, np.random.default_rng(5), torch.Generator().manual_seed(5),
                       None, replay=replay, micro_batch_size=micro_batch_size)
         return {name: d.delta.grad.clone() for name, d in edits.deltas.items()}
 

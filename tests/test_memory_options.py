@@ -76,7 +76,7 @@ def test_storage_dtype_is_float32_without_cuda(monkeypatch):
 def _gradients(backend, checkpointing: bool) -> dict[str, torch.Tensor]:
     """Gradients of the cross-attention loss (output + attention term) w.r.t. every K/V delta."""
     from duge.losses import cross_attention_loss
-    from duge.trainer import _predict
+    from duge.objective import predict
 
     backend.unet.disable_gradient_checkpointing()
     if checkpointing:
@@ -94,8 +94,8 @@ def _gradients(backend, checkpointing: bool) -> dict[str, torch.Tensor]:
             for p in params:
                 p.normal_(0, 1e-3, generator=generator)
         with torch.no_grad(), edits.reference():
-            ref, ref_maps = _predict(backend, z, t, ctx, tokens, mask, config, True)
-        pred, maps = _predict(backend, z, t, ctx, tokens, mask, config, True)
+            ref, ref_maps = predict(backend, z, t, ctx, tokens, mask, config, True)
+        pred, maps = predict(backend, z, t, ctx, tokens, mask, config, True)
         loss, _ = cross_attention_loss(pred, ref, maps, ref_maps, 50.0)
         loss.backward()
         grads = {name: d.delta.grad.clone() for name, d in edits.deltas.items()}
@@ -161,7 +161,7 @@ def test_auto_memory_settles_on_micro_batches_or_checkpointing_from_the_budget(b
 
 
 def test_free_memory_counts_the_allocators_unused_cache_on_cuda_and_memavailable_on_the_cpu(monkeypatch):
-    from duge.plan import free_memory_bytes
+    from duge.memory import free_memory_bytes
 
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (3 * 2**30, 16 * 2**30))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 5 * 2**30)

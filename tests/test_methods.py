@@ -1,5 +1,5 @@
 """The baselines on small cases with known answers: UCE's closed form, and the loss each method
-sums in `duge.trainer._request_step` (ESD-x's negative-guidance target, CA's output term alone,
+sums in `duge.objective.step_terms` (ESD-x's negative-guidance target, CA's output term alone,
 FT + L2-SP, DUGE's three terms)."""
 
 from __future__ import annotations
@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from duge.concepts import ResolvedRequest
-from duge.methods import METHODS
-from duge.trainer import RequestCache, UnlearnConfig, _request_step
+from duge.config import UnlearnConfig
+from duge.image_cache import RequestCache
+from duge.methods import METHODS, get_method
+from duge.objective import step_terms
 from duge.uce import uce_closed_form, uce_delta, uce_embeddings
 
 
@@ -77,7 +79,7 @@ def test_uce_delta_on_the_builtin_model_moves_the_target_towards_the_anchor(buil
         assert torch.equal(dict(builtin_pipe.unet.named_parameters())[name + ".weight"], w)
 
 
-# ---------------------------------------------------------------- losses through _request_step
+# ---------------------------------------------------------------- losses through step_terms
 
 
 class _FakeEdits:
@@ -143,8 +145,8 @@ def _losses(method: str, d: float = 0.5, **config) -> dict:
     latents = torch.zeros(2, 1, 2, 2)
     cache = RequestCache(request, latents, [0, 0], latents.clone(), ["a square", "a square"], target_latents=latents)
     cfg = UnlearnConfig(method=method, batch_size=2, **config)
-    parts = _request_step(backend, edits, [cache], cfg, np.random.default_rng(0), torch.Generator().manual_seed(0),
-                          None)  # back-propagates into edits.delta.grad
+    parts = step_terms(backend, edits, [cache], get_method(method), cfg, np.random.default_rng(0),
+                       torch.Generator().manual_seed(0), None)  # back-propagates into edits.delta.grad
     return {"loss": parts["total"], "grad": float(edits.delta.grad), **parts}
 
 

@@ -107,7 +107,8 @@ def test_world_scores_count_images_read_as_each_named_concept():
 
 
 def test_unlearn_report_lists_each_request():
-    from duge.trainer import RequestResult, UnlearnConfig, UnlearnResult
+    from duge.config import UnlearnConfig
+    from duge.results import RequestResult, UnlearnResult
 
     result = UnlearnResult(UnlearnConfig(), [RequestResult("circle", {}, 1.5, 10, {"total": 0.25}, {"UA": 0.9})], {})
     report = unlearn_report(result, "demo", True, ["a note"])

@@ -8,9 +8,10 @@ import json
 import pytest
 import torch
 
-from duge.plan import (choose_memory_settings, meta_pipeline, model_sizes, plan_run, saved_activation_bytes,
+from duge.memory import choose_memory_settings, saved_activation_bytes
+from duge.plan import (meta_pipeline, model_sizes, plan_run,
                        unet_activation_elements)
-from duge.trainer import UnlearnConfig
+from duge.config import UnlearnConfig
 
 
 @pytest.mark.parametrize("name, unet_m, text_m, kv_m", [

@@ -116,13 +116,13 @@ def test_nan_loss_rolls_the_request_back_with_a_clear_error(backend, monkeypatch
     done = []
     before = host_weights(backend)
     seen = _recording_edits(backend, monkeypatch)
-    real_step = trainer._request_step
+    real_step = trainer.step_terms
 
     def nan_on_red(backend_, edits, caches, *args, **kwargs):
         losses = real_step(backend_, edits, caches, *args, **kwargs)
         return {**losses, "total": float("nan")} if caches[-1].request.target == "red" else losses
 
-    monkeypatch.setattr(trainer, "_request_step", nan_on_red)
+    monkeypatch.setattr(trainer, "step_terms", nan_on_red)
     with pytest.raises(TrainingDiverged) as error:
         unlearn(backend, concept_set, tiny_config(), builtin_world=True,
                 on_request_done=lambda k, result, cache: done.append(result))

@@ -130,16 +130,16 @@ def test_unlearn_command_end_to_end(tmp_path, monkeypatch):
 def test_sequential_batches_add_replayed_erasures_and_skip_attention_for_an_empty_anchor(backend, monkeypatch):
     """Request 2 (red, anchor "") trains on batch_size samples of its own plus replay_batch_size of
     request 1 (circle, anchor "shape"); only samples with anchor tokens enter the attention term."""
-    import duge.trainer as trainer
+    import duge.objective as objective
 
     seen = []
-    real_loss = trainer.cross_attention_loss
+    real_loss = objective.cross_attention_loss
 
     def spy(pred, ref, maps_target, maps_anchor, beta):
         seen.append((len(pred), len(maps_target[0]) if maps_target else 0))
         return real_loss(pred, ref, maps_target, maps_anchor, beta)
 
-    monkeypatch.setattr(trainer, "cross_attention_loss", spy)
+    monkeypatch.setattr(objective, "cross_attention_loss", spy)
     unlearn(backend, parse_concept_set(CONCEPTS), tiny_config(replay_batch_size=3), builtin_world=True)
     first, second = seen[:3], seen[3:]
     assert all(rows == (2, 2) for rows in first)  # circle alone: every sample has its anchor "shape"

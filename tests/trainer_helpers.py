@@ -2,7 +2,7 @@
 
 import torch
 
-from duge.trainer import UnlearnConfig
+from duge.config import UnlearnConfig
 
 # Two requests on the built-in world: an object, then a colour.
 CONCEPTS = """

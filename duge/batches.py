@@ -1,0 +1,94 @@
+"""A step's samples, drawn from the requests' cached images (`duge.image_cache.RequestCache`).
+
+The whole batch is drawn at once, from generators every process seeds alike, so it is the same in
+every process of a data-parallel run and for any micro-batching; `duge.harness.accumulate` then
+runs this process's rows of it a micro-batch at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .concepts import render_prompt
+from .config import UnlearnConfig
+from .image_cache import RequestCache
+from .methods import Method
+
+
+@dataclass
+class Batch:
+    """One step's samples. Row i of the anchor part: noised latent zt[i] at timestep t[i], prompts and words."""
+
+    zt: torch.Tensor  # [b, C, h, w]
+    t: torch.Tensor  # [b]
+    target_prompts: list[str]
+    anchor_prompts: list[str]
+    target_words: list[str]
+    tok_anchor: torch.Tensor  # [b, T] token indices of the anchor word
+    mask_anchor: torch.Tensor  # [b, T] bool
+    has_anchor: torch.Tensor  # [b] bool: the anchor has tokens (the attention term needs them)
+    related_zt: torch.Tensor | None = None  # [r, C, h, w]
+    related_t: torch.Tensor | None = None  # [r]
+    related_prompts: list[str] = field(default_factory=list)
+
+    def __getitem__(self, rows: slice) -> "Batch":
+        """The anchor part's rows `rows` (without the related rows)."""
+        return Batch(self.zt[rows], self.t[rows], self.target_prompts[rows], self.anchor_prompts[rows],
+                     self.target_words[rows], self.tok_anchor[rows], self.mask_anchor[rows], self.has_anchor[rows])
+
+
+def draw_batch(backend, caches: list[RequestCache], method: Method, config: UnlearnConfig, rng: np.random.Generator,
+               generator: torch.Generator, replay: int = 0) -> Batch:
+    """The samples of one step.
+
+    `replay` > 0: the last cache is the current request, which fills `batch_size` samples, and
+    `replay` samples are drawn from the earlier caches (replayed erasures). Otherwise the
+    `batch_size` samples are drawn from all caches alike (one cache, or all when simultaneous).
+    A row's image is one of its request's anchor images, or of its target images for an objective
+    that trains on those (esd-x).
+    """
+    device = backend.device
+    if replay > 0 and len(caches) > 1:
+        which = np.concatenate([np.full(config.batch_size, len(caches) - 1),
+                                rng.integers(0, len(caches) - 1, replay)])
+    else:
+        which = rng.integers(0, len(caches), config.batch_size)
+    anchor_z, target_prompts, anchor_prompts, target_words, anchor_words = [], [], [], [], []
+    related_z, related_prompts = [], []
+    for c in which:
+        cache = caches[c]
+        req = cache.request
+        i = rng.integers(0, len(cache.anchor_latents))
+        template = req.templates[cache.anchor_templates[i]]
+        word = ([req.target] + list(req.aliases))[rng.integers(0, 1 + len(req.aliases))]
+        if method.objective == "negative_guidance":  # images of the target itself
+            i = rng.integers(0, len(cache.target_latents))
+            template = req.templates[i % len(req.templates)]
+            anchor_z.append(cache.target_latents[i])
+        else:
+            anchor_z.append(cache.anchor_latents[i])
+        target_prompts.append(render_prompt(template, word))
+        anchor_prompts.append(render_prompt(template, req.anchor))
+        target_words.append(word)
+        anchor_words.append(req.anchor)
+        if len(cache.related_latents):
+            j = rng.integers(0, len(cache.related_latents))
+            related_z.append(cache.related_latents[j])
+            related_prompts.append(cache.related_prompts[j])
+
+    z0 = torch.stack(anchor_z).to(device)
+    noise = torch.randn(z0.shape, generator=generator).to(device)
+    t = torch.randint(0, backend.num_train_timesteps, (len(which),), generator=generator).to(device)
+    tok_anchor, mask_anchor = backend.token_indices(anchor_prompts, anchor_words)
+    batch = Batch(backend.add_noise(z0, noise, t), t, target_prompts, anchor_prompts, target_words,
+                  tok_anchor, mask_anchor, mask_anchor.any(1))
+    if related_z and method.prior_term and config.lambda_prior > 0:
+        zr0 = torch.stack(related_z).to(device)
+        noise_r = torch.randn(zr0.shape, generator=generator).to(device)
+        t_r = torch.randint(0, backend.num_train_timesteps, (len(related_z),), generator=generator).to(device)
+        batch.related_zt, batch.related_t = backend.add_noise(zr0, noise_r, t_r), t_r
+        batch.related_prompts = related_prompts
+    return batch

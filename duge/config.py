@@ -1,0 +1,138 @@
+"""Every setting of an unlearning run, in one torch-free place: `UnlearnConfig`, `METHODS`, `SETTINGS`, `TRAINABLE`.
+
+The command line (`duge.cli`) and the DUGE Unlearn node fill an `UnlearnConfig`; each field's
+`metadata["help"]` is the one description of the setting, and its group (`GROUPS`) says which
+part of the run it belongs to. Nothing here imports torch, so the CLI and ComfyUI read the
+defaults without loading a model library.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+from .errors import DugeError
+from .methods import METHODS, get_method
+
+SETTINGS = ("sequential", "independent", "simultaneous")
+TRAINABLE = ("kv", "qkv", "attn2")  # the cross-attention projections edited (patterns: duge.edits)
+TRAINABLE_MODES = ("full", "lora")
+REGULARIZERS = ("l2sp", "fisher")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+# Seeds derived from `UnlearnConfig.seed` (or a request's own seed), one offset per use, so that no
+# two uses draw the same random numbers.
+FISHER_SEED_OFFSET = 7  # images for the Fisher estimate
+EVALUATION_SEED_OFFSET = 999  # the images a run is measured on
+REQUEST_SEED_STRIDE = 100  # request k: seed + 100·k
+RELATED_IMAGES_SEED_OFFSET = 10_000  # a request's related-concept images: its seed + 10 000
+TARGET_IMAGES_SEED_OFFSET = 20_000  # a request's target images (esd-x): its seed + 20 000
+
+__all__ = ["UnlearnConfig", "METHODS", "SETTINGS", "TRAINABLE", "GROUPS", "request_seed"]
+
+
+def _setting(default, help: str, group: str, choices=None, **kwargs):
+    return field(default=default, metadata={"help": help, "group": group, "choices": choices}, **kwargs)
+
+
+@dataclass
+class UnlearnConfig:
+    """Every setting of a run (module doc). Defaults are DUGE's; field names are the CLI's flags in kebab-case."""
+
+    # ---- what is trained, and how
+    method: str = _setting("duge", "DUGE, or a baseline through the same trainer: Concept Ablation (ca), fine-tuning "
+                           "with L2-SP (ft-l2sp), ESD on cross-attention (esd-x), or UCE's closed form (uce)",
+                           "run", choices=tuple(METHODS))
+    setting: str = _setting("sequential", "sequential: each request from the last result; independent: each from the "
+                            "original model, merged at the end; simultaneous: all requests in one optimisation",
+                            "run", choices=SETTINGS)
+    steps: int = _setting(150, "optimisation steps per request (a request's own `steps` overrides)", "run")
+    learning_rate: float = _setting(2e-3, "AdamW's learning rate", "run")
+    batch_size: int = _setting(8, "anchor samples per step", "run")
+    # Sequential setting: samples replaying the cross-attention loss of earlier requests (their cached
+    # anchor images), added to each step's batch, so that a later request — and the regulariser's pull
+    # towards θ0 — cannot undo an earlier erasure. 0 turns replay off.
+    replay_batch_size: int = _setting(4, "samples per step replaying earlier requests (sequential setting; 0: off)",
+                                      "run")
+    trainable: str = _setting("kv", "cross-attention projections edited: K/V, Q/K/V, or all of attn2", "run",
+                              choices=TRAINABLE)
+    trainable_mode: str = _setting("full", "train full deltas, or low-rank (LoRA) deltas", "run",
+                                   choices=TRAINABLE_MODES)
+    lora_rank: int = _setting(4, "rank of the trained deltas when trainable_mode is lora", "run")
+    attention_layers: list[str] | None = _setting(None, "cross-attention layers whose maps the attention term "
+                                                  "compares (None: every one)", "run")
+    dtype: str = _setting("auto", "compute dtype (autocast; the deltas stay float32)", "run", choices=DTYPES)
+    seed: int = _setting(0, "seed of the images, noise and batches (request k uses seed + 100·k)", "run")
+
+    # ---- loss weights: L = L_out + β·L_attn + λ_prior·L_prior + λ_reg·L_reg
+    beta: float = _setting(10.0, "weight of the attention-map term (target words must look where the anchor's do)",
+                           "loss weights")
+    lambda_prior: float = _setting(1.0, "weight of the prior-preservation loss on the related concepts",
+                                   "loss weights")
+    lambda_reg: float = _setting(2e-5, "weight of the regulariser towards the original weights (against erosion); it "
+                                 "sums over every edited weight, so useful values are small", "loss weights")
+    regularizer: str = _setting("l2sp", "l2sp (F = 1) or fisher (diagonal Fisher on general prompts)",
+                                "loss weights", choices=REGULARIZERS)
+    fisher_samples: int = _setting(8, "prompts the Fisher estimate averages over", "loss weights")
+    # DUGE's output-term target guided away from the target prompt by this much (0: the anchor's
+    # prediction alone, as in the design doc): ε_φ(anchor) − η_a·(ε_θ0(target) − ε_θ0(anchor)).
+    anchor_guidance: float = _setting(0.5, "also steer the target away from itself (along the original model's "
+                                      "target-minus-anchor direction), not only towards the anchor; 0: off",
+                                      "loss weights")
+
+    # ---- the images the frozen model generates for each request before training
+    anchor_images: int = _setting(16, "images generated per request from the anchor prompts", "images")
+    related_images: int = _setting(4, "images generated per related concept to preserve", "images")
+    cache_steps: int = _setting(20, "sampler steps for those images", "images")
+    cache_guidance: float = _setting(7.5, "classifier-free guidance for those images", "images")
+    cache_dir: str | None = _setting(None, "keep each request's generated images in this folder and reuse them in "
+                                     "later runs (None: in memory only)", "images")
+
+    # ---- memory (duge.memory.choose_memory_settings): "auto" is settled at the start of the run against
+    # the device's free memory (or memory_budget_gib): micro-batches first (no extra compute), gradient
+    # checkpointing only when one row alone would not fit. The choice is logged.
+    gradient_checkpointing: bool | str = _setting("auto", "recompute UNet blocks in the backward pass instead of "
+                                                  "keeping their activations (auto: only when one batch row would "
+                                                  "not fit)", "memory")
+    micro_batch_size: int | str = _setting("auto", "batch rows per UNet pass, gradients accumulated (the same step; "
+                                           "auto: as many as fit, 0: the whole batch)", "memory")
+    memory_budget_gib: float | None = _setting(None, "memory the training may add over the loaded model, in GiB "
+                                               "(None: the device's free memory)", "memory")
+
+    # ---- the baselines' own settings
+    esd_eta: float = _setting(1.0, "negative-guidance strength of the esd-x baseline", "baselines")
+    # The uce baseline's closed form (duge.uce): λ, erase and preserve scales of the authors' script.
+    uce_lambda: float = _setting(0.5, "λ of UCE's closed form (keeps unnamed directions)", "baselines")
+    uce_erase_scale: float = _setting(1.0, "erase scale of UCE's closed form", "baselines")
+    uce_preserve_scale: float = _setting(1.0, "preserve scale of UCE's closed form", "baselines")
+
+    def validate(self) -> None:
+        for name, allowed in (("setting", SETTINGS), ("trainable", TRAINABLE), ("trainable_mode", TRAINABLE_MODES),
+                              ("regularizer", REGULARIZERS), ("dtype", DTYPES)):
+            if getattr(self, name) not in allowed:
+                raise DugeError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        for name in ("steps", "batch_size", "anchor_images"):
+            if getattr(self, name) < 1:
+                raise DugeError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.replay_batch_size < 0:
+            raise DugeError(f"replay_batch_size must be 0 (no replay) or more, got {self.replay_batch_size}")
+        if self.anchor_guidance < 0:
+            raise DugeError(f"anchor_guidance must be 0 or more, got {self.anchor_guidance}")
+        if self.learning_rate <= 0:
+            raise DugeError(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.gradient_checkpointing not in (True, False, "auto"):
+            raise DugeError(f"gradient_checkpointing must be true, false or 'auto', got {self.gradient_checkpointing!r}")
+        if self.micro_batch_size != "auto" and (isinstance(self.micro_batch_size, bool)
+                                                or not isinstance(self.micro_batch_size, int) or self.micro_batch_size < 0):
+            raise DugeError(f"micro_batch_size must be 'auto', 0 (the whole batch) or a positive number of rows, "
+                            f"got {self.micro_batch_size!r}")
+        if self.memory_budget_gib is not None and not self.memory_budget_gib > 0:
+            raise DugeError(f"memory_budget_gib must be positive or None, got {self.memory_budget_gib!r}")
+        get_method(self.method)
+
+
+GROUPS = {f.name: f.metadata["group"] for f in fields(UnlearnConfig)}
+
+
+def request_seed(config: UnlearnConfig, k: int, own_seed: int | None = None) -> int:
+    """The seed of request k: its own seed if the concept set gives one, else `config.seed + 100·k`."""
+    return own_seed if own_seed is not None else config.seed + REQUEST_SEED_STRIDE * k
