@@ -8,11 +8,17 @@
 The pack is linked into `<workdir>/custom_nodes/ComfyUI-DUGE` and found through
 --extra-model-paths-config, so ComfyUI's own custom_nodes folder is never touched. Output, user
 and temp folders live under `workdir`. The server is stopped by the PID it was started with.
+
+Environment: COMFYUI_FRONTEND_ROOT, when set, is served with --front-end-root (the test matrix's
+"newest frontend" entry: `<folder>/comfyui_frontend_package/static`, see tools/comfyui_env.sh);
+otherwise ComfyUI serves the frontend package it pins. The server runs with OMP_NUM_THREADS and
+MKL_NUM_THREADS as this process has them, 1 when unset (a shared CPU).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -23,6 +29,24 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PACK_NAME = "ComfyUI-DUGE"  # the folder name users clone into custom_nodes/
+FRONTEND_ROOT_VARIABLE = "COMFYUI_FRONTEND_ROOT"
+
+
+def frontend_args() -> list[str]:
+    """--front-end-root from COMFYUI_FRONTEND_ROOT (checked), or nothing: ComfyUI's pinned frontend."""
+    root = os.environ.get(FRONTEND_ROOT_VARIABLE)
+    if not root:
+        return []
+    if not (Path(root) / "index.html").is_file():
+        raise ComfyServerError(f"{FRONTEND_ROOT_VARIABLE}={root}: expected a frontend's static folder with "
+                               "index.html, e.g. <target>/comfyui_frontend_package/static")
+    return ["--front-end-root", root]
+
+
+def server_environment() -> dict[str, str]:
+    """This process's environment with one thread per BLAS/OpenMP pool unless the caller set more."""
+    return {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+            "MKL_NUM_THREADS": os.environ.get("MKL_NUM_THREADS", "1")}
 
 
 def free_port() -> int:
@@ -76,9 +100,10 @@ class ComfyServer:
                    "--extra-model-paths-config", str(extra), "--output-directory", str(self.output_dir),
                    "--user-directory", str(self.workdir / "user"), "--temp-directory", str(self.workdir / "temp"),
                    "--input-directory", str(self.workdir / "input"), "--disable-api-nodes", "--dont-print-server",
-                   "--preview-method", "none", *self.extra_args]
+                   "--preview-method", "none", *frontend_args(), *self.extra_args]
         self._log = open(self.log_path, "w")
-        self.process = subprocess.Popen(command, cwd=self.comfyui_path, stdout=self._log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(command, cwd=self.comfyui_path, stdout=self._log, stderr=subprocess.STDOUT,
+                                        env=server_environment())
         deadline = time.time() + self.start_timeout
         while time.time() < deadline:
             if self.process.poll() is not None:

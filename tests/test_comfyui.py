@@ -12,11 +12,7 @@ import importlib.util
 import json
 import logging
 import os
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +34,7 @@ UNLEARN_ARGS = dict(steps=3, learning_rate=5e-2, beta=50.0, lambda_prior=1.0, la
                     seed=0, trainable="kv", anchor_images=2, sampler_steps=3)
 
 sys.path.insert(0, COMFYUI_PATH)
+sys.path.insert(0, str(REPO / "tests"))  # helper modules beside the tests
 from comfy.cli_args import args  # noqa: E402
 
 args.cpu = True
@@ -45,6 +42,7 @@ import comfy.model_management as mm  # noqa: E402
 import comfy.sd  # noqa: E402
 import comfy.utils  # noqa: E402
 import folder_paths  # noqa: E402
+from comfyui_server import ComfyServer, status_messages  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -478,18 +476,6 @@ def test_sd_layouts_train_and_their_lora_loads_with_no_unmatched_key(kind, outpu
 # ---------------------------------------------------------------- the server
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _post(url: str, payload: dict) -> dict:
-    request = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.load(response)
-
-
 DEMO_PROMPT = {  # API form: demo model -> concept set -> DUGE Unlearn -> KSampler -> image, and the LoRA saved
     "1": {"class_type": "DugeLoadDemoModel", "inputs": {}},
     "2": {"class_type": "DugeLoadConceptSet", "inputs": {"file": "(typed text below)", "text": TINY_SET}},
@@ -509,57 +495,18 @@ DEMO_PROMPT = {  # API form: demo model -> concept set -> DUGE Unlearn -> KSampl
 
 
 def test_server_loads_the_pack_from_the_checkout_and_runs_the_demo_graph(tmp_path):
-    custom_nodes = tmp_path / "custom_nodes"
-    custom_nodes.mkdir()
-    for folder in ("output", "user", "temp"):
-        (tmp_path / folder).mkdir()
-    (custom_nodes / "ComfyUI-DUGE").symlink_to(REPO, target_is_directory=True)
-    extra = tmp_path / "extra_model_paths.yaml"
-    extra.write_text(f"duge_test:\n  base_path: {tmp_path}\n  custom_nodes: custom_nodes\n")
-    port = _free_port()
-    command = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-               "--extra-model-paths-config", str(extra), "--output-directory", str(tmp_path / "output"),
-               "--user-directory", str(tmp_path / "user"), "--temp-directory", str(tmp_path / "temp"),
-               "--disable-api-nodes", "--dont-print-server"]
-    log = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen(command, cwd=COMFYUI_PATH, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        info = None
-        deadline = time.time() + 120
-        while time.time() < deadline and server.poll() is None:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/object_info", timeout=5) as response:
-                    info = json.load(response)
-                break
-            except OSError:
-                time.sleep(1)
-        assert info is not None, (tmp_path / "server.log").read_text()[-3000:]
+    with ComfyServer(COMFYUI_PATH, tmp_path) as server:
+        info = server.get("/object_info")
         missing = [n for n in NODE_IDS if n not in info]
-        assert not missing, f"not registered: {missing}\n" + (tmp_path / "server.log").read_text()[-3000:]
+        assert not missing, f"not registered: {missing}\n" + server.log_tail()
         assert "demo.yaml" in info["DugeLoadConceptSet"]["input"]["required"]["file"][1]["options"]
         assert info["DugeUnlearn"]["output"] == ["MODEL", "DUGE_LORA", "STRING"]
 
-        queued = _post(f"http://127.0.0.1:{port}/prompt", {"prompt": DEMO_PROMPT, "client_id": "duge-test"})
-        prompt_id = queued["prompt_id"]
-        history = {}
-        deadline = time.time() + 1800  # a shared CPU can be slow; the run itself takes under a minute idle
-        while time.time() < deadline and prompt_id not in history:
-            time.sleep(1)
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/history/{prompt_id}", timeout=5) as response:
-                history = json.load(response)
-        assert prompt_id in history, (tmp_path / "server.log").read_text()[-3000:]
-        status = history[prompt_id]["status"]
-        assert status["status_str"] == "success", json.dumps(status)[-3000:]
-        image = history[prompt_id]["outputs"]["9"]["images"][0]
-        assert (tmp_path / "output" / image["subfolder"] / image["filename"]).exists()
-        assert list((tmp_path / "output" / "loras").glob("duge_demo_*.safetensors"))
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
+        entry = server.wait(server.queue(DEMO_PROMPT), timeout=1800)  # a shared CPU can be slow
+        assert entry["status"]["status_str"] == "success", status_messages(entry)
+        image = entry["outputs"]["9"]["images"][0]
+        assert (server.output_dir / image["subfolder"] / image["filename"]).exists()
+        assert list((server.output_dir / "loras").glob("duge_demo_*.safetensors"))
 
 
 @pytest.mark.parametrize("parametrisation", ["eps", "v_prediction"])
