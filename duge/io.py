@@ -45,6 +45,7 @@ from safetensors.torch import save_file
 
 from . import __version__, keys
 from .errors import DugeError, ModelLoadError
+from .model_metadata import BaseModel, base_model_of_pipeline, checkpoint_metadata, lora_metadata
 from .paths import atomic_write, check_writable, contained_path, temporary_folder
 from .safe_weights import (  # noqa: F401 - PICKLE_SUFFIXES and require_safetensors are part of this module's API
     PICKLE_SUFFIXES,
@@ -322,7 +323,8 @@ def save_single_file(
     """Save `pipe` as one safetensors checkpoint in the original SD layout (A1111 / ComfyUI).
 
     `dtype` casts floating-point tensors (e.g. torch.float16 halves the file); None keeps them.
-    The metadata holds the manifest (`duge_manifest`) and the config folder (`duge_config`).
+    The metadata holds the manifest (`duge_manifest`), the config folder (`duge_config`) and the
+    modelspec.* keys (`duge.model_metadata`).
     """
     path = _output_file(path)
     check_writable(path, overwrite)
@@ -334,6 +336,7 @@ def save_single_file(
         state[key] = tensor.contiguous()
     metadata = manifest_metadata(manifest)
     metadata[CONFIG_KEY] = json.dumps(pipeline_config_files(pipe), ensure_ascii=False)
+    metadata.update(checkpoint_metadata(path, manifest, base_model_of_pipeline(pipe)))
     return atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=metadata), overwrite=overwrite)
 
 
@@ -627,6 +630,7 @@ def save_lora(
     rank: int | None = None,
     overwrite: bool = False,
     dtype: torch.dtype = torch.float32,
+    base_model: BaseModel | None = None,
 ) -> Path:
     """Save UNet weight changes as a kohya-style LoRA safetensors file.
 
@@ -634,6 +638,8 @@ def save_lora(
     to ΔW [out, in] (factorised by `factorize_delta` with `rank`) or to `LoraFactors` (kept, or
     re-factorised when `rank` is smaller than theirs). `.alpha` is the rank (the most common rank
     when they differ; see below), so the file applies ΔW at strength 1.0 in every reader.
+    The metadata has the manifest and the kohya / modelspec keys of `duge.model_metadata` (for
+    `base_model`, or the family the tensors show when None).
     """
     path = _output_file(path)
     check_writable(path, overwrite)
@@ -664,10 +670,7 @@ def save_lora(
         tensors[f"{name}.lora_down.weight"] = factors.down.detach().to(dtype).contiguous()
         tensors[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
     metadata = manifest_metadata(manifest)
-    metadata["ss_network_module"] = "networks.lora"
-    metadata["ss_network_alpha"] = str(alpha)
-    if len(set(ranks)) == 1:
-        metadata["ss_network_dim"] = str(alpha)
+    metadata.update(lora_metadata(path, tensors, alpha if len(set(ranks)) == 1 else None, alpha, manifest, base_model))
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), overwrite=overwrite)
 
 

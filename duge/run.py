@@ -133,6 +133,7 @@ def run_unlearn(model: str, concepts_path: str, out: str | Path, config, overwri
     """
     from .backends.diffusers_backend import DiffusersBackend
     from .io import make_manifest, model_hash, save_diffusers_folder, save_lora, save_single_file
+    from .model_metadata import base_model_of_pipeline
     from .models import load_pipeline
     from .progress import ProgressCheckpoint, progress_folder, require_progress, run_inputs
     from .trainer import unlearn
@@ -213,7 +214,8 @@ def run_unlearn(model: str, concepts_path: str, out: str | Path, config, overwri
         for k, r in enumerate(result.requests, start=1):
             name = "".join(ch if ch.isalnum() else "_" for ch in r.target)[:60]
             request_manifest = dict(manifest, request_index=k)
-            save_lora(r.delta, tmp / "loras" / f"{k:02d}_{name}.safetensors", request_manifest, rank=lora_rank)
+            save_lora(r.delta, tmp / "loras" / f"{k:02d}_{name}.safetensors", request_manifest, rank=lora_rank,
+                      base_model=base_model_of_pipeline(edited))
         log("drawing before/after grids ...")
         prompts = comparison_prompts(concept_set, builtin_world)
         after_backend = DiffusersBackend(edited, device=backend.device, dtype=config.dtype)

@@ -66,6 +66,18 @@ def _base_model_name(model) -> str:
     return "builtin" if is_demo_model(model) else type(model.model.model_config).__name__
 
 
+def base_model_of(model):
+    """The `duge.model_metadata.BaseModel` of a ComfyUI MODEL (SD 1.x/2.x/XL from its cross-attention width)."""
+    from ..model_metadata import BaseModel, base_model_from_context_dim
+    from .comfy_backend import prediction_type_of
+
+    if is_demo_model(model):
+        return BaseModel(None)
+    context_dim = model.model.model_config.unet_config.get("context_dim")
+    v_prediction = prediction_type_of(model.get_model_object("model_sampling")) == "v_prediction"
+    return base_model_from_context_dim(context_dim, v_prediction)
+
+
 def _preview_image(backend, prompt: str, seed: int, guidance: float):
     """A small sample of `prompt` from the model as it is now, for the progress bar (PIL or None)."""
     from PIL import Image
@@ -165,7 +177,7 @@ def run_unlearn(model, clip, concept_set, config, vae=None, evaluate: bool = Fal
     edited.set_attachments(DUGE_ATTACHMENT, {"base": model, "total_delta": total, "manifest": manifest,
                                              "patches_uuid": edited.patches_uuid})
     lora = UnlearningLora([(r.target, {k: v.detach().float().cpu() for k, v in r.delta.items()}) for r in result.requests],
-                          total, manifest)
+                          total, manifest, extra={"base_model": base_model_of(model)})
     report = unlearn_report(result, concept_set.name, builtin_world, notes)
     return UnlearnOutput(edited, lora, report, result)
 
@@ -263,18 +275,20 @@ def save_lora_files(lora: UnlearningLora, filename_prefix: str, rank: int | None
     from ..io import save_lora
 
     paths = []
+    base_model = lora.extra.get("base_model")  # None: the family the tensors show
     if per_request:
         for k, (target, deltas) in enumerate(lora.requests, start=1):
             manifest = dict(lora.manifest, request_index=k, request_target=target)
-            paths.append(save_lora(deltas, output_file(filename_prefix), manifest, rank=rank))
+            paths.append(save_lora(deltas, output_file(filename_prefix), manifest, rank=rank, base_model=base_model))
     else:
-        paths.append(save_lora(lora.total, output_file(filename_prefix), lora.manifest, rank=rank))
+        paths.append(save_lora(lora.total, output_file(filename_prefix), lora.manifest, rank=rank, base_model=base_model))
     return paths
 
 
 def save_checkpoint_file(model, clip, vae, filename_prefix: str, manifest: dict | None = None) -> Path:
     """Save MODEL (+CLIP, VAE) as a single-file checkpoint with ComfyUI's saver, manifest in the metadata."""
     from ..io import MANIFEST_KEY
+    from ..model_metadata import checkpoint_metadata
 
     if manifest is None:
         state = model.get_attachment(DUGE_ATTACHMENT) if hasattr(model, "get_attachment") else None
@@ -285,5 +299,6 @@ def save_checkpoint_file(model, clip, vae, filename_prefix: str, manifest: dict 
     metadata = {"format": "pt"}
     if manifest is not None:
         metadata[MANIFEST_KEY] = json.dumps(manifest, ensure_ascii=False)
+    metadata.update(checkpoint_metadata(path, manifest, base_model_of(model)))
     # ComfyUI's saver writes safetensors whatever the name; atomic_write renames it into place.
     return atomic_write(path, lambda tmp: comfy.sd.save_checkpoint(str(tmp), model, clip, vae, metadata=metadata))
