@@ -158,9 +158,15 @@ EOF
     torch==2.14.1 torchvision==0.29.1
 echo "venv: $VENV ($("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)'))"
 
-# ComfyUI must import in it (a missing dependency shows here, not in the first test)
-(cd "$TREE" && OMP_NUM_THREADS=1 "$VENV/bin/python" -c \
-    'from comfy.cli_args import args; args.cpu = True; import comfy.model_management, comfy.sd, nodes, server' >/dev/null)
+# ComfyUI must start in it (a missing dependency shows here, not in the first test): its own CI
+# check loads every built-in node and exits; folders it writes go to a scratch dir, not the tree.
+scratch="$(mktemp -d)"
+mkdir -p "$scratch"/{output,user,temp,input}
+(cd "$TREE" && OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "$VENV/bin/python" main.py --cpu --quick-test-for-ci \
+    --disable-all-custom-nodes --output-directory "$scratch/output" --user-directory "$scratch/user" \
+    --temp-directory "$scratch/temp" --input-directory "$scratch/input" > "$scratch/log" 2>&1) \
+    || { tail -n 30 "$scratch/log" >&2; echo "comfyui_env.sh: ComfyUI $VERSION does not start in $VENV" >&2; exit 1; }
+rm -rf "$scratch"
 
 # ---------------------------------------------------------------- the newest frontend (optional)
 if [ "$NEWEST_FRONTEND" = 1 ]; then
