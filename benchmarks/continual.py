@@ -48,7 +48,7 @@ class Profile:
     steps: int | None = None  # None: UnlearnConfig's default
     anchor_images: int | None = None
     related_images: int | None = None
-    cache_steps: int | None = None
+    sampler_steps: int | None = None
     batch_size: int | None = None
     eval_steps: int = 20
     samples_per_prompt: int = 2
@@ -58,7 +58,7 @@ class Profile:
 
 
 FULL = Profile()
-QUICK = Profile(requests=3, steps=12, anchor_images=4, related_images=1, cache_steps=8, batch_size=2,
+QUICK = Profile(requests=3, steps=12, anchor_images=4, related_images=1, sampler_steps=8, batch_size=2,
                 eval_steps=8, samples_per_prompt=1, retention_samples=1, distance_samples=2)
 
 
@@ -73,7 +73,7 @@ def _unlearn_config(method: str, profile: Profile, seed: int):
     from duge.trainer import UnlearnConfig
 
     config = UnlearnConfig(method=method, seed=seed)
-    for name in ("steps", "anchor_images", "related_images", "cache_steps", "batch_size"):
+    for name in ("steps", "anchor_images", "related_images", "sampler_steps", "batch_size"):
         value = getattr(profile, name)
         if value is not None:
             setattr(config, name, value)

@@ -131,7 +131,7 @@ def run_layout(name: str, width_divisor: int, text_layers: int | None, latent: i
     build_seconds = time.time() - t0
     backend = DiffusersBackend(pipe, device="cpu", resolution=latent * 8)
     trainable = sum(m.weight.numel() for m in backend.trainable_linears(trainable_pattern("kv")).values())
-    config = UnlearnConfig(steps=steps, batch_size=2, anchor_images=2, related_images=1, cache_steps=2,
+    config = UnlearnConfig(steps=steps, batch_size=2, anchor_images=2, related_images=1, sampler_steps=2,
                            trainable_mode=trainable_mode)
     plan = plan_run(pipe, config, f"{name} (random)", resolution=latent * 8, device="cpu", tflops=tflops)
     peak.reset()

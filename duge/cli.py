@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import fields
 from pathlib import Path
 
+from .config import UnlearnConfig
 from .errors import DugeError
 
 
@@ -53,24 +55,9 @@ def _cmd_sample(args) -> int:
     return run_sample_command(args)
 
 
-def _unlearn_config(args):
-    from .config import UnlearnConfig
-
-    config = UnlearnConfig(method=args.method, setting=args.setting, seed=args.seed, trainable=args.trainable,
-                           trainable_mode=args.trainable_mode, dtype=args.dtype,
-                           gradient_checkpointing=args.gradient_checkpointing,
-                           micro_batch_size=args.micro_batch_size, memory_budget_gib=args.memory_budget,
-                           cache_dir=args.cache_dir)
-    if args.batch_size is not None:
-        config.batch_size = args.batch_size
-    if args.steps is not None:
-        config.steps = args.steps
-    if args.lr is not None:
-        config.learning_rate = args.lr
-    for name in ("beta", "lambda_prior", "lambda_reg", "anchor_guidance"):
-        if getattr(args, name) is not None:
-            setattr(config, name, getattr(args, name))
-    return config
+def _unlearn_config(args) -> UnlearnConfig:
+    """The config of `duge unlearn` / `duge demo` / `duge plan`: UnlearnConfig's defaults, and what was given."""
+    return UnlearnConfig(**{f.name: getattr(args, f.name) for f in fields(UnlearnConfig) if hasattr(args, f.name)})
 
 
 def _run_unlearn_job(model: str, concepts: str, out: str, config, overwrite: bool, lora_rank, resume: bool = False,
@@ -107,15 +94,8 @@ def torch_cuda_available() -> bool:
 
 def _cmd_plan(args) -> int:
     from .plan import meta_pipeline, plan_run
-    from .config import UnlearnConfig
 
-    config = UnlearnConfig(trainable=args.trainable, trainable_mode=args.trainable_mode, dtype=args.dtype,
-                           gradient_checkpointing=args.gradient_checkpointing,
-                           micro_batch_size=args.micro_batch_size, memory_budget_gib=args.memory_budget)
-    if args.steps is not None:
-        config.steps = args.steps
-    if args.batch_size is not None:
-        config.batch_size = args.batch_size
+    config = _unlearn_config(args)
     related = 1
     requests = []
     if args.concepts:
@@ -201,32 +181,6 @@ def _cmd_report(args) -> int:
     return 0
 
 
-def _add_unlearn_options(p, default_out=None) -> None:
-    p.add_argument("--out", required=default_out is None, default=default_out, help="output folder")
-    p.add_argument("--method", default="duge", choices=["duge", "esd-x", "ca", "ft-l2sp", "uce"])
-    p.add_argument("--setting", default="sequential", choices=["sequential", "independent", "simultaneous"])
-    p.add_argument("--steps", type=int, default=None, help="optimisation steps per request")
-    p.add_argument("--lr", type=float, default=None, help="learning rate")
-    p.add_argument("--beta", type=float, default=None, help="weight of the attention-map term (default 10)")
-    p.add_argument("--lambda-prior", type=float, default=None, help="weight of the prior-preservation loss (default 1)")
-    p.add_argument("--lambda-reg", type=float, default=None,
-                   help="weight of the regulariser towards θ0 (default 2e-5; lower erases two or three concepts "
-                        "more strongly, higher keeps long sequences from eroding; see the README)")
-    p.add_argument("--anchor-guidance", type=float, default=None,
-                   help="steer the target away from itself as well as towards the anchor (default 0.5; 0: the "
-                        "anchor's prediction alone)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--trainable", default="kv", choices=["kv", "qkv", "attn2"], help="cross-attention projections to edit")
-    p.add_argument("--trainable-mode", default="full", choices=["full", "lora"])
-    p.add_argument("--lora-rank", type=int, default=None, help="rank of the exported LoRAs (default: exact)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run from the progress it saved in OUT/progress/ (same settings)")
-    p.add_argument("--batch-size", type=int, default=None, help="anchor samples per step (default 8)")
-    _add_memory_options(p)
-
-
 def _on_off_auto(text: str):
     values = {"auto": "auto", "on": True, "off": False}
     if text not in values:
@@ -246,19 +200,48 @@ def _rows_or_auto(text: str):
     return value
 
 
-def _add_memory_options(p) -> None:
-    p.add_argument("--gradient-checkpointing", type=_on_off_auto, nargs="?", const=True, default="auto",
-                   metavar="auto|on|off",
-                   help="recompute UNet blocks in the backward pass instead of keeping activations; auto (default): "
-                        "only when one batch row's activations would not fit the free memory (see `duge plan`)")
-    p.add_argument("--micro-batch-size", type=_rows_or_auto, default="auto", metavar="auto|N",
-                   help="batch rows per UNet pass, gradients accumulated (the same step); auto (default): as many "
-                        "as fit the free memory, 0: the whole batch at once")
-    p.add_argument("--memory-budget", type=float, default=None, metavar="GIB",
-                   help="memory the training may add over the loaded model, for the auto choices "
-                        "(default: the device's free memory; `duge plan`: the device's total)")
-    p.add_argument("--cache-dir", default=None, help="keep each request's generated anchor/related images here "
-                                                      "and reuse them in later runs")
+# How the command line reads the settings whose type is not their default's; earlier names still accepted.
+CONFIG_PARSING = {
+    "gradient_checkpointing": {"type": _on_off_auto, "nargs": "?", "const": True, "metavar": "auto|on|off"},
+    "micro_batch_size": {"type": _rows_or_auto, "metavar": "auto|N"},
+    "memory_budget_gib": {"type": float, "metavar": "GIB"},
+    "image_cache_dir": {"type": str, "metavar": "DIR"},
+}
+CONFIG_ALIASES = {"learning_rate": ["--lr"], "memory_budget_gib": ["--memory-budget"], "image_cache_dir": ["--cache-dir"]}
+UNLEARN_SETTINGS = tuple(f.name for f in fields(UnlearnConfig) if f.name != "attention_layers")
+PLAN_SETTINGS = ("method", "setting", "steps", "batch_size", "replay_batch_size", "lambda_prior", "anchor_guidance",
+                 "trainable", "trainable_mode", "trainable_rank", "dtype", "anchor_images", "related_images",
+                 "sampler_steps", "gradient_checkpointing", "micro_batch_size")  # what plan_run reads
+
+
+def _show(value) -> str:
+    if value is None or isinstance(value, bool):
+        return {None: "none", True: "on", False: "off"}[value]
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def add_config_options(p, names: tuple[str, ...]) -> None:
+    """`--<field-name>` for each named UnlearnConfig field, with its help, choices and default from
+    `duge.config` (the one source); a setting not given keeps the config's default."""
+    defaults = UnlearnConfig()
+    for f in fields(UnlearnConfig):
+        if f.name not in names:
+            continue
+        default = getattr(defaults, f.name)
+        options = {"type": type(default), **CONFIG_PARSING.get(f.name, {})}
+        if f.metadata["choices"]:
+            options["choices"] = f.metadata["choices"]
+        p.add_argument("--" + f.name.replace("_", "-"), *CONFIG_ALIASES.get(f.name, []), dest=f.name,
+                       default=argparse.SUPPRESS, help=f"{f.metadata['help']} (default: {_show(default)})", **options)
+
+
+def _add_unlearn_options(p, default_out=None) -> None:
+    p.add_argument("--out", required=default_out is None, default=default_out, help="output folder")
+    p.add_argument("--lora-rank", type=int, default=None, help="rank of the exported LoRAs (default: exact)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from the progress it saved in OUT/progress/ (same settings)")
+    add_config_options(p, UNLEARN_SETTINGS)
 
 
 def _add_config_dir(p) -> None:
@@ -329,12 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, default=None, help="image size in pixels (default: the model's)")
     p.add_argument("--device", default=None, choices=["cuda", "cpu"], help="plan for this device (default: this machine's)")
     p.add_argument("--tflops", type=float, default=None, help="device matmul throughput (default: measured here)")
-    p.add_argument("--steps", type=int, default=None, help="optimisation steps per request")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--trainable", default="kv", choices=["kv", "qkv", "attn2"])
-    p.add_argument("--trainable-mode", default="full", choices=["full", "lora"])
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    _add_memory_options(p)
+    add_config_options(p, PLAN_SETTINGS)
     p.add_argument("--vram", type=float, default=None, metavar="GIB",
                    help="the device's memory, for the auto memory settings (default: this machine's GPU's; "
                         "none: no limit)")

@@ -57,7 +57,7 @@ class UnlearnConfig:
                               choices=TRAINABLE)
     trainable_mode: str = _setting("full", "train full deltas, or low-rank (LoRA) deltas", "run",
                                    choices=TRAINABLE_MODES)
-    lora_rank: int = _setting(4, "rank of the trained deltas when trainable_mode is lora", "run")
+    trainable_rank: int = _setting(4, "rank of the trained deltas when trainable_mode is lora", "run")
     attention_layers: list[str] | None = _setting(None, "cross-attention layers whose maps the attention term "
                                                   "compares (None: every one)", "run")
     dtype: str = _setting("auto", "compute dtype (autocast; the deltas stay float32)", "run", choices=DTYPES)
@@ -69,7 +69,8 @@ class UnlearnConfig:
     lambda_prior: float = _setting(1.0, "weight of the prior-preservation loss on the related concepts",
                                    "loss weights")
     lambda_reg: float = _setting(2e-5, "weight of the regulariser towards the original weights (against erosion); it "
-                                 "sums over every edited weight, so useful values are small", "loss weights")
+                                 "sums over every edited weight, so useful values are small; lower erases two or three concepts more "
+                                 "strongly, higher keeps long sequences from eroding (see the README)", "loss weights")
     regularizer: str = _setting("l2sp", "l2sp (F = 1) or fisher (diagonal Fisher on general prompts)",
                                 "loss weights", choices=REGULARIZERS)
     fisher_samples: int = _setting(8, "prompts the Fisher estimate averages over", "loss weights")
@@ -82,9 +83,9 @@ class UnlearnConfig:
     # ---- the images the frozen model generates for each request before training
     anchor_images: int = _setting(16, "images generated per request from the anchor prompts", "images")
     related_images: int = _setting(4, "images generated per related concept to preserve", "images")
-    cache_steps: int = _setting(20, "sampler steps for those images", "images")
-    cache_guidance: float = _setting(7.5, "classifier-free guidance for those images", "images")
-    cache_dir: str | None = _setting(None, "keep each request's generated images in this folder and reuse them in "
+    sampler_steps: int = _setting(20, "sampler steps for those images", "images")
+    sampler_guidance: float = _setting(7.5, "classifier-free guidance for those images", "images")
+    image_cache_dir: str | None = _setting(None, "keep each request's generated images in this folder and reuse them in "
                                      "later runs (None: in memory only)", "images")
 
     # ---- memory (duge.memory.choose_memory_settings): "auto" is settled at the start of the run against
@@ -96,7 +97,7 @@ class UnlearnConfig:
     micro_batch_size: int | str = _setting("auto", "batch rows per UNet pass, gradients accumulated (the same step; "
                                            "auto: as many as fit, 0: the whole batch)", "memory")
     memory_budget_gib: float | None = _setting(None, "memory the training may add over the loaded model, in GiB "
-                                               "(None: the device's free memory)", "memory")
+                                               "(None: the device's free memory when the run starts)", "memory")
 
     # ---- the baselines' own settings
     esd_eta: float = _setting(1.0, "negative-guidance strength of the esd-x baseline", "baselines")

@@ -14,7 +14,7 @@ def estimate_fisher(backend, edits, prompts: list[str], config: UnlearnConfig, s
     generator = torch.Generator().manual_seed(seed)
     committed = [d.committed for d in edits.deltas.values()]
     fisher = {name: torch.zeros_like(d.committed) for name, d in edits.deltas.items()}
-    latents = backend.sample_latents(prompts, seed, config.cache_steps, config.cache_guidance)
+    latents = backend.sample_latents(prompts, seed, config.sampler_steps, config.sampler_guidance)
     ctx = backend.encode_prompts(prompts)
     for c in committed:
         c.requires_grad_(True)

@@ -2,7 +2,7 @@
 
 `build_request_cache` generates them: the anchor images (devoid of the target), the related
 concepts' images to preserve, and for esd-x the target's own images. Generating a request's anchor and related images takes `anchor_images + related_images · preserved`
-sampler runs — on a large model the most expensive part of a short request. With `cache_dir` set,
+sampler runs — on a large model the most expensive part of a short request. With `image_cache_dir` set,
 the latents are stored as `<key>.safetensors` and reused by a later run with the same key.
 
 The key is a SHA-256 of everything the images depend on: the request (target, aliases, anchor,
@@ -61,7 +61,7 @@ def build_request_cache(backend, request: ResolvedRequest, config: UnlearnConfig
     n = config.anchor_images
     template_ids = [i % len(request.templates) for i in range(n)]
     prompts = [render_prompt(request.templates[i], request.anchor) for i in template_ids]
-    latents = backend.sample_latents(prompts, seed, config.cache_steps, config.cache_guidance)
+    latents = backend.sample_latents(prompts, seed, config.sampler_steps, config.sampler_guidance)
     dropped = 0
     if image_filter is not None:
         keep = image_filter(latents, request)
@@ -73,13 +73,13 @@ def build_request_cache(backend, request: ResolvedRequest, config: UnlearnConfig
     for j, concept in enumerate(request.preserve):
         for i in range(config.related_images):
             related_prompts.append(render_prompt(request.templates[(i + j) % len(request.templates)], concept))
-    related = (backend.sample_latents(related_prompts, seed + RELATED_IMAGES_SEED_OFFSET, config.cache_steps,
-                                      config.cache_guidance) if related_prompts else latents[:0])
+    related = (backend.sample_latents(related_prompts, seed + RELATED_IMAGES_SEED_OFFSET, config.sampler_steps,
+                                      config.sampler_guidance) if related_prompts else latents[:0])
     target = None
     if objective == "negative_guidance":
         target_prompts = [render_prompt(request.templates[i % len(request.templates)], request.target) for i in range(n)]
-        target = backend.sample_latents(target_prompts, seed + TARGET_IMAGES_SEED_OFFSET, config.cache_steps,
-                                        config.cache_guidance)
+        target = backend.sample_latents(target_prompts, seed + TARGET_IMAGES_SEED_OFFSET, config.sampler_steps,
+                                        config.sampler_guidance)
     return RequestCache(request, latents, template_ids, related, related_prompts, dropped, target)
 
 
@@ -102,8 +102,8 @@ def cache_key(backend, request: ResolvedRequest, config: UnlearnConfig, seed: in
     description = {
         "request": {"target": request.target, "aliases": list(request.aliases), "anchor": request.anchor,
                     "preserve": list(request.preserve), "templates": list(request.templates)},
-        "images": {"anchor": config.anchor_images, "related": config.related_images, "steps": config.cache_steps,
-                   "guidance": config.cache_guidance, "seed": seed, "filtered": filtered,
+        "images": {"anchor": config.anchor_images, "related": config.related_images, "steps": config.sampler_steps,
+                   "guidance": config.sampler_guidance, "seed": seed, "filtered": filtered,
                    "objective": get_method(config.method).objective,
                    "preserve_anchor": bool(getattr(config, "preserve_anchor", False)),
                    "resolution": getattr(backend, "resolution", None)},
@@ -114,10 +114,10 @@ def cache_key(backend, request: ResolvedRequest, config: UnlearnConfig, seed: in
 
 def load_or_build_request_cache(backend, request: ResolvedRequest, config: UnlearnConfig, seed: int,
                                 image_filter=None) -> RequestCache:
-    """`build_request_cache`, through the on-disk cache when `config.cache_dir` is set."""
-    if not getattr(config, "cache_dir", None) or not hasattr(backend, "unet"):
+    """`build_request_cache`, through the on-disk cache when `config.image_cache_dir` is set."""
+    if not getattr(config, "image_cache_dir", None) or not hasattr(backend, "unet"):
         return build_request_cache(backend, request, config, seed, image_filter)
-    path = Path(config.cache_dir).expanduser() / f"{cache_key(backend, request, config, seed, image_filter is not None)}.safetensors"
+    path = Path(config.image_cache_dir).expanduser() / f"{cache_key(backend, request, config, seed, image_filter is not None)}.safetensors"
     if path.exists():
         tensors = load_file(str(path), device=str(backend.device))
         with safe_open(str(path), framework="pt") as f:

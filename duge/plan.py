@@ -45,7 +45,7 @@ device (exact per operation, no computation). One step costs 2 B F (reference pa
 + 2 B F more with `anchor_guidance`, the unedited model on target and anchor prompts) +
 2 B F (the two passes with grad) + 2 B F (their backward: input gradients through the frozen
 weights ≈ one forward; weight gradients only for the edited layers) [+ 2 B F recomputation with
-gradient checkpointing]; a request adds its cached images: (anchor + related images) · cache_steps
+gradient checkpointing]; a request adds its cached images: (anchor + related images) · sampler_steps
 · 2 F (classifier-free guidance). Seconds = FLOPs / (throughput · 0.5), the throughput being a
 measured matmul rate of the device (or `--tflops`) and 0.5 the share of it a UNet reaches.
 """
@@ -299,7 +299,7 @@ def plan_run(pipe, config, model_name: str = "", resolution: int | None = None, 
     samples = rows + related
 
     if config.trainable_mode == "lora":
-        trainable = sum(min(config.lora_rank, o, i) * (o + i) for o, i in sizes.edited_layers)
+        trainable = sum(min(config.trainable_rank, o, i) * (o + i) for o, i in sizes.edited_layers)
     else:
         trainable = sizes.edited_elements
     weights = (sizes.unet + sizes.text_encoders + sizes.vae) * storage
@@ -326,7 +326,7 @@ def plan_run(pipe, config, model_name: str = "", resolution: int | None = None, 
     guidance = 2 * rows if config.method == "duge" and config.anchor_guidance > 0 else 0  # θ0 on target and anchor
     per_step = (2 * rows + guidance + 2 * samples + 2 * samples
                 + (2 * samples if choice.gradient_checkpointing else 0)) * flops
-    cached = (config.anchor_images + config.related_images * related_concepts) * config.cache_steps * 2 * flops
+    cached = (config.anchor_images + config.related_images * related_concepts) * config.sampler_steps * 2 * flops
     return Plan(
         model=model_name, layout=pipeline_layout(pipe).name, resolution=resolution, latent=latent, batch_size=batch,
         replay_rows=rows - batch, related_batch=related, device=device.type, storage_bytes=storage, compute_bytes=compute,

@@ -42,7 +42,7 @@ FORMAT = "duge-progress"
 METADATA_KEY = "duge_progress"
 DELTA_PREFIX = "delta/"
 CACHE_TENSORS = ("anchor_latents", "related_latents", "target_latents")
-SETTINGS_NOT_IN_INPUTS = ("cache_dir",)  # where generated images are kept between runs, not what they are
+SETTINGS_NOT_IN_INPUTS = ("image_cache_dir",)  # where generated images are kept between runs, not what they are
 
 
 class ResumeError(DugeError):

@@ -115,7 +115,7 @@ def unlearn(backend, concept_set: ConceptSet, config: UnlearnConfig, builtin_wor
     results: list[RequestResult] = list(resume.results) if resume is not None else []
     torch.manual_seed(config.seed)
     with interrupt_as_cancel(), RunMemory(backend, method, config) as memory, \
-            backend.edits(trainable_pattern(config.trainable), mode=config.trainable_mode, rank=config.lora_rank) as edits:
+            backend.edits(trainable_pattern(config.trainable), mode=config.trainable_mode, rank=config.trainable_rank) as edits:
         fisher = None
         if config.regularizer == "fisher":
             prompts = list(concept_set.general_prompts) or [render_prompt(r.templates[0], r.anchor) for r in requests]

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+from duge.config import METHODS, SETTINGS, TRAINABLE, UnlearnConfig
+
 from .types import CATEGORY, ConceptSetType, UnlearningLoraType
 
-SETTINGS = ["sequential", "independent", "simultaneous"]
-TRAINABLE = ["kv", "qkv", "attn2"]
-METHODS = ["duge", "ca", "ft-l2sp", "esd-x"]
+DEFAULTS = UnlearnConfig()  # every default below is the config's (tests/test_settings.py checks the node's)
+NODE_METHODS = [m for m in METHODS if m != "uce"]  # UCE's closed form is not offered in ComfyUI (untested there)
 
 
 class DugeUnlearn(io.ComfyNode):
@@ -25,29 +26,29 @@ class DugeUnlearn(io.ComfyNode):
                 io.Model.Input("model"),
                 io.Clip.Input("clip"),
                 ConceptSetType.Input("concept_set"),
-                io.Int.Input("steps", default=150, min=1, max=100000, tooltip="Optimisation steps per request."),
-                io.Float.Input("learning_rate", default=2e-3, min=1e-7, max=1.0, step=1e-4, round=1e-7),
-                io.Float.Input("beta", default=10.0, min=0.0, max=1e4, step=1.0,
+                io.Int.Input("steps", default=DEFAULTS.steps, min=1, max=100000, tooltip="Optimisation steps per request."),
+                io.Float.Input("learning_rate", default=DEFAULTS.learning_rate, min=1e-7, max=1.0, step=1e-4, round=1e-7),
+                io.Float.Input("beta", default=DEFAULTS.beta, min=0.0, max=1e4, step=1.0,
                                tooltip="Weight of the attention-map term (target words must look where the anchor's do)."),
-                io.Float.Input("lambda_prior", default=1.0, min=0.0, max=1e4, step=0.1,
+                io.Float.Input("lambda_prior", default=DEFAULTS.lambda_prior, min=0.0, max=1e4, step=0.1,
                                tooltip="Weight of the prior-preservation loss on the related concepts."),
-                io.Float.Input("lambda_reg", default=2e-5, min=0.0, max=1e4, step=1e-6, round=1e-9,
+                io.Float.Input("lambda_reg", default=DEFAULTS.lambda_reg, min=0.0, max=1e4, step=1e-6, round=1e-9,
                                tooltip="Weight of the regulariser towards the original weights (against erosion); "
                                        "it sums over every edited weight, so useful values are small."),
-                io.Float.Input("anchor_guidance", default=0.5, min=0.0, max=10.0, step=0.1, optional=True,
+                io.Float.Input("anchor_guidance", default=DEFAULTS.anchor_guidance, min=0.0, max=10.0, step=0.1, optional=True,
                                tooltip="Also steer the target away from itself (along the original model's "
                                        "target-minus-anchor direction), not only towards the anchor; 0: off."),
-                io.Combo.Input("setting", options=SETTINGS, default="sequential",
+                io.Combo.Input("setting", options=list(SETTINGS), default=DEFAULTS.setting,
                                tooltip="sequential: each request from the last result; independent: each from the "
                                        "original, merged; simultaneous: all requests at once."),
-                io.Int.Input("seed", default=0, min=0, max=2**32 - 1, control_after_generate=True),
-                io.Combo.Input("trainable", options=TRAINABLE, default="kv",
+                io.Int.Input("seed", default=DEFAULTS.seed, min=0, max=2**32 - 1, control_after_generate=True),
+                io.Combo.Input("trainable", options=list(TRAINABLE), default=DEFAULTS.trainable,
                                tooltip="Cross-attention projections edited: K/V, Q/K/V, or all of attn2."),
-                io.Combo.Input("method", options=METHODS, default="duge", optional=True,
+                io.Combo.Input("method", options=NODE_METHODS, default=DEFAULTS.method, optional=True,
                                tooltip="DUGE, or a baseline through the same trainer (Concept Ablation, FT + L2-SP, ESD-x)."),
-                io.Int.Input("anchor_images", default=16, min=1, max=1024, optional=True,
+                io.Int.Input("anchor_images", default=DEFAULTS.anchor_images, min=1, max=1024, optional=True,
                              tooltip="Images generated per request from the anchor prompts (before training)."),
-                io.Int.Input("sampler_steps", default=20, min=1, max=1000, optional=True,
+                io.Int.Input("sampler_steps", default=DEFAULTS.sampler_steps, min=1, max=1000, optional=True,
                              tooltip="Sampler steps for those images."),
                 io.Vae.Input("vae", optional=True,
                              tooltip="For progress previews and, on the built-in model, the evaluator's checks."),
@@ -64,14 +65,14 @@ class DugeUnlearn(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, concept_set, steps, learning_rate, beta, lambda_prior, lambda_reg, setting, seed,
-                trainable, method="duge", anchor_images=16, sampler_steps=20, vae=None, evaluate=False,
-                memory_budget_gb=0.0, anchor_guidance=0.5) -> io.NodeOutput:
-        from duge.backends.comfy_run import run_unlearn
-        from duge.config import UnlearnConfig
+                trainable, method=DEFAULTS.method, anchor_images=DEFAULTS.anchor_images,
+                sampler_steps=DEFAULTS.sampler_steps, vae=None, evaluate=False, memory_budget_gb=0.0,
+                anchor_guidance=DEFAULTS.anchor_guidance) -> io.NodeOutput:
+        from duge.backends.comfy_run import run_unlearn  # defers torch and ComfyUI's model code to the first run
 
         config = UnlearnConfig(method=method, setting=setting, steps=steps, learning_rate=learning_rate, beta=beta,
                                lambda_prior=lambda_prior, lambda_reg=lambda_reg, trainable=trainable, seed=seed,
-                               anchor_images=anchor_images, cache_steps=sampler_steps,
+                               anchor_images=anchor_images, sampler_steps=sampler_steps,
                                memory_budget_gib=memory_budget_gb or None, anchor_guidance=anchor_guidance)
         node_id = cls.hidden.unique_id if cls.hidden is not None else None
         out = run_unlearn(model, clip, concept_set, config, vae=vae, evaluate=evaluate, node_id=node_id)

@@ -453,7 +453,7 @@ def test_sd_layouts_train_and_their_lora_loads_with_no_unmatched_key(kind, outpu
     model, clip = _layout_model(kind)
     before, objects = model_hash(model.model.state_dict()), _parameter_objects(model)  # a hash: no 3 GB copy
     concept_set = parse_concept_set("name: t\nrequests:\n  - target: Van Gogh\n    anchor: painting\n    preserve: [Monet]\n")
-    config = UnlearnConfig(steps=1, batch_size=1, anchor_images=1, related_images=1, cache_steps=1, learning_rate=1e-2)
+    config = UnlearnConfig(steps=1, batch_size=1, anchor_images=1, related_images=1, sampler_steps=1, learning_rate=1e-2)
     with torch.inference_mode():
         backend = ComfyBackend(model, clip, latent_size=(8, 8))
         assert len(backend.cross_attention_layers()) == (16 if kind == "sd15" else 70)

@@ -45,7 +45,7 @@ def test_sharded_gradients_match_when_some_rows_have_no_anchor_tokens(builtin_pi
     when each process's rows go through the UNet one or two at a time (micro-batches, gradients
     accumulated), and then in one process too."""
     backend = DiffusersBackend(builtin_pipe, device="cpu")
-    config = UnlearnConfig(batch_size=3, anchor_images=3, related_images=1, cache_steps=2)
+    config = UnlearnConfig(batch_size=3, anchor_images=3, related_images=1, sampler_steps=2)
     mixed = parse_concept_set(SET + "  - target: red\n    preserve: [orange]\n").requests
     caches = [build_request_cache(backend, resolve_request(r, builtin_world=True), config, seed=k)
               for k, r in enumerate(mixed)]
@@ -76,7 +76,7 @@ def _step_gradients(backend, cache, config, rank: int, world: int, monkeypatch, 
 
 def test_sharded_gradients_average_to_the_single_process_gradient(builtin_pipe, monkeypatch):
     backend = DiffusersBackend(builtin_pipe, device="cpu")
-    config = UnlearnConfig(batch_size=3, anchor_images=3, related_images=1, cache_steps=2)
+    config = UnlearnConfig(batch_size=3, anchor_images=3, related_images=1, sampler_steps=2)
     request = resolve_request(parse_concept_set(SET).requests[0], builtin_world=True)
     cache = build_request_cache(backend, request, config, seed=0)
     whole = _step_gradients(backend, cache, config, 0, 1, monkeypatch)

@@ -118,8 +118,8 @@ def test_gradient_checkpointing_gives_the_same_gradients_with_attention_capture(
 def test_cached_images_are_written_once_and_reused(builtin_pipe, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="duge")
     backend = DiffusersBackend(builtin_pipe, device="cpu")
-    config = UnlearnConfig(steps=1, batch_size=1, anchor_images=1, related_images=1, cache_steps=1,
-                           cache_dir=str(tmp_path / "cache"))
+    config = UnlearnConfig(steps=1, batch_size=1, anchor_images=1, related_images=1, sampler_steps=1,
+                           image_cache_dir=str(tmp_path / "cache"))
     first = unlearn(backend, parse_concept_set(SET), config, builtin_world=True)
     files = sorted((tmp_path / "cache").glob("*.safetensors"))
     assert len(files) == 1 and "cached images written" in caplog.text
@@ -144,7 +144,7 @@ def test_auto_memory_settles_on_micro_batches_or_checkpointing_from_the_budget(b
     switched off again after the run. Each choice is logged."""
     caplog.set_level(logging.INFO, logger="duge")
     backend = DiffusersBackend(builtin_pipe, device="cpu")
-    base = dict(steps=3, batch_size=4, anchor_images=2, related_images=1, cache_steps=2)
+    base = dict(steps=3, batch_size=4, anchor_images=2, related_images=1, sampler_steps=2)
     whole = unlearn(backend, parse_concept_set(SET), UnlearnConfig(**base, memory_budget_gib=64.0), builtin_world=True)
     assert "the whole batch in one pass" in caplog.text
     caplog.clear()

@@ -65,7 +65,7 @@ def test_sequential_total_is_the_sum_of_request_deltas_and_lora_mode_trains(back
     result = unlearn(backend, parse_concept_set(CONCEPTS), tiny_config(), builtin_world=True)
     for name, total in result.total_delta.items():
         assert torch.allclose(total, sum(r.delta[name] for r in result.requests), atol=1e-6)
-    lora = unlearn(backend, parse_concept_set(CONCEPTS), tiny_config(trainable_mode="lora", lora_rank=2),
+    lora = unlearn(backend, parse_concept_set(CONCEPTS), tiny_config(trainable_mode="lora", trainable_rank=2),
                    builtin_world=True)
     delta = next(iter(lora.requests[0].delta.values()))
     assert 0 < torch.linalg.matrix_rank(delta) <= 2

@@ -145,7 +145,7 @@ def run_unlearn(model, clip, concept_set, config, vae=None, evaluate: bool = Fal
         if done["steps"] % preview_every == 0 or done["steps"] == total_steps:
             target = next((r for r in resolved if r.target == info.get("request")), resolved[0])
             image = _preview_image(backend, render_prompt(target.templates[0], target.target), config.seed,
-                                   config.cache_guidance)
+                                   config.sampler_guidance)
             if image is not None:
                 preview = ("JPEG", image, max(image.width, 128))
         bar.update_absolute(done["steps"], total_steps, preview)
