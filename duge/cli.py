@@ -163,6 +163,66 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _attack_config(args, prefix: str = ""):
+    """An AttackConfig from the options `_add_attack_options(p, prefix)` added."""
+    from dataclasses import fields
+
+    from .attack_config import AttackConfig
+
+    config = AttackConfig(**{f.name: getattr(args, prefix + f.name) for f in fields(AttackConfig)
+                             if getattr(args, prefix + f.name, None) is not None})
+    config.validate()
+    return config
+
+
+def _cmd_attack(args) -> int:
+    from tqdm.auto import tqdm
+
+    from .attacks import attack_models
+    from .paths import atomic_write_text, check_writable
+
+    config = _attack_config(args)
+    check_writable(args.json, args.overwrite)  # refuse before minutes of work
+    with tqdm(total=None, desc="attacking", unit="pass") as bar:
+        last = {"key": None, "spent": 0}
+
+        def progress(info):
+            if "total" in info:  # the passes every attack on every concept may spend
+                bar.total = info["total"]
+                bar.refresh()
+                return
+            key = (info["concept"], info["attack"])
+            bar.update(info["spent"] - (last["spent"] if key == last["key"] else 0))
+            last.update(key=key, spent=info["spent"])
+            bar.set_postfix(concept=info["concept"], attack=info["attack"], loss=f"{info['loss']:.4f}")
+
+        report = attack_models(args.model, args.base, args.concepts, config, progress=progress,
+                               allow_pickle=args.allow_pickle, config_dir=args.config, log=tqdm.write)
+    doc = {"model": args.model, "base": args.base, "concept_set": args.concepts, **report.to_json()}
+    atomic_write_text(args.json, json.dumps(doc, indent=2), overwrite=args.overwrite)
+    print(format_robustness(report))
+    print(f"wrote {args.json}")
+    return 0
+
+
+def format_robustness(report) -> str:
+    """Per concept: UA of the plain prompt, each attack's UA, what it found and its cost; then the mean."""
+    lines = [f"{'concept':<12}{'UA plain':>9}{'attack':>11}{'UA':>7}{'passes':>8}{'seconds':>9}  found"]
+    for c in report.concepts:
+        for k, a in enumerate(c.attacks or [None]):
+            head = f"{c.concept:<12}{c.ua_plain:>9.3f}" if k == 0 else " " * 21
+            if a is None:
+                lines.append(head)
+                continue
+            found = a.prompt + (f"  (nearest words: {', '.join(a.nearest_tokens)})" if a.nearest_tokens else "")
+            lines.append(f"{head}{a.attack:>11}{a.ua:>7.3f}{a.unet_passes:>8}{a.seconds:>9.1f}  {found}")
+        lines.append(f"{'':<21}{'post-attack':>11}{c.post_attack_ua:>7.3f}")
+    if report.concepts:
+        lines.append(f"mean UA: plain prompt {report.ua_plain:.3f}, post-attack {report.post_attack_ua:.3f} "
+                     f"(images from held-out seeds, judged by the classifier)")
+    return "\n".join(lines)
+
+
 def _cmd_inspect(args) -> int:
     from .io import read_manifest
 
@@ -242,6 +302,23 @@ def _add_unlearn_options(p, default_out=None) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from the progress it saved in OUT/progress/ (same settings)")
     add_config_options(p, UNLEARN_SETTINGS)
+
+
+def _add_attack_options(p, prefix: str = "", skip: tuple[str, ...] = ()) -> None:
+    """One option per AttackConfig field (its help and choices), named --PREFIX-FIELD; unset options keep the
+    field's default."""
+    from dataclasses import MISSING, fields
+
+    from .attack_config import AttackConfig
+
+    for f in fields(AttackConfig):
+        if f.name in skip:
+            continue
+        default = f.default if f.default is not MISSING else None
+        flag = "--" + (prefix + f.name).replace("_", "-")
+        kind = type(default) if default is not None else str
+        p.add_argument(flag, dest=prefix + f.name, type=kind, default=None, choices=f.metadata.get("choices"),
+                       help=f"{f.metadata['help']} (default {default!r})")
 
 
 def _add_config_dir(p) -> None:
@@ -330,6 +407,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     _add_allow_pickle(p)
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("attack", help="does an erased concept come back? prompt search and concept inversion "
+                                      "against an edited model, judged on held-out seeds")
+    p.add_argument("--model", required=True, help="the edited model: a diffusers folder or a .safetensors checkpoint")
+    p.add_argument("--base", required=True, help="the model it was edited from ('builtin', a folder or a file): it "
+                                                 "draws the images of each concept the attacks aim at")
+    p.add_argument("--concepts", required=True, help="concept set whose targets are attacked")
+    p.add_argument("--json", required=True, help="write the results here")
+    p.add_argument("--overwrite", action="store_true")
+    _add_attack_options(p)
+    _add_allow_pickle(p)
+    _add_config_dir(p)
+    p.set_defaults(func=_cmd_attack)
 
     p = sub.add_parser("inspect", help="print the DUGE manifest of a .safetensors file or model folder")
     p.add_argument("file")

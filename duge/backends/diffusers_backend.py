@@ -176,6 +176,65 @@ class DiffusersBackend:
             return hidden
         return TextConditioning(hidden, torch.stack([self._prompt_cache[p][1] for p in prompts]))
 
+    # ---------------------------------------------------------------- tokens (for duge.attacks)
+    def _require_single_text_encoder(self) -> None:
+        if self.text_encoder_2 is not None:
+            from ..errors import DugeError
+
+            raise DugeError("attacks on token embeddings support models with one text encoder (SD 1.x, SD 2.x); "
+                            "this model has two (SDXL)")
+
+    def prompt_token_ids(self, prompt: str) -> list[int]:
+        """The tokenizer's ids of `prompt`, start and end tokens included, without padding."""
+        return list(self.tokenizer(prompt, truncation=True, max_length=self.tokenizer.model_max_length).input_ids)
+
+    def pad_token_ids(self, rows: list[list[int]]) -> torch.Tensor:
+        """Rows of ids (each start ... end) padded as the tokenizer pads, to its model_max_length: [B, tokens]."""
+        from ..errors import DugeError
+
+        length = self.tokenizer.model_max_length
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        if any(len(row) > length for row in rows):
+            raise DugeError(f"a prompt of {max(len(r) for r in rows)} tokens does not fit the text encoder's "
+                            f"{length}; use fewer attack tokens or a shorter prompt")
+        return torch.tensor([row + [pad] * (length - len(row)) for row in rows], device=self.device)
+
+    def special_token_ids(self) -> set[int]:
+        return set(self.tokenizer.all_special_ids)
+
+    def decode_token_ids(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def token_embedding_table(self) -> torch.Tensor:
+        """The text encoder's input embedding of every token id: [vocabulary, dim]."""
+        self._require_single_text_encoder()
+        return self.text_encoder.get_input_embeddings().weight
+
+    def encode_tokens(self, ids: torch.Tensor, token_embeddings: torch.Tensor | None = None) -> torch.Tensor:
+        """The text encoder's hidden states [B, tokens, dim] for ids [B, tokens], as `encode_prompts` gives for
+        the same ids; with `token_embeddings` [B, tokens, dim] those replace the input embeddings of the ids
+        (a forward hook on the embedding layer), and gradients flow back to them."""
+        self._require_single_text_encoder()
+        layer = self.text_encoder.get_input_embeddings()
+        handle = None
+        if token_embeddings is not None:
+            handle = layer.register_forward_hook(lambda module, args, output: token_embeddings.to(output.dtype))
+        try:
+            return self.text_encoder(ids.to(self.device))[0]
+        finally:
+            if handle is not None:
+                handle.remove()
+
+    @torch.no_grad()
+    def generate_from_context(self, context: torch.Tensor, seed: int, steps: int, guidance: float) -> torch.Tensor:
+        """Images [B, 3, H, W] in [0, 1] sampled from text hidden states [B, tokens, dim] (image i: seed + i),
+        with the empty prompt as the unconditional input, as `generate` samples a typed prompt."""
+        generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(len(context))]
+        size = {"height": self.resolution, "width": self.resolution} if self.resolution else {}
+        out = self.pipe(prompt_embeds=context.to(self.text_encoder.dtype), num_inference_steps=steps,
+                        guidance_scale=guidance, generator=generators, output_type="latent", **size)
+        return self.decode(out.images.float())
+
     def token_indices(self, prompts, words, eos_fallback=False):
         indices, mask = token_indices_for(self.tokenizer, prompts, words, eos_fallback=eos_fallback)
         return indices.to(self.device), mask.to(self.device)
