@@ -41,7 +41,7 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 import torch
 
-from .attack_config import BACKWARD_COST, AttackConfig
+from .config import BACKWARD_COST, AttackConfig
 from .backends.base import Backend
 from .errors import DugeError
 from .evaluation import ConceptClassifier, MeasuredConcept

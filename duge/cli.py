@@ -167,7 +167,7 @@ def _attack_config(args, prefix: str = ""):
     """An AttackConfig from the options `_add_attack_options(p, prefix)` added."""
     from dataclasses import fields
 
-    from .attack_config import AttackConfig
+    from .config import AttackConfig
 
     config = AttackConfig(**{f.name: getattr(args, prefix + f.name) for f in fields(AttackConfig)
                              if getattr(args, prefix + f.name, None) is not None})
@@ -309,7 +309,7 @@ def _add_attack_options(p, prefix: str = "", skip: tuple[str, ...] = ()) -> None
     field's default."""
     from dataclasses import MISSING, fields
 
-    from .attack_config import AttackConfig
+    from .config import AttackConfig
 
     for f in fields(AttackConfig):
         if f.name in skip:

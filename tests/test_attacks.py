@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from duge.attack_config import AttackConfig
+from duge.config import AttackConfig
 from duge.attacks import (DenoisingObjective, PassCounter, attack_concept, attack_models, candidate_token_ids,
                           place_attack_tokens, search_prompt, target_latents)
 from duge.backends.diffusers_backend import DiffusersBackend
