@@ -84,7 +84,7 @@ class AttackResult:
     token_ids: list[int]  # the prompt's ids, start and end tokens included (inversion: the placeholder's id)
     objective_plain: float  # L of the unattacked prompt, on the same fixed draws
     objective_best: float  # L of the result
-    objective_curve: list[float]  # L after each step (prompt search: the best so far)
+    objective_curve: list[float]  # prompt search: the best L after each step; inversion: each step's L on its draws
     ua: float  # post-attack UA of this attack: share of held-out images not read as the concept
     unet_passes: int  # edited-UNet passes of one latent spent (a backward counted as BACKWARD_COST)
     seconds: float
@@ -357,27 +357,29 @@ def search_prompt(backend: TokenBackend, objective: DenoisingObjective, prompt_i
     return place_attack_tokens(prompt_ids, best, config.position)[0], curve, search
 
 
+def inverted_context(backend: TokenBackend, ids: list[int], position: int, embedding: torch.Tensor) -> torch.Tensor:
+    """Text conditioning [1, tokens, dim] of `ids` with the input embedding at `position` replaced by
+    `embedding` [dim] (gradients flow back to it)."""
+    table = backend.token_embedding_table().detach()
+    ids_tensor = backend.pad_token_ids([ids])  # [1, tokens]
+    where = torch.tensor([position], device=table.device)
+    embeds = table[ids_tensor[0]].float().index_put((where,), embedding.to(table.device)[None].float())
+    return backend.encode_tokens(ids_tensor, embeds[None].to(table.dtype))
+
+
 def invert_concept(backend: TokenBackend, objective: DenoisingObjective, ids: list[int], position: int,
                    initial: torch.Tensor, config: AttackConfig, generator: torch.Generator,
                    progress: Progress | None = None, cancel=None) -> tuple[torch.Tensor, list[float]]:
     """A learnt input embedding [dim] for the token at `position` of `ids`: Adam on L with fresh draws."""
-    table = backend.token_embedding_table().detach()
-    ids_tensor = backend.pad_token_ids([ids])  # [1, tokens]
-    base = table[ids_tensor[0]].float()  # [tokens, dim]
-    where = torch.tensor([position], device=table.device)
-    embedding = initial.detach().clone().float().to(table.device).requires_grad_(True)
+    embedding = initial.detach().clone().float().to(backend.device).requires_grad_(True)
     optimizer = torch.optim.Adam([embedding], lr=config.inversion_learning_rate)
     n = config.inversion_batch
     step_cost = n * (1 + BACKWARD_COST)
-
-    def context(vector: torch.Tensor) -> torch.Tensor:
-        return backend.encode_tokens(ids_tensor, base.index_put((where,), vector[None])[None].to(table.dtype))
-
     curve = []
     while objective.counter.can_spend(step_cost + objective.rows):  # rows: the final measurement of L
         _check_cancel(cancel)
         noisy, timesteps, target = objective.random_draws(n, generator)
-        pred = backend.predict_noise(noisy, timesteps, context(embedding).expand(n, -1, -1))
+        pred = backend.predict_noise(noisy, timesteps, inverted_context(backend, ids, position, embedding).expand(n, -1, -1))
         loss = (pred.float() - target.float()).pow(2).mean()
         optimizer.zero_grad()
         loss.backward()
@@ -429,46 +431,50 @@ def attack_concept(edited: TokenBackend, latents: torch.Tensor, classifier: Conc
         if progress:
             progress({"concept": concept.name, "attack": attack, "spent": counter.spent, "loss": objective_plain})
         report = (lambda info: progress({"concept": concept.name, **info})) if progress else None
-        if attack == "prompt":
-            ids, curve, search = search_prompt(edited, objective, prompt_ids, config, rng, report, cancel)
-            with torch.no_grad():
-                context = edited.encode_tokens(edited.pad_token_ids([ids]))
-            result = AttackResult("prompt", search, edited.decode_token_ids(ids), ids,
-                                  objective_plain, curve[-1], curve, 0.0, 0, 0.0)
-        else:
-            table = edited.token_embedding_table().detach()
-            candidates = candidate_token_ids(table, edited.special_token_ids())
-            if config.initializer:
-                init_ids = edited.prompt_token_ids(config.initializer)[1:-1]
-                if len(init_ids) != 1:
-                    raise DugeError(f"attack setting initializer {config.initializer!r} is {len(init_ids)} tokens; "
-                                    "expected a word that is one token")
-                initial = table[init_ids[0]].float()
-            else:
-                initial = table[candidates.to(table.device)].float().mean(0)
-            name_ids = edited.prompt_token_ids(_name_in_prompt(prompt, concept))
-            ids, position = replace_name_with_placeholder(prompt_ids, name_ids, int(candidates[0]))
-            embedding, curve = invert_concept(edited, objective, ids, position, initial, config, generator,
-                                              report, cancel)
-            base = table[edited.pad_token_ids([ids])[0]].float()
-            with torch.no_grad():
-                context = edited.encode_tokens(edited.pad_token_ids([ids]),
-                                               base.index_put((torch.tensor([position], device=base.device),),
-                                                              embedding[None])[None].to(table.dtype))
-                final = float(objective.losses(context)[0])
-            rows = table[candidates.to(table.device)].float()
-            similarity = torch.nn.functional.cosine_similarity(rows, embedding[None].to(rows.device), dim=-1)
-            nearest = [edited.decode_token_ids([int(candidates[i])]) for i in similarity.topk(3).indices.cpu()]
-            words = edited.decode_token_ids(ids[:position])
-            rest = edited.decode_token_ids(ids[position + 1:])
-            result = AttackResult("inversion", "inversion", " ".join(w for w in (words, PLACEHOLDER, rest) if w), ids,
-                                  objective_plain, final, curve, 0.0, 0, 0.0,
-                                  embedding=[round(float(v), 6) for v in embedding.cpu()], nearest_tokens=nearest)
+        run = _prompt_attack if attack == "prompt" else _inversion_attack
+        result, context = run(edited, objective, prompt, prompt_ids, concept, config, rng, generator, report, cancel)
+        result.objective_plain = objective_plain
         result.ua, images[f"{attack} attack"] = judge(edited, context, classifier, concept, config)
         result.unet_passes = counter.spent
         result.seconds = time.perf_counter() - t0
         results.append(result)
     return ConceptRobustness(concept.name, concept.kind, prompt, ua_plain, results, images)
+
+
+def _prompt_attack(edited, objective, prompt, prompt_ids, concept, config, rng, generator, progress, cancel):
+    """The prompt search's AttackResult (UA still to judge) and the found prompt's conditioning."""
+    ids, curve, search = search_prompt(edited, objective, prompt_ids, config, rng, progress, cancel)
+    with torch.no_grad():
+        context = edited.encode_tokens(edited.pad_token_ids([ids]))
+    return AttackResult("prompt", search, edited.decode_token_ids(ids), ids, float("nan"), curve[-1], curve,
+                        ua=float("nan"), unet_passes=0, seconds=0.0), context
+
+
+def _inversion_attack(edited, objective, prompt, prompt_ids, concept, config, rng, generator, progress, cancel):
+    """The concept inversion's AttackResult (UA still to judge) and the learnt token's conditioning."""
+    table = edited.token_embedding_table().detach()
+    candidates = candidate_token_ids(table, edited.special_token_ids())
+    if config.initializer:
+        init_ids = edited.prompt_token_ids(config.initializer)[1:-1]
+        if len(init_ids) != 1:
+            raise DugeError(f"attack setting initializer {config.initializer!r} is {len(init_ids)} tokens; "
+                            "expected a word that is one token")
+        initial = table[init_ids[0]].float()
+    else:
+        initial = table[candidates.to(table.device)].float().mean(0)
+    name_ids = edited.prompt_token_ids(_name_in_prompt(prompt, concept))
+    ids, position = replace_name_with_placeholder(prompt_ids, name_ids, int(candidates[0]))
+    embedding, curve = invert_concept(edited, objective, ids, position, initial, config, generator, progress, cancel)
+    with torch.no_grad():
+        context = inverted_context(edited, ids, position, embedding)
+        final = float(objective.losses(context)[0])
+    rows = table[candidates.to(table.device)].float()
+    similarity = torch.nn.functional.cosine_similarity(rows, embedding[None].to(rows.device), dim=-1)
+    nearest = [edited.decode_token_ids([int(candidates[i])]) for i in similarity.topk(3).indices.cpu()]
+    words = (edited.decode_token_ids(ids[:position]), PLACEHOLDER, edited.decode_token_ids(ids[position + 1:]))
+    return AttackResult("inversion", "inversion", " ".join(w for w in words if w), ids, float("nan"), final, curve,
+                        ua=float("nan"), unet_passes=0, seconds=0.0,
+                        embedding=[round(float(v), 6) for v in embedding.cpu()], nearest_tokens=nearest), context
 
 
 def _name_in_prompt(prompt: str, concept: MeasuredConcept) -> str:

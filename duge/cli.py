@@ -61,7 +61,7 @@ def _unlearn_config(args) -> UnlearnConfig:
 
 
 def _run_unlearn_job(model: str, concepts: str, out: str, config, overwrite: bool, lora_rank, resume: bool = False,
-                     allow_pickle: bool = False, config_dir: str | None = None) -> int:
+                     allow_pickle: bool = False, config_dir: str | None = None, attack=None) -> int:
     from tqdm.auto import tqdm
 
     from .concepts import load_concept_set
@@ -71,18 +71,23 @@ def _run_unlearn_job(model: str, concepts: str, out: str, config, overwrite: boo
     total = sum(r.steps or config.steps for r in concept_set.requests) if config.method != "uce" else 0
     with tqdm(total=total, desc="unlearning", unit="step") as bar:
         def progress(info):
-            bar.update(1)
+            if "attack" not in info:  # attack steps (--attack) only update the postfix
+                bar.update(1)
             bar.set_postfix(request=info["request"], loss=f"{info['losses'].get('total', 0):.4f}")
 
         report = run_unlearn(model, concepts, out, config, overwrite=overwrite, lora_rank=lora_rank,
                              progress=progress, log=tqdm.write, resume=resume, allow_pickle=allow_pickle,
-                             config_dir=config_dir)
+                             config_dir=config_dir, attack=attack)
     if not report:  # a non-main process of `accelerate launch`: the main process writes
         return 0
     print(f"wrote {out}: model/, model.safetensors, loras/, before_after.png, report.json, report.html")
     final = report.get("final") or {}
     if final:
         print("final: " + ", ".join(f"{k} {v:.3f}" for k, v in final.items() if isinstance(v, (int, float))))
+    robustness = report.get("robustness")
+    if robustness:
+        print(f"robustness: UA of the plain prompts {robustness['UA_plain']:.3f}, post-attack "
+              f"{robustness['post_attack_UA']:.3f} (report.html, robustness/attacks.png)")
     return 0
 
 
@@ -129,7 +134,8 @@ def _cmd_plan(args) -> int:
 
 def _cmd_unlearn(args) -> int:
     return _run_unlearn_job(args.model, args.concepts, args.out, _unlearn_config(args), args.overwrite, args.lora_rank,
-                            resume=args.resume, allow_pickle=args.allow_pickle, config_dir=args.config)
+                            resume=args.resume, allow_pickle=args.allow_pickle, config_dir=args.config,
+                            attack=_attack_config(args, prefix="attack_") if args.attack else None)
 
 
 def _cmd_demo(args) -> int:
@@ -377,6 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="builtin", help="'builtin', a diffusers folder or a .safetensors checkpoint")
     p.add_argument("--concepts", required=True, help="concept set (JSON or YAML)")
     _add_unlearn_options(p)
+    p.add_argument("--attack", action="store_true",
+                   help="after unlearning, attack every erased concept (prompt search and concept inversion, "
+                        "`duge attack`) and add a robustness section to report.json and report.html (built-in world)")
+    _add_attack_options(p, prefix="attack_", skip=("attack",))
     _add_allow_pickle(p)
     _add_config_dir(p)
     p.set_defaults(func=_cmd_unlearn)

@@ -97,6 +97,7 @@ def _run_body(run_dir: Path, report: dict) -> str:
             rows.append(["unedited model", *[_num(before.get(k)) for k in keys]])
         parts.append(_table(["", *keys], rows, text_columns={0}))
 
+    parts.append(_robustness_section(run_dir, report.get("robustness")))
     parts.append(_images_section(run_dir))
     manifest = _manifest(run_dir)
     if manifest:
@@ -116,6 +117,42 @@ def _run_body(run_dir: Path, report: dict) -> str:
         parts.append("<h2>Configuration</h2>")
         parts.append(_key_value_table(sorted(config.items())))
     return "\n".join(p for p in parts if p)
+
+
+def _robustness_section(run_dir: Path, robustness: dict | None) -> str:
+    """`duge unlearn --attack`: per erased concept the plain prompt's UA, each attack's (with what it found) and
+    the post-attack UA, then the attacks' images beside the plain prompt's (robustness/attacks.png)."""
+    if not robustness:
+        return ""
+    config = robustness.get("config") or {}
+    parts = ["<h2>Robustness: does an erased concept come back?</h2>",
+             f'<p class="note">Two attacks per erased concept, each with a budget of {_e(config.get("budget"))} '
+             "UNet passes: a search for prompt tokens and a learnt token embedding (concept inversion), both "
+             "minimising the edited model's denoising loss on the unedited model's images of the concept. "
+             f"Judged by the evaluator on {_e(config.get('eval_images'))} images from held-out seeds (from "
+             f"{_e(config.get('eval_seed'))}); UA: share of those images that do not show the concept; post-attack: "
+             "the lowest of the three.</p>"]
+    rows = []
+    for concept in robustness.get("concepts") or []:
+        found = {a.get("attack"): a for a in concept.get("attacks") or []}
+        prompt, inversion = found.get("prompt") or {}, found.get("inversion") or {}
+        nearest = ", ".join(inversion.get("nearest_tokens") or [])
+        rows.append([concept.get("concept"), concept.get("prompt"), _num(concept.get("ua_plain")),
+                     _num(prompt.get("ua")), prompt.get("prompt", ""), _num(inversion.get("ua")),
+                     f"nearest words: {nearest}" if nearest else "", _num(concept.get("post_attack_UA"))])
+    parts.append(_table(["concept", "plain prompt", "UA plain", "UA prompt attack", "prompt found",
+                         "UA inversion", "learnt token", "post-attack UA"], rows, text_columns={0, 1, 4, 6}))
+    parts.append(_key_value_table([("mean UA, plain prompts", _num(robustness.get("UA_plain"))),
+                                   ("mean post-attack UA", _num(robustness.get("post_attack_UA"))),
+                                   ("UNet passes", robustness.get("unet_passes")),
+                                   ("seconds", _num(robustness.get("seconds"), 1))]))
+    image = run_dir / (robustness.get("images") or "")
+    if robustness.get("images") and image.is_file() and image.resolve().is_relative_to(run_dir.resolve()):
+        data = base64.b64encode(image.read_bytes()).decode("ascii")
+        parts.append(f'<figure><img src="data:image/png;base64,{data}" alt="attack images">'
+                     '<figcaption class="note">per concept: the plain prompt\'s images, then the prompt attack\'s and '
+                     "the inversion's, the same held-out seeds</figcaption></figure>")
+    return "\n".join(parts)
 
 
 def _metric(request: dict, key: str):

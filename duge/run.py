@@ -120,13 +120,17 @@ def publish_output_folder(tmp: Path, out: Path) -> None:
 
 def run_unlearn(model: str, concepts_path: str, out: str | Path, config, overwrite: bool = False,
                 lora_rank: int | None = None, progress=None, cancel=None, log=print, resume: bool = False,
-                allow_pickle: bool = False, config_dir: str | Path | None = None) -> dict:
+                allow_pickle: bool = False, config_dir: str | Path | None = None, attack=None) -> dict:
     """Unlearn a concept set from `model` and write model/, model.safetensors, loras/, grids, report.json and report.html.
 
     After each request the progress is checkpointed in `out/progress/` (`duge.progress`); an
     interrupted run leaves only that, and `resume=True` continues it from the next request,
     ending with the same weights as an uninterrupted run. The finished outputs replace `out`
     (progress included) in one rename. `allow_pickle`, `config_dir`: see `duge.models.load_pipeline`.
+
+    `attack` (an AttackConfig): also attack every erased concept of the result (`duge.attacks`) and add a
+    robustness section to report.json and report.html, with the attacks' images beside the plain prompt's
+    in robustness/attacks.png (built-in world only: the evaluator judges the images).
 
     Under `accelerate launch` with several processes (`duge.distributed`) every process trains on
     its share of each batch and only the main process measures and writes; the others return {}.
@@ -157,6 +161,10 @@ def run_unlearn(model: str, concepts_path: str, out: str | Path, config, overwri
         pipe = load_pipeline(model, torch_dtype=storage_dtype(config.dtype), config_dir=config_dir,
                              allow_pickle=allow_pickle)
         builtin_world = uses_builtin_world(pipe)
+        if attack is not None and not builtin_world:
+            raise DugeError(f"--attack judges the attacks' images with the built-in evaluator, and '{model}' is not a "
+                            "model of the built-in world; attack it with duge.attacks.attack_models and a classifier "
+                            "for its concepts")
         backend = DiffusersBackend(pipe, device=device, dtype=config.dtype,
                                    gradient_checkpointing=config.gradient_checkpointing)
         evaluator = builtin_evaluator() if builtin_world else None
@@ -222,6 +230,10 @@ def run_unlearn(model: str, concepts_path: str, out: str | Path, config, overwri
         grid = before_after_grid(lambda p, s: backend.generate(p, s, 25, 7.5),
                                  lambda p, s: after_backend.generate(p, s, 25, 7.5), prompts, 4, config.seed)
         grid.save(tmp / "before_after.png")
+        if attack is not None:
+            log("attacking the erased concepts (prompt search, concept inversion) ...")
+            report["robustness"] = robustness_section(after_backend, backend, evaluator, resolved, attack,
+                                                      tmp / ROBUSTNESS_FOLDER, progress=progress)
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
         from .report import write_report
 
@@ -233,6 +245,46 @@ def run_unlearn(model: str, concepts_path: str, out: str | Path, config, overwri
             log(f"stopped: nothing was written under '{out}' but the progress after request "
                 f"{checkpoint.completed} ({checkpoint.folder}); continue with --resume")
         raise
+    return report
+
+
+ROBUSTNESS_FOLDER = "robustness"
+ROBUSTNESS_IMAGES = 4  # images per row of robustness/attacks.png
+
+
+def robustness_section(edited, base, evaluator, requests, attack, folder: Path, progress=None) -> dict:
+    """Attack every erased concept of `edited` (`duge.attacks.attack_concepts`, `base` drawing the objectives'
+    images); write FOLDER/attacks.png (per concept: the plain prompt's images, then each attack's, the same
+    held-out seeds) and return the report's robustness entry."""
+    from .attacks import attack_concepts, erased_concepts
+
+    concepts = erased_concepts(requests, evaluator, builtin_world=True)
+    robustness = attack_concepts(edited, base, evaluator, concepts, attack, progress=_attack_progress(progress))
+    rows, labels = [], []
+    for concept in robustness.concepts:
+        found = {a.attack: a for a in concept.attacks}
+        for label, images in concept.images.items():
+            attack_result = found.get(label.removesuffix(" attack"))
+            ua = attack_result.ua if attack_result is not None else concept.ua_plain
+            prompt = attack_result.prompt if attack_result is not None else concept.prompt
+            rows.append([to_pil(x) for x in images[:ROBUSTNESS_IMAGES]])
+            labels.append(f"{concept.concept}, {label}: UA {ua:.2f}\n{prompt}")
+    folder.mkdir(parents=True, exist_ok=True)
+    labelled_grid(rows, labels, label_width=300).save(folder / "attacks.png")
+    entry = robustness.to_json()
+    entry["images"] = f"{ROBUSTNESS_FOLDER}/attacks.png"
+    return entry
+
+
+def _attack_progress(progress):
+    """The attacks' progress as the unlearning progress callback receives it (one call per attack step)."""
+    if progress is None:
+        return None
+
+    def report(info):
+        if "total" not in info:
+            progress({"request": f"attack {info['concept']}", "losses": {"total": info["loss"]}, "attack": info})
+
     return report
 
 

@@ -182,3 +182,27 @@ def test_attack_command_runs_end_to_end_and_writes_its_json_atomically(tmp_path,
     assert main(["attack", "--model", "builtin", "--base", "builtin", "--concepts", str(concepts),
                  "--json", str(second), *quick]) == 130
     assert not second.exists() and not list(tmp_path.glob(".second.json*"))
+
+
+def test_unlearn_with_attack_adds_a_robustness_section_to_the_report(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from duge import run
+
+    # The run's own measurements and before/after grid are tested elsewhere; only the attack is measured here.
+    monkeypatch.setattr(run, "world_evaluate", lambda backend, evaluator, seed, steps=20: (
+        lambda b, requests: {"UA": 1.0, "IRA": 1.0, "CRA": 1.0}))
+    monkeypatch.setattr(run, "before_after_grid", lambda *args, **kwargs: Image.new("RGB", (4, 4)))
+    out = tmp_path / "run"
+    assert main(["unlearn", "--method", "uce", "--concepts", str(_concepts_file(tmp_path)), "--out", str(out),
+                 "--attack", "--attack-budget", "300", "--attack-eval-images", "2", "--attack-sample-steps", "4",
+                 "--attack-objective-images", "1"]) == 0
+    robustness = json.loads((out / "report.json").read_text())["robustness"]
+    (red,) = robustness["concepts"]
+    assert red["concept"] == "red" and len(red["attacks"]) == 2
+    assert robustness["config"]["budget"] == 300 and robustness["images"] == "robustness/attacks.png"
+    with Image.open(out / "robustness" / "attacks.png") as grid:
+        assert grid.height >= 3 * 128  # the plain prompt's row and one per attack
+    page = (out / "report.html").read_text()
+    assert "Robustness: does an erased concept come back?" in page and 'alt="attack images"' in page
+    assert red["attacks"][0]["prompt"] in page
