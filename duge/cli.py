@@ -170,13 +170,11 @@ def _cmd_eval(args) -> int:
 
 
 def _attack_config(args, prefix: str = ""):
-    """An AttackConfig from the options `_add_attack_options(p, prefix)` added."""
-    from dataclasses import fields
-
+    """An AttackConfig from the options `_add_attack_options(p, prefix)` added: its defaults, and what was given."""
     from .config import AttackConfig
 
     config = AttackConfig(**{f.name: getattr(args, prefix + f.name) for f in fields(AttackConfig)
-                             if getattr(args, prefix + f.name, None) is not None})
+                             if hasattr(args, prefix + f.name)})
     config.validate()
     return config
 
@@ -311,20 +309,18 @@ def _add_unlearn_options(p, default_out=None) -> None:
 
 
 def _add_attack_options(p, prefix: str = "", skip: tuple[str, ...] = ()) -> None:
-    """One option per AttackConfig field (its help and choices), named --PREFIX-FIELD; unset options keep the
-    field's default."""
-    from dataclasses import MISSING, fields
-
+    """`--<prefix><field-name>` for each AttackConfig field not in `skip`, with its help, choices and default from
+    `duge.config`, as `add_config_options` does for UnlearnConfig; a setting not given keeps the default."""
     from .config import AttackConfig
 
+    defaults = AttackConfig()
     for f in fields(AttackConfig):
         if f.name in skip:
             continue
-        default = f.default if f.default is not MISSING else None
-        flag = "--" + (prefix + f.name).replace("_", "-")
-        kind = type(default) if default is not None else str
-        p.add_argument(flag, dest=prefix + f.name, type=kind, default=None, choices=f.metadata.get("choices"),
-                       help=f"{f.metadata['help']} (default {default!r})")
+        default = getattr(defaults, f.name)
+        p.add_argument("--" + (prefix + f.name).replace("_", "-"), dest=prefix + f.name, type=type(default),
+                       choices=f.metadata["choices"], default=argparse.SUPPRESS,
+                       help=f"{f.metadata['help']} (default: {_show(default)})")
 
 
 def _add_config_dir(p) -> None:
