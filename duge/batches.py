@@ -40,12 +40,23 @@ class Batch:
                      self.target_words[rows], self.tok_anchor[rows], self.mask_anchor[rows], self.has_anchor[rows])
 
 
+def replay_requests(earlier: int, rows: int, step: int) -> list[int]:
+    """Which earlier request (0..earlier−1) each of step `step`'s `rows` replayed rows comes from: a cycle, so
+    that over any `earlier` consecutive steps every earlier request gets exactly `rows` rows, however many
+    requests came before (drawing them at random gave the oldest ones fewer rows at times, and no more in
+    expectation)."""
+    if earlier <= 0 or rows <= 0:
+        return []
+    return [(step * rows + i) % earlier for i in range(rows)]
+
+
 def draw_batch(backend, caches: list[RequestCache], method: Method, config: UnlearnConfig, rng: np.random.Generator,
-               generator: torch.Generator, replay: int = 0) -> Batch:
-    """The samples of one step.
+               generator: torch.Generator, replay: int = 0, step: int = 0) -> Batch:
+    """The samples of step `step`.
 
     `replay` > 0: the last cache is the current request, which fills `batch_size` samples, and
-    `replay` samples are drawn from the earlier caches (replayed erasures). Otherwise the
+    `replay` samples come from the earlier caches, one cache per row as `replay_requests` cycles
+    through them (replayed erasures). Otherwise the
     `batch_size` samples are drawn from all caches alike (one cache, or all when simultaneous).
     A row's image is one of its request's anchor images, or of its target images for an objective
     that trains on those (esd-x).
@@ -53,7 +64,7 @@ def draw_batch(backend, caches: list[RequestCache], method: Method, config: Unle
     device = backend.device
     if replay > 0 and len(caches) > 1:
         which = np.concatenate([np.full(config.batch_size, len(caches) - 1),
-                                rng.integers(0, len(caches) - 1, replay)])
+                                replay_requests(len(caches) - 1, replay, step)]).astype(int)
     else:
         which = rng.integers(0, len(caches), config.batch_size)
     anchor_z, target_prompts, anchor_prompts, target_words, anchor_words = [], [], [], [], []

@@ -16,7 +16,11 @@ from .methods import METHODS, get_method
 SETTINGS = ("sequential", "independent", "simultaneous")
 TRAINABLE = ("kv", "qkv", "attn2")  # the cross-attention projections edited (patterns: duge.edits)
 TRAINABLE_MODES = ("full", "lora")
-REGULARIZERS = ("l2sp", "fisher")
+# Against erosion (duge.objective.regularization): l2sp / fisher pull the total delta towards θ0 (F = 1 or a
+# diagonal Fisher); penalty / projection protect the K/V outputs of the text states that must stay
+# (duge.preservation): a penalty tr(ΔW C ΔWᵀ) on the request's delta, or each update projected onto C's
+# soft null space; none: nothing.
+REGULARIZERS = ("l2sp", "fisher", "penalty", "projection", "none")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 # Seeds derived from `UnlearnConfig.seed` (or a request's own seed), one offset per use, so that no
@@ -26,6 +30,7 @@ EVALUATION_SEED_OFFSET = 999  # the images a run is measured on
 REQUEST_SEED_STRIDE = 100  # request k: seed + 100·k
 RELATED_IMAGES_SEED_OFFSET = 10_000  # a request's related-concept images: its seed + 10 000
 TARGET_IMAGES_SEED_OFFSET = 20_000  # a request's target images (esd-x): its seed + 20 000
+TEACHER_POOL_SEED_OFFSET = 30_000  # a request's teacher pool rows (duge.teachers): its seed + 30 000
 
 __all__ = ["UnlearnConfig", "METHODS", "SETTINGS", "TRAINABLE", "GROUPS", "request_seed", "AttackConfig"]
 
@@ -51,8 +56,15 @@ class UnlearnConfig:
     # Sequential setting: samples replaying the cross-attention loss of earlier requests (their cached
     # anchor images), added to each step's batch, so that a later request — and the regulariser's pull
     # towards θ0 — cannot undo an earlier erasure. 0 turns replay off.
+    # The earlier requests share these rows in a cycle (duge.batches.replay_requests): each gets the same
+    # number of rows over the sequence.
     replay_batch_size: int = _setting(4, "samples per step replaying earlier requests (sequential setting; 0: off)",
                                       "run")
+    # DUGE (duge.teachers): the teachers' outputs on a pool of rows per request, computed once when the request
+    # starts; a replayed row keeps its own request's targets; related concepts never erased are taught by θ0.
+    teacher_pool: int = _setting(0, "rows per request whose frozen teachers' outputs are computed once when the "
+                                 "request starts (DUGE); each step draws its rows from the pools and runs only the "
+                                 "trainable pass. 0: the teachers run at every step", "run")
     trainable: str = _setting("kv", "cross-attention projections edited: K/V, Q/K/V, or all of attn2", "run",
                               choices=TRAINABLE)
     trainable_mode: str = _setting("full", "train full deltas, or low-rank (LoRA) deltas", "run",
@@ -71,8 +83,14 @@ class UnlearnConfig:
     lambda_reg: float = _setting(2e-5, "weight of the regulariser towards the original weights (against erosion); it "
                                  "sums over every edited weight, so useful values are small; lower erases two or three concepts more "
                                  "strongly, higher keeps long sequences from eroding (see the README)", "loss weights")
-    regularizer: str = _setting("l2sp", "l2sp (F = 1) or fisher (diagonal Fisher on general prompts)",
+    regularizer: str = _setting("l2sp", "against erosion: l2sp (towards the original weights, F = 1), fisher (F a "
+                                "diagonal Fisher on general prompts), penalty (λ_reg·tr(ΔW C ΔWᵀ): the request's edit "
+                                "may not move the K/V outputs of the text states that must stay), projection (each "
+                                "update projected onto the soft null space of those states, projection_mu), none",
                                 "loss weights", choices=REGULARIZERS)
+    projection_mu: float = _setting(0.1, "regularizer projection: an update keeps μ/(λ+μ) of its component along an "
+                                    "input direction of energy λ (relative to the mean; 0: none of it, the hard null "
+                                    "space)", "loss weights")
     fisher_samples: int = _setting(8, "prompts the Fisher estimate averages over", "loss weights")
     # DUGE's output-term target guided away from the target prompt by this much (0: the anchor's
     # prediction alone, as in the design doc): ε_φ(anchor) − η_a·(ε_θ0(target) − ε_θ0(anchor)).
@@ -111,9 +129,13 @@ class UnlearnConfig:
                               ("regularizer", REGULARIZERS), ("dtype", DTYPES)):
             if getattr(self, name) not in allowed:
                 raise DugeError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.teacher_pool < 0:
+            raise DugeError(f"teacher_pool must be 0 (teachers at every step) or a number of rows, got {self.teacher_pool}")
         for name in ("steps", "batch_size", "anchor_images"):
             if getattr(self, name) < 1:
                 raise DugeError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.projection_mu < 0:
+            raise DugeError(f"projection_mu must be 0 (the hard null space) or more, got {self.projection_mu}")
         if self.replay_batch_size < 0:
             raise DugeError(f"replay_batch_size must be 0 (no replay) or more, got {self.replay_batch_size}")
         if self.anchor_guidance < 0:
@@ -132,6 +154,7 @@ class UnlearnConfig:
 
 
 GROUPS = {f.name: f.metadata["group"] for f in fields(UnlearnConfig)}
+
 
 
 def request_seed(config: UnlearnConfig, k: int, own_seed: int | None = None) -> int:

@@ -28,13 +28,20 @@ class Method:
     regularizer: bool  # λ_reg·L_reg
     objective: str  # "anchor" | "negative_guidance" | "closed_form"
     guided_anchor: bool = False  # UnlearnConfig.anchor_guidance applies
+    fixed_regularizer: str | None = None  # the regulariser this method always uses (else UnlearnConfig.regularizer)
+    pooled_teachers: bool = False  # UnlearnConfig.teacher_pool applies (duge.teachers)
+
+    def regularizer_kind(self, configured: str) -> str:
+        """The regulariser a run of this method uses: its own fixed one, or the configured one; "none" without."""
+        return (self.fixed_regularizer or configured) if self.regularizer else "none"
 
 
 METHODS = {
     "duge": Method("duge", attention_term=True, prior_term=True, regularizer=True, objective="anchor",
-                   guided_anchor=True),
+                   guided_anchor=True, pooled_teachers=True),
     "ca": Method("ca", attention_term=False, prior_term=False, regularizer=False, objective="anchor"),
-    "ft-l2sp": Method("ft-l2sp", attention_term=False, prior_term=False, regularizer=True, objective="anchor"),
+    "ft-l2sp": Method("ft-l2sp", attention_term=False, prior_term=False, regularizer=True, objective="anchor",
+                      fixed_regularizer="l2sp"),
     "esd-x": Method("esd-x", attention_term=False, prior_term=False, regularizer=False, objective="negative_guidance"),
     "uce": Method("uce", attention_term=False, prior_term=False, regularizer=False, objective="closed_form"),
 }

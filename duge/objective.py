@@ -31,6 +31,8 @@ from .harness import accumulate
 from .image_cache import RequestCache
 from .losses import cross_attention_loss, prior_preservation_loss, regularization_loss
 from .methods import Method
+from .preservation import preservation_penalty, preservation_penalty_grad
+from .teachers import PoolRows, TeacherPool, draw_pool_rows
 
 
 def predict(backend, zt, t, context, tokens, mask, config: UnlearnConfig, capture: bool):
@@ -109,33 +111,121 @@ def prior_part(backend, edits, batch: Batch, part: slice, config: UnlearnConfig)
     return config.lambda_prior * weight * loss_prior, {"prior": weight * float(loss_prior.detach())}
 
 
-def regularization(edits, fisher: dict | None, weight: float) -> float:
-    """L_reg = Σ F·(θ − θ0)² on the total deltas θ − θ0 (a 0-dim θ0 of zero), back-propagated one layer at a
-    time (scaled by `weight`) in every process: the regulariser is not sharded."""
+def _add_grad(param: torch.Tensor, grad: torch.Tensor) -> None:
+    param.grad = grad.detach().clone() if param.grad is None else param.grad + grad
+
+
+def regularization(edits, kind: str, fisher: dict | None, moments: dict, weight: float) -> float:
+    """L_reg's value; its gradient times `weight` is added to the trainable deltas' `.grad`, one layer at a
+    time, in every process (the regulariser is not sharded).
+
+    - l2sp / fisher: Σ F·(θ − θ0)² on the total deltas θ − θ0, gradient 2F·(θ − θ0);
+    - penalty: Σ_layers tr(ΔW C ΔWᵀ) on the request's delta ΔW, gradient 2ΔW C (`duge.preservation`;
+      `moments`: layer name → C, layers without one are not penalised).
+    Full deltas get the gradient in closed form (no backward pass); LoRA deltas through autograd.
+    """
     value = 0.0
-    for name, delta in edits.total_deltas().items():
-        term = regularization_loss({name: delta}, {name: torch.zeros(())},
-                                   {name: fisher[name]} if fisher is not None else None)
-        (weight * term).backward()
+    for name, d in edits.deltas.items():
+        if kind == "penalty" and name not in moments:
+            continue
+        if d.mode == "full" and d.delta is not None:
+            with torch.no_grad():
+                if kind == "penalty":
+                    term, grad = preservation_penalty(d.delta, moments[name]), preservation_penalty_grad(d.delta, moments[name])
+                else:
+                    total = d.total_delta()
+                    scale = fisher[name] if fisher is not None else 1.0
+                    term, grad = (scale * total.square()).sum(), 2 * scale * total
+            _add_grad(d.delta, weight * grad)
+        else:
+            if kind == "penalty":
+                term = preservation_penalty(d.request_delta(), moments[name])
+            else:
+                term = regularization_loss({name: d.total_delta()}, {name: torch.zeros(())},
+                                           {name: fisher[name]} if fisher is not None else None)
+            (weight * term).backward()
         value += float(term.detach())
     return value
 
 
+def _add_regularization(terms: dict, edits, method: Method, config: UnlearnConfig, fisher: dict | None,
+                        moments: dict) -> float:
+    """λ_reg·L_reg's gradient into the deltas; its value in `terms["regularization"]` (if the method has one)."""
+    kind = method.regularizer_kind(config.regularizer)
+    if kind in ("l2sp", "fisher", "penalty") and config.lambda_reg > 0:
+        terms["regularization"] = regularization(edits, kind, fisher, moments, config.lambda_reg)
+    return terms.get("regularization", 0.0)
+
+
 def step_terms(backend, edits, caches: list[RequestCache], method: Method, config: UnlearnConfig,
                rng: np.random.Generator, generator: torch.Generator, fisher: dict | None, replay: int = 0,
-               micro_batch_size: int = 0) -> dict[str, float]:
-    """One step's loss over a batch drawn from `caches`, back-propagated into the trainable deltas'
-    `.grad` (the caller zeroes them before and steps the optimiser after). Returns each term's value."""
-    batch = draw_batch(backend, caches, method, config, rng, generator, replay)
+               micro_batch_size: int = 0, step: int = 0, moments: dict | None = None) -> dict[str, float]:
+    """One step's loss over a batch drawn from `caches`, its teachers run now, back-propagated into the
+    trainable deltas' `.grad` (the caller zeroes them before and steps the optimiser after). Returns each
+    term's value: total = xattn + λ_prior·prior + λ_reg·reg."""
+    batch = draw_batch(backend, caches, method, config, rng, generator, replay, step)
     beta = config.beta if method.attention_term and config.beta > 0 else 0.0
     terms = accumulate(len(batch.t), micro_batch_size,
                        lambda part: xattn_part(backend, edits, batch, part, method, config, beta))
     xattn = terms["output"] + beta * terms["attention"]
-    prior = reg = 0.0
+    prior = 0.0
     if batch.related_zt is not None:
         prior = terms["prior"] = accumulate(len(batch.related_prompts), micro_batch_size,
                                             lambda part: prior_part(backend, edits, batch, part, config)).get("prior", 0.0)
-    if method.regularizer and config.lambda_reg > 0:
-        reg = terms["regularization"] = regularization(edits, fisher, config.lambda_reg)
+    reg = _add_regularization(terms, edits, method, config, fisher, moments or {})
+    terms["total"] = xattn + config.lambda_prior * prior + config.lambda_reg * reg
+    return terms
+
+
+def pooled_part(backend, drawn: PoolRows, part: slice, config: UnlearnConfig, beta: float):
+    """L_out + β·L_attn + λ_prior·L_prior on rows `part` of a step's pooled rows — the anchor rows, then the
+    related rows — in ONE UNet call, against the pools' frozen targets; each term weighted by the part's
+    share of its rows."""
+    rows, b = drawn.rows, len(drawn.rows.t)
+    r = len(rows.related_prompts)
+    anchor = slice(min(part.start, b), min(part.stop, b))
+    related = slice(max(part.start, b) - b, max(part.stop, b) - b)
+    n = anchor.stop - anchor.start
+    prompts = rows.target_prompts[anchor] + rows.related_prompts[related]
+    words = rows.target_words[anchor] + [""] * (related.stop - related.start)
+    zt = torch.cat([rows.zt[anchor]] + ([rows.related_zt[related]] if r else []))
+    t = torch.cat([rows.t[anchor]] + ([rows.related_t[related]] if r else []))
+    tokens, mask = backend.token_indices(prompts, words)
+    pred, maps = predict(backend, zt, t, backend.encode_prompts(prompts), tokens, mask, config, beta > 0 and n > 0)
+    loss, values = pred.new_zeros(()), {}
+    if n:
+        has_anchor = rows.has_anchor[anchor].to(pred.device)
+        use_maps = beta > 0 and bool(has_anchor.any())
+        maps_target = [m[:n][has_anchor] for m in maps] if use_maps else []
+        maps_anchor = [m[anchor][has_anchor] for m in drawn.anchor_maps] if use_maps else []
+        _, parts = cross_attention_loss(pred[:n], drawn.target[anchor], maps_target, maps_anchor, beta)
+        output_weight = shard_weight(anchor, b)
+        attention_weight = masked_shard_weight(anchor, rows.has_anchor)  # averages rows with anchor tokens only
+        loss = output_weight * parts["output"] + beta * attention_weight * parts["attention"]
+        values = {"output": output_weight * float(parts["output"].detach()),
+                  "attention": attention_weight * float(parts["attention"].detach())}
+    if related.stop > related.start:
+        loss_prior = prior_preservation_loss(pred[n:], drawn.related_target[related])
+        weight = shard_weight(related, r)
+        loss = loss + config.lambda_prior * weight * loss_prior
+        values["prior"] = weight * float(loss_prior.detach())
+    return loss, values
+
+
+def pooled_step_terms(backend, edits, pools: list[TeacherPool], method: Method, config: UnlearnConfig,
+                      rng: np.random.Generator, fisher: dict | None, replay: int = 0, micro_batch_size: int = 0,
+                      step: int = 0, moments: dict | None = None) -> dict[str, float]:
+    """`step_terms` with the teachers computed once per request (`duge.teachers`): the step's rows come from
+    the pools (the last is the current request's, `replay` rows from the earlier ones) and only the
+    trainable pass runs, anchor and related rows in the same UNet call."""
+    drawn = draw_pool_rows(pools, config, rng, step, replay, backend.device)
+    beta = config.beta if method.attention_term and config.beta > 0 else 0.0
+    count = len(drawn.rows.t) + (len(drawn.rows.related_prompts) if method.prior_term and config.lambda_prior > 0 else 0)
+    if count == len(drawn.rows.t):
+        drawn.rows.related_prompts, drawn.related_target = [], None
+    terms = accumulate(count, micro_batch_size, lambda part: pooled_part(backend, drawn, part, config, beta))
+    xattn = terms.get("output", 0.0) + beta * terms.get("attention", 0.0)
+    prior = terms.get("prior", 0.0)
+    reg = _add_regularization(terms, edits, method, config, fisher, moments or {})
     terms["total"] = xattn + config.lambda_prior * prior + config.lambda_reg * reg
     return terms

@@ -69,25 +69,26 @@ def world_vocabulary() -> list[str]:
     return list(dict.fromkeys(words))
 
 
-def preserved_prompts(request: ResolvedRequest, earlier: list[ResolvedRequest], concepts: list[str],
+def preserved_prompts(requests: list[ResolvedRequest], earlier: list[ResolvedRequest], concepts: list[str],
                       vocabulary: list[str], general_prompts: list[str] = ()) -> PreservedPrompts:
-    """The prompts of each group for `request`, given the requests that came before it.
+    """The prompts of each group for the request(s) being trained (`requests`: one in the sequential and
+    independent settings, all of them when simultaneous), given the requests applied before them.
 
     `concepts`: names of concepts the model should keep knowing (on the built-in world every world
-    concept; elsewhere every request's preserved concepts); those erased by `request` or by
-    `earlier` (any name) are left out of the never-erased group, and the erased ones go to
-    `erased` in their own request's templates. `vocabulary`: single words; those naming an erased
-    concept are left out. `general_prompts`: the concept set's prompts for the erosion check.
+    concept; elsewhere every request's preserved concepts); those erased by `requests` or by
+    `earlier` (any name) are left out of the never-erased group, and the ones erased by `earlier` go
+    to `erased`, in their own request's templates. `vocabulary`: single words; those naming an
+    erased concept are left out. `general_prompts`: the concept set's prompts for the erosion check,
+    those naming an erased concept left out.
     """
-    erased_now = {n.lower() for n in (request.target, *request.aliases)}
-    erased_before = {n.lower() for r in earlier for n in (r.target, *r.aliases)}
-    gone = erased_now | erased_before
+    gone = {n.lower() for r in [*requests, *earlier] for n in (r.target, *r.aliases)}
     out = PreservedPrompts()
-    for template in request.templates:
-        out.templates += [render_prompt(template, request.anchor), render_prompt(template, "")]
-        out.preserved += [render_prompt(template, p) for p in request.preserve if p.lower() not in gone]
-        out.never_erased += [render_prompt(template, c) for c in dict.fromkeys(concepts)
-                             if c.lower() not in gone and c not in request.preserve]
+    for request in requests:
+        for template in request.templates:
+            out.templates += [render_prompt(template, request.anchor), render_prompt(template, "")]
+            out.preserved += [render_prompt(template, p) for p in request.preserve if p.lower() not in gone]
+            out.never_erased += [render_prompt(template, c) for c in dict.fromkeys(concepts)
+                                 if c.lower() not in gone and c not in request.preserve]
     out.vocabulary = [w for w in dict.fromkeys(vocabulary) if w.lower() not in gone]
     out.vocabulary += [p for p in general_prompts if not any(word in gone for word in p.lower().split())]
     for r in earlier:
@@ -96,6 +97,21 @@ def preserved_prompts(request: ResolvedRequest, earlier: list[ResolvedRequest], 
     for name in GROUPS:  # one row per distinct prompt
         setattr(out, name, list(dict.fromkeys(getattr(out, name))))
     return out
+
+
+def run_preserved_prompts(requests: list[ResolvedRequest], earlier: list[ResolvedRequest], concept_set,
+                          builtin_world: bool) -> PreservedPrompts:
+    """`preserved_prompts` with a run's concepts and vocabulary: on the built-in world every world concept
+    and every caption word; on a user's model every request's preserved concepts and `GENERAL_WORDS`;
+    the concept set's general prompts either way."""
+    if builtin_world:
+        from .world.vocabulary import CONCEPTS
+
+        concepts, vocabulary = [c.name for c in CONCEPTS], world_vocabulary()
+    else:
+        concepts = [p for r in concept_set.requests for p in r.preserve]
+        vocabulary = list(GENERAL_WORDS)
+    return preserved_prompts(requests, earlier, concepts, vocabulary, list(concept_set.general_prompts))
 
 
 def second_moment(states: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .concepts import ConceptSet, apply_continual_rule, render_prompt, resolve_request
-from .config import FISHER_SEED_OFFSET, UnlearnConfig, request_seed
+from .config import FISHER_SEED_OFFSET, TEACHER_POOL_SEED_OFFSET, UnlearnConfig, request_seed
 from .distributed import check_batch, shard_rows
 from .edits import trainable_pattern
 from .errors import DugeError
@@ -37,7 +37,10 @@ from .harness import RequestRollback, TrainingDiverged, UnlearnCancelled, check_
 from .image_cache import RequestCache, load_or_build_request_cache
 from .memory import RunMemory
 from .methods import Method, get_method
-from .objective import step_terms
+from .objective import pooled_step_terms, step_terms
+from .preservation import layer_moments, null_space_projector, preservation_second_moment, project_update, \
+    run_preserved_prompts
+from .teachers import TeacherPool, build_teacher_pool, merge_pools
 from .results import ProgressFn, RequestDoneFn, RequestResult, ResumeState, UnlearnResult
 from .uce import uce_delta
 
@@ -59,32 +62,87 @@ class Run:
 
 
 def train_request(run: Run, caches: list[RequestCache], steps: int, learning_rate: float, seed: int, label: str,
-                  replay: bool = False) -> tuple[dict, dict]:
+                  replay: bool = False, moments: dict | None = None, pools: list[TeacherPool] | None = None,
+                  erased: set[str] = frozenset()) -> tuple[dict, dict]:
     """Optimise one request (the last of `caches`; the earlier ones replayed when `replay`, all alike when
-    simultaneous) and commit it. Returns its ΔW per layer and the last step's loss terms."""
-    edits, config = run.edits, run.config
+    simultaneous) and commit it. Returns its ΔW per layer and the last step's loss terms.
+
+    `moments`: layer name → the second moment C of the text states to preserve (`duge.preservation`), for the
+    penalty and projection regularisers. `pools`: the earlier requests' teacher pools when the method pools
+    its teachers (`duge.teachers`); this request's pool(s) are built here and appended. `erased`: every name
+    of every concept erased so far, this request's included (the related rows' teacher rule)."""
+    edits, config, method = run.edits, run.config, run.method
     rollback = RequestRollback(edits, label)
-    if run.method.objective == "closed_form":
+    if method.objective == "closed_form":
         delta = uce_delta(run.backend, edits, [c.request for c in caches], config)
         before = rollback.before
         edits.load_committed({name: before[name] + delta[name].to(before[name]) for name in before})
         return delta, {}
     rng, generator = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
     params = edits.start_request(seed)
+    replay_rows = config.replay_batch_size if len(caches) > 1 and replay else 0
     rows = shard_rows(config.batch_size + (config.replay_batch_size if config.setting == "sequential" else 0))
     micro_batch_size = run.memory.micro_batch_size(params, caches[-1], rows.stop - rows.start)
+    projected = _projected_parameters(edits, moments or {}, config) \
+        if method.regularizer_kind(config.regularizer) == "projection" else []
+    if pools is not None:
+        new = [request_pool(run, cache, seed, erased, micro_batch_size)
+               for cache in (caches if config.setting == "simultaneous" else caches[-1:])]
+        pools.append(merge_pools(new) if len(new) > 1 else new[0])
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
     losses = {}
     for step in range(steps):
         check_cancel(run.cancel)
         optimizer.zero_grad(set_to_none=True)
-        losses = step_terms(run.backend, edits, caches, run.method, config, rng, generator, run.fisher,
-                            replay=config.replay_batch_size if len(caches) > 1 and replay else 0,
-                            micro_batch_size=micro_batch_size)
+        if pools is not None:
+            losses = pooled_step_terms(run.backend, edits, pools if replay else pools[-1:], method, config, rng,
+                                       run.fisher, replay_rows, micro_batch_size, step, moments)
+        else:
+            losses = step_terms(run.backend, edits, caches, method, config, rng, generator, run.fisher,
+                                replay=replay_rows, micro_batch_size=micro_batch_size, step=step, moments=moments)
+        before = [p.detach().clone() for p, _ in projected]
         rollback.step(optimizer, params, losses["total"], step)
+        with torch.no_grad():  # each update onto the soft null space of the preserved inputs
+            for (param, projector), previous in zip(projected, before):
+                param.copy_(previous + project_update(param - previous, projector))
         if run.progress:
             run.progress({"request": label, "step": step + 1, "steps": steps, "losses": losses})
     return rollback.commit(), losses
+
+
+def request_pool(run: Run, cache: RequestCache, seed: int, erased: set[str], micro_batch_size: int) -> TeacherPool:
+    """A request's teacher pool (`duge.teachers`) of `config.teacher_pool` rows, from its own seed."""
+    pool_seed = seed + TEACHER_POOL_SEED_OFFSET
+    return build_teacher_pool(run.backend, run.edits, cache, run.method, run.config, run.config.teacher_pool,
+                              np.random.default_rng(pool_seed), torch.Generator().manual_seed(pool_seed), erased,
+                              micro_batch_size)
+
+
+def _projected_parameters(edits, moments: dict, config: UnlearnConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(trainable tensor whose rows live in a layer's input space, that layer's null-space projector) for the
+    projection regulariser: a full delta ΔW [out, in], or a LoRA's `down` [rank, in] (projected once here,
+    so that ΔW = up·down starts and stays in the soft null space)."""
+    out = []
+    for name, moment in moments.items():
+        d = edits.deltas[name]
+        projector = null_space_projector(moment, config.projection_mu).float()
+        param = d.delta if d.mode == "full" else d.down
+        projector = projector.to(param.device)
+        if d.mode == "lora":
+            with torch.no_grad():
+                param.copy_(project_update(param, projector))
+        out.append((param, projector))
+    return out
+
+
+def preservation_moments(backend, edits, requests, earlier, concept_set: ConceptSet, builtin_world: bool,
+                         kind: str) -> dict:
+    """Layer name → C for the penalty and projection regularisers (`duge.preservation`); {} for the others."""
+    if kind not in ("penalty", "projection"):
+        return {}
+    prompts = run_preserved_prompts(requests, earlier, concept_set, builtin_world)
+    moment = preservation_second_moment(backend.encode_prompts, prompts)
+    return layer_moments({name: d.committed.shape[1] for name, d in edits.deltas.items()}, moment)
 
 
 def unlearn(backend, concept_set: ConceptSet, config: UnlearnConfig, builtin_world: bool = False,
@@ -117,7 +175,8 @@ def unlearn(backend, concept_set: ConceptSet, config: UnlearnConfig, builtin_wor
     with interrupt_as_cancel(), RunMemory(backend, method, config) as memory, \
             backend.edits(trainable_pattern(config.trainable), mode=config.trainable_mode, rank=config.trainable_rank) as edits:
         fisher = None
-        if config.regularizer == "fisher":
+        kind = method.regularizer_kind(config.regularizer)
+        if kind == "fisher":
             prompts = list(concept_set.general_prompts) or [render_prompt(r.templates[0], r.anchor) for r in requests]
             fisher = estimate_fisher(backend, edits, prompts[: config.fisher_samples], config,
                                      config.seed + FISHER_SEED_OFFSET)
@@ -129,6 +188,7 @@ def unlearn(backend, concept_set: ConceptSet, config: UnlearnConfig, builtin_wor
                 for done in resume.results:  # the same float32 additions as commit_request made
                     edits.add_committed(done.delta)
         run = Run(backend, edits, method, config, fisher, memory, cancel, progress)
+        pooled = method.pooled_teachers and config.teacher_pool > 0
 
         if config.setting == "simultaneous":
             t0 = time.time()
@@ -136,12 +196,16 @@ def unlearn(backend, concept_set: ConceptSet, config: UnlearnConfig, builtin_wor
                 caches = [load_or_build_request_cache(backend, r, config, request_seed(config, k), image_filter)
                           for k, r in enumerate(requests)]
             steps = sum(spec.steps or config.steps for spec in specs)
-            delta, losses = train_request(run, caches, steps, config.learning_rate, config.seed, "all requests")
+            moments = preservation_moments(backend, edits, requests, [], concept_set, builtin_world, kind)
+            erased = {n.lower() for r in requests for n in (r.target, *r.aliases)}
+            delta, losses = train_request(run, caches, steps, config.learning_rate, config.seed, "all requests",
+                                          moments=moments, pools=[] if pooled else None, erased=erased)
             metrics = evaluate(backend, requests) if evaluate else {}
             results.append(RequestResult(", ".join(r.target for r in requests), delta, time.time() - t0,
                                          steps, losses, metrics))
         else:
             caches: list[RequestCache] = list(resume.caches) if resume is not None else []
+            pools: list[TeacherPool] | None = [] if pooled else None
             for k, (request, spec) in enumerate(zip(requests, specs)):
                 if k < start_index:
                     continue
@@ -152,10 +216,17 @@ def unlearn(backend, concept_set: ConceptSet, config: UnlearnConfig, builtin_wor
                 seed = request_seed(config, k, spec.seed)
                 with edits.reference():
                     cache = load_or_build_request_cache(backend, request, config, seed, image_filter)
-                replayed = caches if config.setting == "sequential" and config.replay_batch_size > 0 else []
+                sequential = config.setting == "sequential"
+                replayed = caches if sequential and config.replay_batch_size > 0 else []
+                earlier = requests[:k] if sequential else []
+                if pooled and len(pools) < k and sequential:  # resumed: the earlier requests' pools, as they were
+                    pools = rebuild_pools(run, requests, specs, caches, [r.delta for r in results])
+                moments = preservation_moments(backend, edits, [request], earlier, concept_set, builtin_world, kind)
+                erased = {n.lower() for r in [*earlier, request] for n in (r.target, *r.aliases)}
                 delta, losses = train_request(run, replayed + [cache], spec.steps or config.steps,
                                               spec.learning_rate or config.learning_rate, seed, request.target,
-                                              replay=bool(replayed))
+                                              replay=bool(replayed), moments=moments,
+                                              pools=(pools if sequential else []) if pooled else None, erased=erased)
                 caches.append(cache)
                 metrics = evaluate(backend, requests[: k + 1]) if evaluate else {}
                 metrics["dropped_anchor_images"] = cache.dropped_anchor_images
@@ -167,3 +238,21 @@ def unlearn(backend, concept_set: ConceptSet, config: UnlearnConfig, builtin_wor
                 edits.load_committed({name: sum(r.delta[name] for r in results) for name in edits.deltas})
         total = edits.committed()
     return UnlearnResult(config, results, total)
+
+
+def rebuild_pools(run: Run, requests, specs, caches: list[RequestCache], deltas: list[dict]) -> list[TeacherPool]:
+    """The teacher pools of the requests a resumed sequential run had finished, as they were built: request j's
+    from the model θ0 + Σ_{i<j} ΔW_i, with its own seed. The committed deltas are restored afterwards."""
+    edits, config = run.edits, run.config
+    final = edits.committed()
+    pools = []
+    try:
+        for j, cache in enumerate(caches):
+            edits.load_committed({name: sum((d[name] for d in deltas[:j]), torch.zeros_like(final[name]))
+                                  for name in final})
+            seed = request_seed(config, j, specs[j].seed)
+            erased = {n.lower() for r in requests[: j + 1] for n in (r.target, *r.aliases)}
+            pools.append(request_pool(run, cache, seed, erased, run.memory.micro_batch_size([], cache, config.batch_size)))
+    finally:
+        edits.load_committed(final)
+    return pools

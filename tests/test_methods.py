@@ -5,6 +5,7 @@ FT + L2-SP, DUGE's three terms)."""
 from __future__ import annotations
 
 from contextlib import contextmanager
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -102,6 +103,11 @@ class _FakeEdits:
 
     def total_deltas(self):
         return {"w": self.delta}
+
+    @property
+    def deltas(self):  # the one layer, as duge.edits.DeltaWeight shows it (a full delta, nothing committed)
+        return {"w": SimpleNamespace(mode="full", delta=self.delta, total_delta=lambda: self.delta,
+                                     request_delta=lambda: self.delta)}
 
 
 class _FakeBackend:

@@ -71,7 +71,7 @@ def test_second_moment_covers_every_position_and_is_scaled_to_trace_d():
     def encode(prompts):
         return torch.stack([torch.full((4, 3), float(len(p))) for p in prompts])
 
-    prompts = preserved_prompts(ResolvedRequest("circle", "shape", ["disc"], ["square"], ["a {}"], "object"), [],
+    prompts = preserved_prompts([ResolvedRequest("circle", "shape", ["disc"], ["square"], ["a {}"], "object")], [],
                                 concepts=["circle", "square", "star"], vocabulary=["a"])
     moment = preservation_second_moment(encode, prompts)
     assert moment.shape == (3, 3)
@@ -82,7 +82,7 @@ def test_second_moment_covers_every_position_and_is_scaled_to_trace_d():
 def test_preserved_prompts_leave_out_erased_concepts_and_protect_earlier_targets():
     earlier = ResolvedRequest("circle", "shape", ["disc"], ["square"], ["a {}", "a red {}"], "object")
     request = ResolvedRequest("red", "", ["crimson"], ["orange"], ["a {} star", "a {} shape"], "colour")
-    prompts = preserved_prompts(request, [earlier], concepts=["circle", "disc", "red", "orange", "blue", "star"],
+    prompts = preserved_prompts([request], [earlier], concepts=["circle", "disc", "red", "orange", "blue", "star"],
                                 vocabulary=["a", "red", "crimson", "disc", "blue"], general_prompts=["a red star", "a blue star"])
 
     assert prompts.templates == ["a star", "a shape"]  # anchor "" and no word render alike

@@ -31,9 +31,11 @@ def _interrupt_in(target: str, step: int):
     return progress
 
 
-def test_resume_after_ctrl_c_gives_exactly_the_uninterrupted_weights(backend, tmp_path):
+@pytest.mark.parametrize("overrides", [{}, {"teacher_pool": 4, "regularizer": "projection"}])
+def test_resume_after_ctrl_c_gives_exactly_the_uninterrupted_weights(backend, tmp_path, overrides):
+    """Also with teacher pools: the resumed run rebuilds the finished requests' pools as they were."""
     concept_set = parse_concept_set(CONCEPTS)
-    config = tiny_config()
+    config = tiny_config(**overrides)
     inputs = run_inputs("builtin", "test", config, concept_set)
     full = unlearn(backend, concept_set, config, builtin_world=True)
 

@@ -1,0 +1,143 @@
+"""Teachers computed once per request, replay with equal weight per earlier request, and the
+preservation regularisers inside the trainer (duge.teachers, duge.batches, duge.trainer)."""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from duge.backends.diffusers_backend import DiffusersBackend
+from duge.batches import draw_batch, replay_requests
+from duge.concepts import parse_concept_set, resolve_request
+from duge.config import UnlearnConfig
+from duge.image_cache import build_request_cache
+from duge.methods import get_method
+from duge.objective import pooled_step_terms, step_terms
+from duge.teachers import build_teacher_pool, names_erased
+from duge.trainer import unlearn
+
+sys.path.insert(0, str(Path(__file__).parent))
+from trainer_helpers import CONCEPTS, tiny_config  # noqa: E402
+from trainer_helpers import assert_bit_identical, host_weights  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def backend(builtin_pipe):
+    return DiffusersBackend(builtin_pipe, device="cpu", dtype="float32")
+
+
+@pytest.mark.parametrize("earlier, rows", [(1, 4), (3, 4), (9, 4), (4, 4), (5, 1)])
+def test_every_earlier_request_gets_the_same_replay_rows(earlier, rows):
+    counts = Counter(r for step in range(earlier * 3) for r in replay_requests(earlier, rows, step))
+    assert set(counts) == set(range(earlier))
+    assert len(set(counts.values())) == 1  # equal weight over any whole number of cycles
+    # and within every window of `earlier` consecutive steps
+    for start in range(earlier):
+        window = Counter(r for step in range(start, start + earlier) for r in replay_requests(earlier, rows, step))
+        assert all(window[r] == rows for r in range(earlier))
+
+
+def test_replayed_rows_of_a_step_follow_the_cycle(backend):
+    concept_set = parse_concept_set(CONCEPTS)
+    config = tiny_config()
+    method = get_method("duge")
+    requests = [resolve_request(r, builtin_world=True) for r in concept_set.requests]
+    circle, red = (build_request_cache(backend, r, config, 100 * k) for k, r in enumerate(requests))
+    caches = [circle, red, red, circle]  # three earlier requests (circle, red, red), then the current one
+    rng, generator = np.random.default_rng(0), torch.Generator().manual_seed(0)
+    replayed = Counter()
+    for step in range(3):
+        batch = draw_batch(backend, caches, method, config, rng, generator, replay=2, step=step)
+        words = batch.target_words[config.batch_size:]
+        assert len(words) == 2
+        replayed.update("circle" if w in ("circle", "disc") else "red" for w in words)
+    assert replayed == Counter({"circle": 2, "red": 4})  # 2 rows for each of the 3 earlier requests
+
+
+def test_precomputed_teachers_give_the_same_loss_as_per_step_teachers(backend):
+    """The same rows, once with the teachers run inside the step and once from a pool built on those rows."""
+    concept_set = parse_concept_set(CONCEPTS)
+    config = tiny_config(batch_size=3, teacher_pool=3, beta=10.0, lambda_prior=1.0, lambda_reg=0.0)
+    method = get_method("duge")
+    request = resolve_request(concept_set.requests[0], builtin_world=True)
+    cache = build_request_cache(backend, request, config, 0)
+
+    with backend.edits(r"attn2\.to_[kv]$") as edits:
+        edits.start_request(0)
+        with torch.no_grad():  # a trained edit, so that the model differs from its teachers
+            for d in edits.deltas.values():
+                d.delta.normal_(0, 1e-2, generator=torch.Generator().manual_seed(2))
+        # nothing committed: the reference (the model before this request) is θ0, the related rows' teacher
+        pool = build_teacher_pool(backend, edits, cache, method, config, 3, np.random.default_rng(5),
+                                  torch.Generator().manual_seed(5), erased={"circle", "disc"})
+        per_step = step_terms(backend, edits, [cache], method, config, np.random.default_rng(5),
+                              torch.Generator().manual_seed(5), None)
+        # draw_pool_rows takes `batch_size` random rows of the pool: make them the pool's own rows in order
+        pooled = pooled_step_terms(backend, edits, [pool], method, config, _InOrder(), None)
+    assert pooled["output"] == pytest.approx(per_step["output"], rel=1e-5)
+    assert pooled["attention"] == pytest.approx(per_step["attention"], rel=1e-5)
+    # the prior term is a small difference of two predictions (1e-6 here); batching its rows into the same UNet
+    # call as the anchor rows changes float32 rounding in the 5th digit
+    assert pooled["prior"] == pytest.approx(per_step["prior"], rel=1e-3)
+    assert pooled["total"] == pytest.approx(per_step["total"], rel=1e-5)
+    assert per_step["output"] > 0 and per_step["attention"] > 0 and per_step["prior"] > 0
+
+
+class _InOrder:
+    """An rng whose `integers(0, n, size)` gives 0, 1, …, size−1 (the pool's rows in their order)."""
+
+    def integers(self, low, high, size=None):
+        return np.arange(size) if size is not None else 0
+
+
+def test_pool_rows_are_the_same_rows_the_per_step_path_draws(backend):
+    concept_set = parse_concept_set(CONCEPTS)
+    config = tiny_config(batch_size=3)
+    method = get_method("duge")
+    cache = build_request_cache(backend, resolve_request(concept_set.requests[1], builtin_world=True), config, 0)
+    with backend.edits(r"attn2\.to_[kv]$") as edits:
+        pool = build_teacher_pool(backend, edits, cache, method, config, 3, np.random.default_rng(5),
+                                  torch.Generator().manual_seed(5), erased={"red", "crimson"})
+    batch = draw_batch(backend, [cache], method, config, np.random.default_rng(5), torch.Generator().manual_seed(5))
+    assert torch.equal(pool.rows.zt, batch.zt.cpu()) and pool.rows.target_prompts == batch.target_prompts
+    assert pool.target.shape == batch.zt.shape and len(pool.anchor_maps) == len(backend.cross_attention_layers())
+
+
+def test_related_prompts_naming_an_erased_concept_are_recognised():
+    assert names_erased("a orange circle", {"circle"})
+    assert not names_erased("a orange circles", {"circle"})
+    assert names_erased("a painting by Van Gogh", {"van gogh"})
+    assert not names_erased("a orange square", {"circle", "disc"})
+
+
+@pytest.mark.parametrize("setting", ["sequential", "independent", "simultaneous"])
+@pytest.mark.parametrize("overrides", [{"teacher_pool": 4}, {"regularizer": "projection"},
+                                       {"regularizer": "penalty", "lambda_reg": 1e-3},
+                                       {"teacher_pool": 4, "regularizer": "projection", "trainable_mode": "lora"}])
+def test_pooled_teachers_and_preservation_train_in_every_setting(backend, setting, overrides):
+    before = host_weights(backend)
+    result = unlearn(backend, parse_concept_set(CONCEPTS), tiny_config(setting=setting, **overrides), builtin_world=True)
+    assert_bit_identical(before, backend)
+    assert any(float(d.abs().max()) > 0 for d in result.total_delta.values())
+
+
+def test_trainer_projects_every_update_onto_the_null_space_of_c(backend, monkeypatch):
+    """With a known C of rank 64 on every K/V layer and μ = 0 (the hard projector), each request's trained
+    delta leaves the outputs of C's span unchanged (to 1e-6) while it moves those of the other directions."""
+    import duge.trainer as trainer
+
+    basis = torch.linalg.qr(torch.randn(128, 128, generator=torch.Generator().manual_seed(3), dtype=torch.float64))[0]
+    kept, free = basis[:, :64], basis[:, 64:]  # C's span, its null space
+    moment = kept @ kept.T * 2.0
+    monkeypatch.setattr(trainer, "layer_moments", lambda widths, _: {n: moment for n, w in widths.items() if w == 128})
+    config = tiny_config(regularizer="projection", projection_mu=0.0, learning_rate=5e-2)
+    result = unlearn(backend, parse_concept_set(CONCEPTS), config, builtin_world=True)
+    for request in result.requests:
+        for name, delta in request.delta.items():
+            assert float((delta.double() @ kept).abs().max()) < 1e-6, name
+        assert max(float((d.double() @ free).abs().max()) for d in request.delta.values()) > 1e-4
