@@ -49,6 +49,17 @@ def server_environment() -> dict[str, str]:
             "MKL_NUM_THREADS": os.environ.get("MKL_NUM_THREADS", "1")}
 
 
+def comfyui_path_or_skip() -> str:
+    """COMFYUI_PATH when it names a ComfyUI checkout; otherwise skips the calling test module."""
+    import pytest
+
+    path = os.environ.get("COMFYUI_PATH")
+    if not path or not (Path(path) / "comfy").is_dir():
+        pytest.skip("needs a ComfyUI checkout: set COMFYUI_PATH to its folder (and run with -m comfyui)",
+                    allow_module_level=True)
+    return path
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
