@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 
-REQUIRED_COMFYUI = "0.3.48 (the V3 node schema, comfy_api.latest)"
+REQUIRED_COMFYUI = "0.3.60 (the V3 node schema, and the attention override hook that training on the CPU needs)"
 WEB_DIRECTORY = "./web"
 
 _PACK_DIR = os.path.dirname(os.path.abspath(__file__))
