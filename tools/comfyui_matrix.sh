@@ -15,8 +15,9 @@
 #   0.8.0                   tools/comfyui_env.sh 0.8.0 DIR/0.8.0             its pinned frontend 1.35.9
 #   0.8.0+newest-frontend   tools/comfyui_env.sh 0.8.0 DIR/0.8.0 --newest-frontend
 #                           the same ComfyUI serving the newest comfyui-frontend-package from PyPI
-#                           (COMFYUI_FRONTEND_ROOT); only the tests that load a page or talk to a
-#                           server run here, the in-process ones never touch a frontend.
+#                           (COMFYUI_FRONTEND_ROOT); only the browser tests run here: every other
+#                           test talks to the same server code and never loads the frontend, so it
+#                           would repeat the 0.8.0 entry exactly.
 # JUnit XML per entry goes to test-artifacts/comfyui-matrix-<entry>.xml. Every process runs with
 # OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 unless you set them.
 set -uo pipefail
@@ -33,8 +34,8 @@ while [ $# -gt 0 ]; do
     esac
 done
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MKL_NUM_THREADS="${MKL_NUM_THREADS:-1}"
-SERVER_TESTS=(tests/test_browser.py tests/test_comfyui_workflows.py tests/test_comfyui_server_runs.py)
-ALL_TESTS=(tests/test_comfyui.py "${SERVER_TESTS[@]}")
+FRONTEND_TESTS=(tests/test_browser.py)
+ALL_TESTS=(tests)  # every test marked comfyui (test_real_layouts.py's ComfyUI check runs in COMFYUI_PYTHON)
 
 summaries=()
 run_entry() {  # name, version, frontend root ("" = pinned), test files...
@@ -51,17 +52,18 @@ run_entry() {  # name, version, frontend root ("" = pinned), test files...
     mkdir -p "$PROJECT/test-artifacts"
     local log="$PROJECT/test-artifacts/comfyui-matrix-$name.log"
     echo "=== $name: $install${frontend:+, frontend $frontend}"
-    (cd "$PROJECT" && COMFYUI_PATH="$install/ComfyUI" COMFYUI_FRONTEND_ROOT="$frontend" \
+    (cd "$PROJECT" && COMFYUI_PATH="$install/ComfyUI" COMFYUI_PYTHON="$install/venv/bin/python" \
+        COMFYUI_FRONTEND_ROOT="$frontend" \
         "$install/venv/bin/python" -m pytest -m 'comfyui and not slow' -p no:cacheprovider \
         --junitxml "test-artifacts/comfyui-matrix-$name.xml" "$@" "${PYTEST_ARGS[@]}") 2>&1 | tee "$log"
-    summaries+=("$name: $(grep -E '^=+ .*(passed|failed|skipped|error|no tests ran).* =+$' "$log" | tail -n1 | tr -d '=')")
+    summaries+=("$name: $(grep -E '[0-9]+ (passed|failed|skipped|errors?|deselected)|no tests ran' "$log" | tail -n1 | tr -d '=')")
 }
 
 run_entry 0.3.64 0.3.64 "" "${ALL_TESTS[@]}"
 run_entry 0.8.0 0.8.0 "" "${ALL_TESTS[@]}"
 newest="$(ls -d "$ROOT"/0.8.0/frontend-newest/comfyui_frontend_package/static 2>/dev/null)"
 run_entry 0.8.0+newest-frontend 0.8.0 "${newest:-$ROOT/0.8.0/frontend-newest/comfyui_frontend_package/static}" \
-    "${SERVER_TESTS[@]}"
+    "${FRONTEND_TESTS[@]}"
 
 echo
 echo "ComfyUI test matrix:"
