@@ -61,8 +61,22 @@ def server(tmp_path_factory):
         yield running
 
 
+# Errors of the host itself, not of the pack, that a newer frontend logs against an older server:
+# frontend 1.58's queue panel asks GET /api/jobs?status=completed,failed,cancelled after every run,
+# and ComfyUI 0.8.0's server knows no "cancelled" status (JobStatus.ALL) and answers 400.
+HOST_VERSION_MISMATCH = (
+    ("/api/jobs?", "Failed to load resource: the server responded with a status of 400"),
+    ("", "[Jobs API] Error fetching jobs: JobsApiError: Failed to fetch jobs: 400"),
+)
+
+
+def _host_version_mismatch(entry: dict) -> bool:
+    return any(url in entry["url"] and entry["text"].startswith(text) for url, text in HOST_VERSION_MISMATCH)
+
+
 class Console:
-    """Every console message and uncaught page error, with where it came from."""
+    """Every console message and uncaught page error, with where it came from. `errors` leaves out
+    the host's own frontend/server version mismatches above (they stay in the saved console log)."""
 
     def __init__(self, page):
         self.entries: list[dict] = []
@@ -72,7 +86,7 @@ class Console:
             {"type": "pageerror", "text": f"{e.name}: {e.message}", "url": e.stack or ""}))
 
     def errors(self, since: int = 0) -> list[dict]:
-        return [e for e in self.entries[since:] if e["type"] in ("error", "pageerror")]
+        return [e for e in self.entries[since:] if e["type"] in ("error", "pageerror") and not _host_version_mismatch(e)]
 
     def ours(self) -> list[dict]:
         return [e for e in self.errors() if EXTENSION_URL in e["url"] or EXTENSION_URL in e["text"]
