@@ -310,7 +310,7 @@ def test_saved_lora_loads_with_the_stock_loader_and_reproduces_the_edit(nodes, d
 
 
 def test_checkpoint_is_saved_in_the_output_folder_with_the_manifest(nodes, demo, output_dir):
-    from duge.io import read_manifest
+    from duge.io import read_manifest, read_safetensors_metadata
 
     model, clip, vae = demo
     edited, _, _ = _run_unlearn(nodes, model, clip, vae, steps=1)
@@ -321,6 +321,8 @@ def test_checkpoint_is_saved_in_the_output_folder_with_the_manifest(nodes, demo,
     assert path.parent == output_dir / "checkpoints"
     manifest = read_manifest(path)
     assert manifest["base_model"] == "builtin" and manifest["requests"][0]["target"] == "circle"
+    metadata = read_safetensors_metadata(path)  # the modelspec keys beside the manifest (no architecture: demo model)
+    assert metadata["modelspec.title"] == path.stem and "'circle'" in metadata["modelspec.description"]
     tensors = comfy.utils.load_torch_file(str(path))
     assert tensors["cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"].shape[0] < 1000
     assert any(k.startswith("model.diffusion_model.") for k in tensors)
@@ -471,6 +473,12 @@ def test_sd_layouts_train_and_their_lora_loads_with_no_unmatched_key(kind, outpu
         loaded, _ = comfy.sd.load_lora_for_models(model, clip, comfy.utils.load_torch_file(str(paths[0])), 1.0, 1.0)
     assert not [r for r in caplog.records if "lora key not loaded" in r.getMessage() or "NOT LOADED" in r.getMessage()]
     assert set(loaded.patches) == set(edited.patches)
+    from duge.backends.comfy_run import base_model_of
+    from duge.io import read_safetensors_metadata
+
+    kohya = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}[kind]
+    assert read_safetensors_metadata(paths[0])["ss_base_model_version"] == kohya  # from the LoRA's own shapes
+    assert base_model_of(model).architecture == {"sd15": "stable-diffusion-v1", "sdxl": "stable-diffusion-xl-v1-base"}[kind]
 
 
 # ---------------------------------------------------------------- the server
