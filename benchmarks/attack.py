@@ -81,10 +81,10 @@ def main(argv=None) -> int:
 
     from duge.attacks import attack_concepts, erased_concepts
     from duge.backends.diffusers_backend import DiffusersBackend
-    from duge.concepts import example_concept_set_path, load_concept_set, resolve_request
+    from duge.concepts import example_concept_set_path, load_concept_set, resolve_concept_set, resolve_request
     from duge.config import AttackConfig, UnlearnConfig
     from duge.models import load_pipeline
-    from duge.run import anchor_filter, builtin_evaluator
+    from duge.world.callbacks import anchor_filter, builtin_evaluator
     from duge.trainer import unlearn
 
     if args.threads:
@@ -129,8 +129,8 @@ def main(argv=None) -> int:
             config = UnlearnConfig(method=method, seed=args.seed, **({"steps": args.steps} if args.steps else {}))
             print(f"{method}: erasing {len(concept_set.requests)} requests ...", flush=True)
             t1 = time.perf_counter()
-            edited = unlearn(base, concept_set, config, builtin_world=True,
-                             image_filter=anchor_filter(base, evaluator))
+            edited = unlearn(base, resolve_concept_set(concept_set, True, config.setting), config,
+                             concept_set.general_prompts, image_filter=anchor_filter(base, evaluator))
             result["training"][method] = {"seconds": time.perf_counter() - t1, "config": asdict(config)}
             attack(method, DiffusersBackend(base.edited_pipeline(edited.total_delta), dtype="float32"))
     result["complete"] = True

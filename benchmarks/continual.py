@@ -121,6 +121,7 @@ def run_method(method: str, backend, concept_set, evaluation, image_filter, prof
     far (`unfinished: true`, the metrics of the requests done), for checkpoints of long runs.
     """
     from duge.errors import DugeError
+    from duge.concepts import resolve_concept_set
     from duge.trainer import unlearn
 
     config = _unlearn_config(method, profile, seed)
@@ -149,7 +150,8 @@ def run_method(method: str, backend, concept_set, evaluation, image_filter, prof
     t0 = time.perf_counter()
     memory.reset()
     try:
-        result = unlearn(backend, concept_set, config, builtin_world=True, image_filter=image_filter,
+        result = unlearn(backend, resolve_concept_set(concept_set, True, config.setting), config,
+                         concept_set.general_prompts, image_filter=image_filter,
                          evaluate=evaluate, progress=progress)
     except DugeError as err:  # a diverged baseline is a result, not a crash of the benchmark
         entry["error"] = f"{type(err).__name__}: {err}"
@@ -198,7 +200,7 @@ def run_benchmark(methods=METHODS, profile: Profile = FULL, model: str = "builti
     from duge.concepts import example_concept_set_path, load_concept_set, resolve_request
     from duge.evaluation import EvaluationSettings, RunEvaluation, world_measured_concepts
     from duge.models import load_pipeline
-    from duge.run import anchor_filter, builtin_evaluator, uses_builtin_world
+    from duge.world.callbacks import anchor_filter, builtin_evaluator, uses_builtin_world
 
     concept_set = load_concept_set(example_concept_set_path("sequence10"))
     if profile.requests is not None:

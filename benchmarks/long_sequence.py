@@ -101,7 +101,8 @@ def main(argv=None) -> int:
     from duge.io import model_hash
     from benchmarks.peak_memory import PeakMemory
     from duge.models import load_pipeline
-    from duge.run import anchor_filter, builtin_evaluator
+    from duge.concepts import resolve_concept_set
+    from duge.world.callbacks import anchor_filter, builtin_evaluator
     from duge.trainer import UnlearnConfig, unlearn
 
     concept_set = sequence_concept_set()
@@ -133,7 +134,8 @@ def main(argv=None) -> int:
 
     t0 = time.time()
     memory.reset()
-    unlearn(backend, concept_set, config, builtin_world=True, image_filter=anchor_filter(backend, evaluator),
+    unlearn(backend, resolve_concept_set(concept_set, True, config.setting), config, concept_set.general_prompts,
+            image_filter=anchor_filter(backend, evaluator),
             on_request_done=request_done)
     seconds_total = time.time() - t0
     theta0_end = model_hash(pipe)

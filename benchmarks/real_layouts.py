@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from duge.backends.diffusers_backend import DiffusersBackend  # noqa: E402
-from duge.concepts import parse_concept_set  # noqa: E402
+from duge.concepts import parse_concept_set, resolve_concept_set  # noqa: E402
 from duge.edits import trainable_pattern  # noqa: E402
 from duge.io import load_lora, pipeline_config_files, pipeline_to_ldm_state_dict, save_lora, save_single_file  # noqa: E402
 from duge.layouts import LAYOUTS, random_pipeline  # noqa: E402
@@ -136,7 +136,7 @@ def run_layout(name: str, width_divisor: int, text_layers: int | None, latent: i
     plan = plan_run(pipe, config, f"{name} (random)", resolution=latent * 8, device="cpu", tflops=tflops)
     peak.reset()
     t1 = time.time()
-    result = unlearn(backend, parse_concept_set(CONCEPTS), config)
+    result = unlearn(backend, resolve_concept_set(parse_concept_set(CONCEPTS), False, config.setting), config)
     train_seconds = time.time() - t1
     measured_peak, start = peak.peak_mb(), peak.start_mb
     peak.close()

@@ -59,18 +59,19 @@ def main(argv=None) -> int:
         raise SystemExit("--set: this benchmark runs DUGE only; write FIELD=VALUE without a method")
 
     from duge.backends.diffusers_backend import DiffusersBackend
-    from duge.concepts import example_concept_set_path, load_concept_set, resolve_request
+    from duge.concepts import example_concept_set_path, load_concept_set, resolve_concept_set, resolve_request
     from duge.evaluation import retention_ratios
     from benchmarks.peak_memory import PeakMemory
     from duge.models import load_pipeline
-    from duge.run import anchor_filter, builtin_evaluator, world_evaluate
+    from duge.world.callbacks import anchor_filter, builtin_evaluator, world_evaluate
+    from duge.config import EVALUATION_SEED_OFFSET
     from duge.trainer import UnlearnConfig, unlearn
 
     concept_set = load_concept_set(args.concepts or example_concept_set_path("demo"))
     pipe = load_pipeline("builtin")
     backend = DiffusersBackend(pipe, dtype="float32")
     evaluator = builtin_evaluator()
-    evaluate = world_evaluate(backend, evaluator, seed=args.seed + 999)
+    evaluate = world_evaluate(backend, evaluator, seed=args.seed + EVALUATION_SEED_OFFSET)
     requests = [resolve_request(r, builtin_world=True) for r in concept_set.requests]
     base = {k: evaluate(backend, requests[: k + 1]) for k in range(len(requests))}
     memory = PeakMemory()
@@ -89,8 +90,8 @@ def main(argv=None) -> int:
                 _peaks.append(memory.peak_mb())
                 memory.reset()
 
-        result = unlearn(backend, concept_set, config, builtin_world=True,
-                         image_filter=anchor_filter(backend, evaluator), evaluate=evaluate, progress=track)
+        result = unlearn(backend, resolve_concept_set(concept_set, True, config.setting), config,
+                         concept_set.general_prompts, image_filter=anchor_filter(backend, evaluator), evaluate=evaluate, progress=track)
         for k, r in enumerate(result.requests):
             m = r.metrics
             per_request.append({

@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     import torch
 
     from duge.models import load_pipeline
-    from duge.run import builtin_evaluator
+    from duge.world.callbacks import builtin_evaluator
     from duge.world.model import generate
     from duge.world.quality import measure_quality
 

@@ -520,7 +520,7 @@ def attack_models(model: str, base: str, concepts_path: str, config: AttackConfi
     from .concepts import load_concept_set, resolve_request
     from .evaluation import require_classifier
     from .models import load_pipeline
-    from .run import uses_builtin_world
+    from .world.callbacks import uses_builtin_world
 
     config.validate()
     concept_set = load_concept_set(concepts_path)

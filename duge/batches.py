@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .backends.base import Backend
 from .concepts import render_prompt
 from .config import UnlearnConfig
 from .image_cache import RequestCache
@@ -50,8 +51,8 @@ def replay_requests(earlier: int, rows: int, step: int) -> list[int]:
     return [(step * rows + i) % earlier for i in range(rows)]
 
 
-def draw_batch(backend, caches: list[RequestCache], method: Method, config: UnlearnConfig, rng: np.random.Generator,
-               generator: torch.Generator, replay: int = 0, step: int = 0) -> Batch:
+def draw_batch(backend: Backend, caches: list[RequestCache], method: Method, config: UnlearnConfig,
+               rng: np.random.Generator, generator: torch.Generator, replay: int = 0, step: int = 0) -> Batch:
     """The samples of step `step`.
 
     `replay` > 0: the last cache is the current request, which fills `batch_size` samples, and

@@ -1,4 +1,8 @@
-"""The `duge` command line."""
+"""The `duge` command line.
+
+Settings come from `duge.config` (`add_config_options`). A command imports the model libraries
+(torch, diffusers, PIL) inside its function, so that `duge --help` and argument errors are instant.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +12,18 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from .config import UnlearnConfig
+from tqdm.auto import tqdm
+
+from .concepts import example_concept_set_path, load_concept_set, resolve_concept_set
+from .config import AttackConfig, UnlearnConfig
 from .errors import DugeError
+from .paths import atomic_write_text, check_writable
+from .report import write_report
+from .world.vocabulary import CONCEPTS, GENERIC_WORD
 
 
 def _cmd_world_render(args) -> int:
-    from .world.render import write_rendered_scenes
+    from .world.render import write_rendered_scenes  # deferred: PIL and numpy
 
     write_rendered_scenes(args.n, args.seed, Path(args.out), overwrite=args.overwrite)
     print(f"wrote {args.n} scenes and labels.jsonl to {args.out}")
@@ -21,8 +31,6 @@ def _cmd_world_render(args) -> int:
 
 
 def _cmd_world_concepts(args) -> int:
-    from .world.vocabulary import CONCEPTS, GENERIC_WORD
-
     if args.json:
         doc = {
             "concepts": [{"name": c.name, "kind": c.kind, "names": list(c.names)} for c in CONCEPTS],
@@ -36,7 +44,7 @@ def _cmd_world_concepts(args) -> int:
 
 
 def _cmd_world_train(args) -> int:
-    from .world.model import WEIGHTS_DIR
+    from .world.model import WEIGHTS_DIR  # deferred: torch
     from .world.train import WorldTrainConfig, train_world
 
     cfg = WorldTrainConfig(seed=args.seed, unet_steps=args.unet_steps)
@@ -50,7 +58,7 @@ def _cmd_world_train(args) -> int:
 
 
 def _cmd_sample(args) -> int:
-    from .sampling import run_sample_command
+    from .sampling import run_sample_command  # deferred: torch, diffusers
 
     return run_sample_command(args)
 
@@ -62,10 +70,7 @@ def _unlearn_config(args) -> UnlearnConfig:
 
 def _run_unlearn_job(model: str, concepts: str, out: str, config, overwrite: bool, lora_rank, resume: bool = False,
                      allow_pickle: bool = False, config_dir: str | None = None, attack=None) -> int:
-    from tqdm.auto import tqdm
-
-    from .concepts import load_concept_set
-    from .run import run_unlearn
+    from .run import run_unlearn  # deferred: torch, diffusers
 
     concept_set = load_concept_set(concepts)
     total = sum(r.steps or config.steps for r in concept_set.requests) if config.method != "uce" else 0
@@ -92,26 +97,24 @@ def _run_unlearn_job(model: str, concepts: str, out: str, config, overwrite: boo
 
 
 def torch_cuda_available() -> bool:
-    import torch
+    import torch  # deferred: only `duge plan` asks
 
     return torch.cuda.is_available()
 
 
 def _cmd_plan(args) -> int:
-    from .plan import meta_pipeline, plan_run
+    from .plan import meta_pipeline, plan_run  # deferred: torch, diffusers
 
     config = _unlearn_config(args)
     related = 1
     requests = []
     if args.concepts:
-        from .concepts import load_concept_set
-
         requests = load_concept_set(args.concepts).requests
         related = max((len(r.preserve) for r in requests), default=0)
     pipe = meta_pipeline(args.model, args.config)
     vram = args.vram
     if vram is None and (args.device or ("cuda" if torch_cuda_available() else "cpu")) == "cuda" and torch_cuda_available():
-        import torch
+        import torch  # deferred, as above
 
         vram = torch.cuda.get_device_properties(0).total_memory / 2**30
     plans = []
@@ -126,8 +129,6 @@ def _cmd_plan(args) -> int:
         print(plan.table())
         plans.append(plan.to_json())
     if args.json:
-        from .paths import atomic_write_text
-
         atomic_write_text(args.json, json.dumps(plans if len(plans) > 1 else plans[0], indent=2), overwrite=True)
     return 0
 
@@ -139,18 +140,15 @@ def _cmd_unlearn(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from .concepts import example_concept_set_path
-
     return _run_unlearn_job("builtin", str(example_concept_set_path("demo")), args.out, _unlearn_config(args),
                             args.overwrite, args.lora_rank, resume=args.resume)
 
 
 def _cmd_eval(args) -> int:
-    from .concepts import load_concept_set, resolve_request
+    # deferred: the model libraries (torch, diffusers) load only for commands that need them
     from .evaluation import unlearning_metrics
     from .models import load_pipeline
-    from .paths import atomic_write_text
-    from .run import builtin_evaluator, uses_builtin_world
+    from .world.callbacks import builtin_evaluator, uses_builtin_world
     from .world.model import generate
 
     concept_set = load_concept_set(args.concepts)
@@ -158,7 +156,7 @@ def _cmd_eval(args) -> int:
     if not uses_builtin_world(pipe):
         raise DugeError(f"'{args.model}' is not a model of the built-in world, and `duge eval` has no classifier "
                         "for it; score it with a classifier of your own (duge.evaluation.ConceptClassifier)")
-    requests = [resolve_request(r, builtin_world=True) for r in concept_set.requests]
+    requests = resolve_concept_set(concept_set, builtin_world=True)
     metrics = unlearning_metrics(lambda p, s: generate(pipe, p, s, steps=20), builtin_evaluator(), requests,
                                  seed=args.seed)
     metrics = {"model": args.model, "concept_set": concept_set.name, **metrics}
@@ -171,8 +169,6 @@ def _cmd_eval(args) -> int:
 
 def _attack_config(args, prefix: str = ""):
     """An AttackConfig from the options `_add_attack_options(p, prefix)` added: its defaults, and what was given."""
-    from .config import AttackConfig
-
     config = AttackConfig(**{f.name: getattr(args, prefix + f.name) for f in fields(AttackConfig)
                              if hasattr(args, prefix + f.name)})
     config.validate()
@@ -180,10 +176,7 @@ def _attack_config(args, prefix: str = ""):
 
 
 def _cmd_attack(args) -> int:
-    from tqdm.auto import tqdm
-
-    from .attacks import attack_models
-    from .paths import atomic_write_text, check_writable
+    from .attacks import attack_models  # deferred: torch
 
     config = _attack_config(args)
     check_writable(args.json, args.overwrite)  # refuse before minutes of work
@@ -228,7 +221,7 @@ def format_robustness(report) -> str:
 
 
 def _cmd_inspect(args) -> int:
-    from .io import read_manifest
+    from .io import read_manifest  # deferred: torch
 
     manifest = read_manifest(args.file)
     if manifest is None:
@@ -239,8 +232,6 @@ def _cmd_inspect(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    from .report import write_report
-
     print(f"wrote {write_report(args.dir)}")
     return 0
 
@@ -311,8 +302,6 @@ def _add_unlearn_options(p, default_out=None) -> None:
 def _add_attack_options(p, prefix: str = "", skip: tuple[str, ...] = ()) -> None:
     """`--<prefix><field-name>` for each AttackConfig field not in `skip`, with its help, choices and default from
     `duge.config`, as `add_config_options` does for UnlearnConfig; a setting not given keeps the default."""
-    from .config import AttackConfig
-
     defaults = AttackConfig()
     for f in fields(AttackConfig):
         if f.name in skip:

@@ -16,6 +16,7 @@ from PIL import Image
 
 from .errors import DugeError
 from .grids import labelled_grid, to_pil
+from .world.vocabulary import concept_by_name
 
 GenerateFn = Callable[[list[str], int], torch.Tensor]  # (prompts, seed) -> images [B, 3, H, W] in [0, 1]
 
@@ -60,8 +61,6 @@ def comparison_grid(comparison: Comparison, cell: int = 128) -> Image.Image:
 
 def prompt_concepts(prompt: str) -> list:
     """The built-in world's concepts named in `prompt` (world words only; others ignored)."""
-    from .world.vocabulary import concept_by_name
-
     found = []
     for word in prompt.lower().replace(",", " ").split():
         try:

@@ -135,6 +135,9 @@ class ResolvedRequest:
     preserve: list[str]
     templates: list[str]
     kind: str | None  # the target's kind on the built-in world ("object", "colour", "style"); None elsewhere
+    steps: int | None = None  # the request's own settings, None: the run's (UnlearnConfig)
+    learning_rate: float | None = None
+    seed: int | None = None
 
 
 # ---------------------------------------------------------------- reading
@@ -548,7 +551,7 @@ def resolve_request(request: ConceptRequest, builtin_world: bool, location: str 
             aliases=list(request.aliases),
             preserve=list(request.preserve),
             templates=list(request.templates if request.templates is not None else USER_MODEL_TEMPLATES),
-            kind=None,
+            kind=None, steps=request.steps, learning_rate=request.learning_rate, seed=request.seed,
         )
 
     concept = _world_concept(request.target, f"{location}.target")
@@ -572,16 +575,22 @@ def resolve_request(request: ConceptRequest, builtin_world: bool, location: str 
         aliases=list(request.aliases) if request.aliases else other_names,
         preserve=list(request.preserve),
         templates=list(request.templates if request.templates is not None else BUILTIN_WORLD_TEMPLATES[concept.kind]),
-        kind=concept.kind,
+        kind=concept.kind, steps=request.steps, learning_rate=request.learning_rate, seed=request.seed,
     )
 
 
-def resolve_concept_set(concept_set: ConceptSet, builtin_world: bool) -> list[ResolvedRequest]:
-    """`resolve_request` on every request, in order; errors name the set's source and the request index."""
-    return [
+def resolve_concept_set(concept_set: ConceptSet, builtin_world: bool, setting: str | None = None) -> list[ResolvedRequest]:
+    """`resolve_request` on every request, in order; errors name the set's source and the request index.
+
+    The one place a run's requests are resolved: with the run's `setting` ("sequential",
+    "independent", "simultaneous") the continual rule (`apply_continual_rule`) is applied too, and
+    the trainer, the manifest and the measurements all take these requests. `setting` None: the
+    requests as written."""
+    requests = [
         resolve_request(request, builtin_world, location=f"{concept_set.source}: requests[{i}]")
         for i, request in enumerate(concept_set.requests)
     ]
+    return requests if setting is None else apply_continual_rule(requests, setting)
 
 
 def apply_continual_rule(requests: list[ResolvedRequest], setting: str) -> list[ResolvedRequest]:

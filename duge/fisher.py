@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import torch
 
+from .backends.base import Backend
 from .config import UnlearnConfig
+from .edits import LayerEdits
 
 
-def estimate_fisher(backend, edits, prompts: list[str], config: UnlearnConfig, seed: int) -> dict[str, torch.Tensor]:
+def estimate_fisher(backend: Backend, edits: LayerEdits, prompts: list[str], config: UnlearnConfig,
+                    seed: int) -> dict[str, torch.Tensor]:
     """Diagonal Fisher of the trainable weights at the current model: the mean squared gradient of
     the denoising loss on images generated from `prompts`, normalised to mean 1 (so λ_reg keeps
     the scale it has with L2-SP). Returns name → F [out, in] per edited layer."""

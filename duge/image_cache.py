@@ -1,16 +1,16 @@
 """The images the frozen model generates for a request (`RequestCache`), kept on disk between runs.
 
 `build_request_cache` generates them: the anchor images (devoid of the target), the related
-concepts' images to preserve, and for esd-x the target's own images. Generating a request's anchor and related images takes `anchor_images + related_images · preserved`
-sampler runs — on a large model the most expensive part of a short request. With `image_cache_dir` set,
-the latents are stored as `<key>.safetensors` and reused by a later run with the same key.
+concepts' images to preserve, and for esd-x the target's own images. Generating them takes
+`anchor_images + related_images · preserved` sampler runs — on a large model the most expensive
+part of a short request. With `image_cache_dir` set, the latents are stored as
+`<key>.safetensors` and reused by a later run with the same key, in either host.
 
 The key is a SHA-256 of everything the images depend on: the request (target, aliases, anchor,
 preserve, templates), the image settings (counts, sampler steps, guidance, seed, method objective,
-whether an image filter ran) and a fingerprint of the reference model (every UNet parameter's name
-and shape, and a strided sample of at most 4096 values of each — the edited layers' committed
-deltas included, i.e. the model as the earlier requests left it). The fingerprint samples values
-rather than hashing every byte, which would take seconds per request on SDXL.
+whether an image filter ran) and `Backend.fingerprint()`: the reference model as it computes now
+(a strided sample of at most 4096 values of every UNet tensor, the committed deltas of earlier
+requests included) and the size of the images the backend generates.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from .backends.base import Backend
 from .concepts import ResolvedRequest, render_prompt
 from .config import RELATED_IMAGES_SEED_OFFSET, TARGET_IMAGES_SEED_OFFSET, UnlearnConfig
 from .distributed import is_main_process
@@ -32,7 +33,6 @@ from .methods import get_method
 from .paths import atomic_write
 
 logger = logging.getLogger(__name__)
-SAMPLED_VALUES = 4096
 
 
 @dataclass
@@ -48,7 +48,7 @@ class RequestCache:
     target_latents: torch.Tensor | None = None  # images of the target itself (esd-x only), one per anchor template
 
 
-def build_request_cache(backend, request: ResolvedRequest, config: UnlearnConfig, seed: int,
+def build_request_cache(backend: Backend, request: ResolvedRequest, config: UnlearnConfig, seed: int,
                         image_filter=None) -> RequestCache:
     """Generate the anchor and related images with the reference model (the caller chooses it).
 
@@ -83,39 +83,22 @@ def build_request_cache(backend, request: ResolvedRequest, config: UnlearnConfig
     return RequestCache(request, latents, template_ids, related, related_prompts, dropped, target)
 
 
-@torch.no_grad()
-def model_fingerprint(unet: torch.nn.Module) -> str:
-    """SHA-256 over each state-dict tensor's name, shape and a strided sample of its values (module doc).
-
-    With DUGE's edits installed the state dict holds W0 (`...parametrizations.weight.original`) and the
-    committed deltas (`...parametrizations.weight.0.committed`): the reference model's weights."""
-    digest = hashlib.sha256()
-    for key, value in sorted(unet.state_dict().items()):
-        flat = value.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // SAMPLED_VALUES)].float().cpu().contiguous()
-        digest.update(f"{key}\0{list(value.shape)}\0".encode())
-        digest.update(sample.numpy().tobytes())
-    return digest.hexdigest()
-
-
-def cache_key(backend, request: ResolvedRequest, config: UnlearnConfig, seed: int, filtered: bool) -> str:
+def cache_key(backend: Backend, request: ResolvedRequest, config: UnlearnConfig, seed: int, filtered: bool) -> str:
     description = {
         "request": {"target": request.target, "aliases": list(request.aliases), "anchor": request.anchor,
                     "preserve": list(request.preserve), "templates": list(request.templates)},
         "images": {"anchor": config.anchor_images, "related": config.related_images, "steps": config.sampler_steps,
                    "guidance": config.sampler_guidance, "seed": seed, "filtered": filtered,
-                   "objective": get_method(config.method).objective,
-                   "preserve_anchor": bool(getattr(config, "preserve_anchor", False)),
-                   "resolution": getattr(backend, "resolution", None)},
-        "model": model_fingerprint(backend.unet),
+                   "objective": get_method(config.method).objective},
+        "model": backend.fingerprint(),
     }
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def load_or_build_request_cache(backend, request: ResolvedRequest, config: UnlearnConfig, seed: int,
+def load_or_build_request_cache(backend: Backend, request: ResolvedRequest, config: UnlearnConfig, seed: int,
                                 image_filter=None) -> RequestCache:
     """`build_request_cache`, through the on-disk cache when `config.image_cache_dir` is set."""
-    if not getattr(config, "image_cache_dir", None) or not hasattr(backend, "unet"):
+    if not config.image_cache_dir:
         return build_request_cache(backend, request, config, seed, image_filter)
     path = Path(config.image_cache_dir).expanduser() / f"{cache_key(backend, request, config, seed, image_filter is not None)}.safetensors"
     if path.exists():

@@ -4,7 +4,7 @@ Formats (see ../shared/design/DUGE.md §5):
 
 - **diffusers folder** (`save_diffusers_folder`): `pipe.save_pretrained` output plus
   `duge_manifest.json`; every `.safetensors` inside also carries the manifest in its metadata.
-- **single file** (`save_single_file`, `load_single_file_pipeline`): one safetensors in the
+- **single file** (`save_single_file`; loaded by `duge.models.load_single_file_pipeline`): one safetensors in the
   original SD layout (`model.diffusion_model.`, `first_stage_model.`,
   `cond_stage_model.transformer.text_model.`; names from `duge.keys`) — the layout A1111 and
   ComfyUI read. Metadata: `format`, `duge_manifest` and `duge_config`, the diffusers config
@@ -35,22 +35,21 @@ import json
 import os
 import shutil
 import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Mapping
 
 import torch
 from safetensors.torch import save_file
 
 from . import __version__, keys
 from .errors import DugeError, ModelLoadError
+from .layouts import pipeline_layout
 from .model_metadata import BaseModel, base_model_of_pipeline, checkpoint_metadata, lora_metadata
 from .paths import atomic_write, check_writable, contained_path, temporary_folder
 from .safe_weights import (  # noqa: F401 - PICKLE_SUFFIXES and require_safetensors are part of this module's API
     PICKLE_SUFFIXES,
     SAFETENSORS_SUFFIX,
-    check_fits,
     is_pickle_path,
     load_tensors,
     read_header,
@@ -150,7 +149,7 @@ def manifest_metadata(manifest: Mapping | None) -> dict[str, str]:
     return metadata
 
 
-def _parse_manifest(text: str, where: Path) -> dict:
+def parse_manifest(text: str, where: Path) -> dict:
     try:
         manifest = json.loads(text)
     except json.JSONDecodeError as err:
@@ -172,9 +171,9 @@ def read_manifest(path: str | Path) -> dict | None:
         manifest_path = contained_path(path, MANIFEST_FILE)
         if not manifest_path.exists():
             return None
-        return _parse_manifest(manifest_path.read_text(encoding="utf-8"), manifest_path)
+        return parse_manifest(manifest_path.read_text(encoding="utf-8"), manifest_path)
     text = read_safetensors_metadata(path).get(MANIFEST_KEY)
-    return None if text is None else _parse_manifest(text, path)
+    return None if text is None else parse_manifest(text, path)
 
 
 # --- hashing -------------------------------------------------------------------------------------
@@ -270,8 +269,6 @@ def pipeline_to_ldm_state_dict(pipe) -> dict[str, torch.Tensor]:
     checkpoint is not part of a diffusers model and is not written); SDXL
     `conditioner.embedders.0.transformer.text_model.*` and OpenCLIP `conditioner.embedders.1.model.*`.
     """
-    from .layouts import pipeline_layout
-
     layout = pipeline_layout(pipe).name
     state = {}
     state.update(keys.unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config))
@@ -338,206 +335,6 @@ def save_single_file(
     metadata[CONFIG_KEY] = json.dumps(pipeline_config_files(pipe), ensure_ascii=False)
     metadata.update(checkpoint_metadata(path, manifest, base_model_of_pipeline(pipe)))
     return atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=metadata), overwrite=overwrite)
-
-
-def _check_config_folder(folder: Path) -> Path:
-    missing = [name for name in ("model_index.json", *CONFIG_SUBFOLDERS) if not (folder / name).exists()]
-    if missing:
-        raise ModelLoadError(
-            f"config folder '{folder}' lacks {missing}; expected a diffusers pipeline folder "
-            "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/ — weights are not needed)"
-        )
-    return folder
-
-
-@contextmanager
-def _config_folder(path: Path, metadata: Mapping[str, str], config_dir: str | Path | None,
-                   layout=None) -> Iterator[Path]:
-    """The config folder for a single file: `config_dir`, the one embedded in the file, or the base model's.
-
-    SD 2.x and SDXL files need a folder with tokenizer files: a checkpoint holds no tokenizer, and the
-    reference configs in duge/configs ship none (the CLIP vocabulary is 1.6 MB)."""
-    if config_dir is not None:
-        yield _check_config_folder(Path(config_dir).expanduser())
-        return
-    embedded = json.loads(metadata[CONFIG_KEY]) if CONFIG_KEY in metadata else {}
-    if embedded and any(name.startswith("tokenizer/") for name in embedded):
-        with tempfile.TemporaryDirectory(prefix="duge-config-") as folder:
-            for name, text in embedded.items():
-                target = contained_path(folder, name)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_text(text, encoding="utf-8")
-            yield _check_config_folder(Path(folder))
-        return
-    manifest = _parse_manifest(metadata[MANIFEST_KEY], path) if MANIFEST_KEY in metadata else {}
-    base = manifest.get("base_model")
-    if base:
-        from .models import BUILTIN
-        from .world.model import BUILTIN_MODEL_DIR
-
-        candidate = BUILTIN_MODEL_DIR if base == BUILTIN else Path(base).expanduser()
-        if (candidate / "model_index.json").exists():
-            yield _check_config_folder(candidate)
-            return
-    if layout is not None and layout.name != "sd1":
-        raise ModelLoadError(
-            f"'{path}' is a {layout.title} single-file checkpoint and names no local config folder; pass a local "
-            f"diffusers folder of a {layout.title} model (configs and tokenizer files, weights not needed) with "
-            f"--config DIR (config_dir=...); duge/configs/{layout.reference_config} has the architecture but no "
-            "tokenizer; nothing is downloaded")
-    raise ModelLoadError(
-        f"'{path}' is a single-file checkpoint without the configs needed to build its pipeline "
-        "(no config or tokenizer stored in it, no local base model named in its manifest). "
-        "Pass a local diffusers folder of the same architecture with --config DIR (config_dir=...); "
-        "nothing is downloaded"
-    )
-
-
-def _load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str, path: Path) -> None:
-    check_fits(state, module.state_dict(), path, what)
-    result = module.load_state_dict(state, strict=False, assign=True)
-    problems = []
-    if result.missing_keys:
-        problems.append(f"missing {len(result.missing_keys)} keys, e.g. {result.missing_keys[:5]}")
-    if result.unexpected_keys:
-        problems.append(f"{len(result.unexpected_keys)} unexpected keys, e.g. {result.unexpected_keys[:5]}")
-    if problems:
-        raise ModelLoadError(f"'{path}': the {what} weights do not fit its config: " + "; ".join(problems))
-
-
-def _load_scheduler(folder: Path):
-    """The scheduler named in the folder's model_index.json, from its scheduler config."""
-    import diffusers
-
-    index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
-    _, class_name = index.get("scheduler") or (None, None)
-    cls = getattr(diffusers, str(class_name), None)
-    if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
-        raise ModelLoadError(
-            f"'{folder / 'model_index.json'}' names scheduler {class_name!r}; expected a diffusers scheduler class"
-        )
-    return cls.from_config(cls.load_config(folder / "scheduler"))
-
-
-def load_single_file_pipeline(
-    path: str | Path, torch_dtype: torch.dtype | None = None, config_dir: str | Path | None = None,
-    allow_pickle: bool = False,
-):
-    """A `StableDiffusionPipeline` from a single-file SD checkpoint (safetensors), offline.
-
-    The pipeline's architecture, tokenizer and scheduler come from `config_dir` (a local diffusers
-    folder), else from the config folder embedded by `save_single_file`, else from the base model
-    named in the file's manifest if it is 'builtin' or a local folder; otherwise ModelLoadError.
-    Weights are converted with `duge.keys` and loaded strictly: every parameter must come from the
-    file, and every tensor of the file must find a place (known extras such as EMA copies and noise
-    schedule buffers are skipped). Tensors are read by `duge.safe_weights.load_tensors` (checked
-    header, no NaN/inf); a pickled `.ckpt` is refused unless `allow_pickle` (then it is read with
-    `torch.load(weights_only=True)` and needs `config_dir`).
-
-    diffusers' own `StableDiffusionPipeline.from_single_file(path, config=folder)` also loads these
-    files (tests/test_io.py), but it drops unexpected tensors silently and fails with "Cannot copy
-    out of meta tensor" when one is missing; this loader names the keys instead.
-    """
-    from accelerate import init_empty_weights
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    path = Path(path)
-    if not (allow_pickle and is_pickle_path(path)):
-        require_safetensors(path)
-    dtype = torch_dtype or torch.float32
-    metadata = {} if is_pickle_path(path) else read_safetensors_metadata(path)
-    pickled = load_tensors(path, allow_pickle=True) if is_pickle_path(path) else None  # only with allow_pickle
-    layout = single_file_layout_of(path, pickled)
-    if layout.name != "sd1" and pickled is not None:
-        raise ModelLoadError(f"'{path}': a pickled {layout.name} checkpoint is not loaded even with allow_pickle "
-                             "(diffusers would unpickle it itself); convert it to safetensors first")
-    if layout.name != "sd1":
-        with _config_folder(path, metadata, config_dir, layout) as folder:
-            return _load_with_diffusers_single_file(path, layout, dtype, folder)
-    with _config_folder(path, metadata, config_dir) as folder:
-        with init_empty_weights():  # parameters on the meta device; buffers real
-            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
-            vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
-            text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))
-        checkpoint = pickled if pickled is not None else load_tensors(path)
-        parts = keys.split_ldm_checkpoint(checkpoint)
-        if any(k.startswith(keys.LDM_OPEN_CLIP_PREFIX) for k in parts.unknown):
-            raise ModelLoadError(
-                f"'{path}' has an OpenCLIP text encoder ({keys.LDM_OPEN_CLIP_PREFIX}*: Stable Diffusion 2.x), "
-                "which this loader does not convert; convert the file to a diffusers folder first "
-                "(diffusers: StableDiffusionPipeline.from_single_file(...).save_pretrained(...))"
-            )
-        if parts.unknown:
-            raise ModelLoadError(
-                f"'{path}' holds {len(parts.unknown)} tensors outside the UNet, VAE and text encoder, "
-                f"e.g. {parts.unknown[:5]}; expected a Stable Diffusion 1.x-style single-file checkpoint"
-            )
-        te_prefixed = any(k.startswith(keys.HF_TEXT_MODEL_PREFIX) for k in text_encoder.state_dict())
-        try:
-            states = {
-                "UNet": (unet, keys.unet_from_ldm(parts.unet, unet.config)),
-                "VAE": (vae, keys.vae_from_ldm(parts.vae, vae.config)),
-                "text encoder": (text_encoder, keys.text_encoder_from_ldm(parts.text_encoder, te_prefixed)),
-            }
-        except keys.KeyLayoutError as err:
-            raise ModelLoadError(f"'{path}' does not match the config of '{folder}': {err}") from err
-        for what, (module, state) in states.items():
-            state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
-            _load_strict(module, state, what, path)
-            module.eval()
-        pipe = StableDiffusionPipeline(
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
-            unet=unet,
-            scheduler=_load_scheduler(folder),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def single_file_layout_of(path: str | Path, tensors: Mapping[str, torch.Tensor] | None = None):
-    """The `duge.layouts.Layout` of a single-file checkpoint, from its checked header (no tensor is
-    read), or from its `tensors` when they are loaded already (a pickle read with allow_pickle)."""
-    from .layouts import UNET_CONV_IN_KEY, single_file_layout
-
-    if tensors is None:
-        entries = read_header(path).tensors
-        shapes_by_name = {name: list(e.shape) for name, e in entries.items()}
-    else:
-        shapes_by_name = {name: list(t.shape) for name, t in tensors.items()}
-    names = list(shapes_by_name)
-    shapes = {UNET_CONV_IN_KEY: shapes_by_name[UNET_CONV_IN_KEY]} if UNET_CONV_IN_KEY in shapes_by_name else {}
-    return single_file_layout(names, shapes, str(path))
-
-
-def _load_with_diffusers_single_file(path: Path, layout, dtype: torch.dtype, folder: Path):
-    """An SD 2.x / SDXL pipeline from a single file by diffusers' `from_single_file` with the local
-    config folder `folder` (never the hub); ModelLoadError if any parameter was left unloaded."""
-    import diffusers
-
-    cls = getattr(diffusers, layout.pipeline_class)
-    kwargs = {"config": str(folder), "local_files_only": True, "torch_dtype": dtype}
-    if layout.name == "sdxl":
-        kwargs["add_watermarker"] = False
-    else:
-        kwargs.update(safety_checker=None, requires_safety_checker=False)
-    try:
-        pipe = cls.from_single_file(str(path), **kwargs)
-    except Exception as err:  # diffusers raises many kinds for a file that does not fit the config
-        raise ModelLoadError(f"'{path}' ({layout.title}) could not be loaded with the config folder '{folder}': {err}") from err
-    for component in ("unet", "vae", *layout.text_encoders):
-        unloaded = [name for name, p in getattr(pipe, component).named_parameters() if p.device.type == "meta"]
-        if unloaded:
-            raise ModelLoadError(f"'{path}': {len(unloaded)} {component} weights are missing from the file "
-                                 f"(e.g. {unloaded[:3]}); expected a complete {layout.title} checkpoint")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 # --- LoRA ----------------------------------------------------------------------------------------

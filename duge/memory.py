@@ -15,10 +15,11 @@ from pathlib import Path
 
 import torch
 
+from .backends.base import Backend
 from .concepts import render_prompt
 from .config import UnlearnConfig
 from .methods import Method
-from .objective import predict
+from .targets import predict
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ class RunMemory:
     """The run's memory choice: settled at the first request that trains (`micro_batch_size`), the
     backend's gradient checkpointing set accordingly, and set back when the `with` block ends."""
 
-    def __init__(self, backend, method: Method, config: UnlearnConfig):
+    def __init__(self, backend: Backend, method: Method, config: UnlearnConfig):
         self.backend, self.method, self.config = backend, method, config
         self.choice: MemoryChoice | None = None
         self._checkpointing_before: bool | None = None

@@ -2,13 +2,9 @@
 
     L = L_xattn + λ_prior · L_prior + λ_reg · L_reg,    L_xattn = L_out + β · L_attn
 
-`OBJECTIVES` says, per method objective, which cached images a step's rows come from and what the
-target prompt's prediction is steered to (its target, computed with the frozen reference model):
-
-- anchor:            ε_φ(z_t, anchor), guided away from the target by `anchor_guidance` for DUGE
-                     (ε_φ(a) − η_a·(ε_θ0(c) − ε_θ0(a))), with the anchor's attention maps;
-- negative_guidance: ESD's ε_φ(z_t, ∅) − η·(ε_φ(z_t, c) − ε_φ(z_t, ∅)) on images of the target;
-- closed_form:       no images and no steps (UCE, `duge.uce`).
+What the target prompt's prediction is steered to is the method objective's entry in
+`duge.targets.OBJECTIVES` (anchor / negative guidance / closed form), computed with the frozen
+reference model; the teacher pools of `duge.teachers` compute the same targets once per request.
 
 `step_terms` draws a batch, back-propagates each term into the trainable deltas (rows in
 micro-batches and shards through `duge.harness.accumulate`, the regulariser one layer at a time)
@@ -17,69 +13,25 @@ and returns the terms' values. The losses themselves are `duge.losses`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
-
 import numpy as np
 import torch
 
-from .attention import reduce_token_maps
+from .backends.base import Backend
 from .batches import Batch, draw_batch
 from .config import UnlearnConfig
 from .distributed import masked_shard_weight, shard_weight
+from .edits import LayerEdits
 from .harness import accumulate
 from .image_cache import RequestCache
 from .losses import cross_attention_loss, prior_preservation_loss, regularization_loss
 from .methods import Method
 from .preservation import preservation_penalty, preservation_penalty_grad
+from .targets import OBJECTIVES, predict
 from .teachers import PoolRows, TeacherPool, draw_pool_rows
 
 
-def predict(backend, zt, t, context, tokens, mask, config: UnlearnConfig, capture: bool):
-    """The UNet's output [b, C, h, w] and, when `capture`, the token-reduced attention maps of the captured layers."""
-    if not capture:
-        return backend.predict_noise(zt, t, context), []
-    with backend.capture_attention(config.attention_layers, tokens) as store:
-        return backend.predict_noise(zt, t, context), [reduce_token_maps(m, mask) for m in store.maps.values()]
-
-
-def anchor_target(backend, edits, rows: Batch, ctx_target, ctx_anchor, method: Method, config: UnlearnConfig,
-                  capture: bool):
-    """ε_φ(z_t, anchor) and the anchor's maps; for a guided method also − η_a·(ε_θ0(target) − ε_θ0(anchor))."""
-    with torch.no_grad(), edits.reference():
-        target, maps = predict(backend, rows.zt, rows.t, ctx_anchor, rows.tok_anchor, rows.mask_anchor, config, capture)
-    if method.guided_anchor and config.anchor_guidance > 0:
-        # away from the target as well as towards the anchor (the anchor's images still hold the
-        # target now and then: an empty anchor draws every colour, red too). The direction is
-        # the unedited model's, so a replayed row keeps the target its own request had.
-        with torch.no_grad(), edits.disabled():
-            direction = backend.predict_noise(rows.zt, rows.t, ctx_target) - backend.predict_noise(rows.zt, rows.t, ctx_anchor)
-        target = target - config.anchor_guidance * direction
-    return target, maps
-
-
-def negative_guidance_target(backend, edits, rows: Batch, ctx_target, ctx_anchor, method: Method,
-                             config: UnlearnConfig, capture: bool):
-    """ESD: ε_φ(z_t, ∅) − η·(ε_φ(z_t, c) − ε_φ(z_t, ∅)), no attention maps."""
-    with torch.no_grad(), edits.reference():
-        uncond = backend.predict_noise(rows.zt, rows.t, backend.encode_prompts([""] * len(rows.target_prompts)))
-        return uncond - config.esd_eta * (backend.predict_noise(rows.zt, rows.t, ctx_target) - uncond), []
-
-
-@dataclass(frozen=True)
-class Objective:
-    images: str | None  # the cached latents a row is drawn from: "anchor", "target" (esd-x), None (no training)
-    target: Callable | None  # (backend, edits, rows, ctx_target, ctx_anchor, method, config, capture) -> (ε, maps)
-
-
-OBJECTIVES = {
-    "anchor": Objective("anchor", anchor_target),
-    "negative_guidance": Objective("target", negative_guidance_target),
-    "closed_form": Objective(None, None),
-}
-
-
-def xattn_part(backend, edits, batch: Batch, part: slice, method: Method, config: UnlearnConfig, beta: float):
+def xattn_part(backend: Backend, edits: LayerEdits, batch: Batch, part: slice, method: Method, config: UnlearnConfig,
+               beta: float):
     """L_out + β·L_attn on rows `part` of the batch, each part weighted by its share of the batch's rows."""
     rows = batch[part]
     ctx_target = backend.encode_prompts(rows.target_prompts)
@@ -100,7 +52,7 @@ def xattn_part(backend, edits, batch: Batch, part: slice, method: Method, config
                   "attention": attention_weight * float(parts["attention"].detach())}
 
 
-def prior_part(backend, edits, batch: Batch, part: slice, config: UnlearnConfig):
+def prior_part(backend: Backend, edits: LayerEdits, batch: Batch, part: slice, config: UnlearnConfig):
     """λ_prior·L_prior on related rows `part`, weighted by their share of the related rows."""
     zr, t_r = batch.related_zt[part], batch.related_t[part]
     ctx = backend.encode_prompts(batch.related_prompts[part])
@@ -115,7 +67,7 @@ def _add_grad(param: torch.Tensor, grad: torch.Tensor) -> None:
     param.grad = grad.detach().clone() if param.grad is None else param.grad + grad
 
 
-def regularization(edits, kind: str, fisher: dict | None, moments: dict, weight: float) -> float:
+def regularization(edits: LayerEdits, kind: str, fisher: dict | None, moments: dict, weight: float) -> float:
     """L_reg's value; its gradient times `weight` is added to the trainable deltas' `.grad`, one layer at a
     time, in every process (the regulariser is not sharded).
 
@@ -157,7 +109,7 @@ def _add_regularization(terms: dict, edits, method: Method, config: UnlearnConfi
     return terms.get("regularization", 0.0)
 
 
-def step_terms(backend, edits, caches: list[RequestCache], method: Method, config: UnlearnConfig,
+def step_terms(backend: Backend, edits: LayerEdits, caches: list[RequestCache], method: Method, config: UnlearnConfig,
                rng: np.random.Generator, generator: torch.Generator, fisher: dict | None, replay: int = 0,
                micro_batch_size: int = 0, step: int = 0, moments: dict | None = None) -> dict[str, float]:
     """One step's loss over a batch drawn from `caches`, its teachers run now, back-propagated into the
@@ -177,7 +129,7 @@ def step_terms(backend, edits, caches: list[RequestCache], method: Method, confi
     return terms
 
 
-def pooled_part(backend, drawn: PoolRows, part: slice, config: UnlearnConfig, beta: float):
+def pooled_part(backend: Backend, drawn: PoolRows, part: slice, config: UnlearnConfig, beta: float):
     """L_out + β·L_attn + λ_prior·L_prior on rows `part` of a step's pooled rows — the anchor rows, then the
     related rows — in ONE UNet call, against the pools' frozen targets; each term weighted by the part's
     share of its rows."""
@@ -212,7 +164,8 @@ def pooled_part(backend, drawn: PoolRows, part: slice, config: UnlearnConfig, be
     return loss, values
 
 
-def pooled_step_terms(backend, edits, pools: list[TeacherPool], method: Method, config: UnlearnConfig,
+def pooled_step_terms(backend: Backend, edits: LayerEdits, pools: list[TeacherPool], method: Method,
+                      config: UnlearnConfig,
                       rng: np.random.Generator, fisher: dict | None, replay: int = 0, micro_batch_size: int = 0,
                       step: int = 0, moments: dict | None = None) -> dict[str, float]:
     """`step_terms` with the teachers computed once per request (`duge.teachers`): the step's rows come from

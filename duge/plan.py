@@ -60,7 +60,11 @@ from pathlib import Path
 
 import torch
 
+from .edits import trainable_pattern
+from .layouts import LAYOUTS, folder_layout, pipeline_layout, reference_config_dir
 from .memory import BACKWARD_PEAK, MEMORY_MARGIN, choose_memory_settings
+from .models import resolve_model_path, single_file_layout_of
+from .world.model import BUILTIN_MODEL_DIR
 
 UNET_EFFICIENCY = 0.5  # share of the matmul throughput a UNet forward/backward reaches (assumed)
 ADAM_BYTES = 16  # value, gradient, exp_avg, exp_avg_sq in float32
@@ -162,8 +166,6 @@ class ModelSizes:
 
 def model_sizes(pipe, trainable: str = "kv") -> ModelSizes:
     """Parameter counts from the pipeline's modules (real or on the meta device)."""
-    from .edits import trainable_pattern
-
     regex = re.compile(trainable_pattern(trainable))
     shapes = [tuple(m.weight.shape) for name, m in pipe.unet.named_modules()
               if isinstance(m, torch.nn.Linear) and regex.search(name)]
@@ -282,8 +284,6 @@ def plan_run(pipe, config, model_name: str = "", resolution: int | None = None, 
     settling "auto" gradient checkpointing and micro-batch size as a run would
     (`choose_memory_settings`); None: no limit (the whole batch in one pass, no checkpointing).
     """
-    from .layouts import pipeline_layout
-
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     half = device.type == "cuda" and config.dtype != "float32"
     storage = compute = 2 if half else 4
@@ -346,19 +346,12 @@ def plan_run(pipe, config, model_name: str = "", resolution: int | None = None, 
 def meta_pipeline(model: str | Path, config_dir: str | Path | None = None):
     """A pipeline with every weight on the meta device, from a diffusers folder, a reference layout name
     ('sd15', 'sd21', 'sdxl') or a single file's header: parameter counts without loading any weight."""
-    from .layouts import LAYOUTS, reference_config_dir
-    from .world.model import BUILTIN_MODEL_DIR
-
     names = {layout.reference_config: name for name, layout in LAYOUTS.items()}
     tokenizer = BUILTIN_MODEL_DIR / "tokenizer"
     if str(model) in names:
         return _meta_pipeline_from_folder(reference_config_dir(names[str(model)]), tokenizer)
-    from .models import resolve_model_path
-
     path = resolve_model_path(model)
     if path.is_file():
-        from .io import single_file_layout_of
-
         layout = single_file_layout_of(path)
         folder = Path(config_dir) if config_dir else reference_config_dir(layout)
     else:
@@ -367,11 +360,9 @@ def meta_pipeline(model: str | Path, config_dir: str | Path | None = None):
 
 
 def _meta_pipeline_from_folder(folder: Path, fallback_tokenizer: Path):
-    import diffusers
+    import diffusers  # deferred with accelerate and transformers: seconds to import, only `duge plan` needs them
     from accelerate import init_empty_weights
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    from .layouts import folder_layout
 
     layout = folder_layout(folder)
     with init_empty_weights():

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .backends.base import text_hidden_states
+from .conditioning import text_hidden_states
 from .concepts import ResolvedRequest, render_prompt
 
 # General vocabulary on a user's model (the built-in world uses its own words, `world_vocabulary`):
@@ -99,19 +99,19 @@ def preserved_prompts(requests: list[ResolvedRequest], earlier: list[ResolvedReq
     return out
 
 
-def run_preserved_prompts(requests: list[ResolvedRequest], earlier: list[ResolvedRequest], concept_set,
-                          builtin_world: bool) -> PreservedPrompts:
-    """`preserved_prompts` with a run's concepts and vocabulary: on the built-in world every world concept
-    and every caption word; on a user's model every request's preserved concepts and `GENERAL_WORDS`;
-    the concept set's general prompts either way."""
-    if builtin_world:
+def run_preserved_prompts(requests: list[ResolvedRequest], earlier: list[ResolvedRequest],
+                          all_requests: list[ResolvedRequest], general_prompts: list[str]) -> PreservedPrompts:
+    """`preserved_prompts` with a run's concepts and vocabulary: on the built-in world (requests resolved
+    there carry the target's `kind`) every world concept and every caption word; on a user's model every
+    request's preserved concepts and `GENERAL_WORDS`; the concept set's general prompts either way."""
+    if any(r.kind is not None for r in all_requests):
         from .world.vocabulary import CONCEPTS
 
         concepts, vocabulary = [c.name for c in CONCEPTS], world_vocabulary()
     else:
-        concepts = [p for r in concept_set.requests for p in r.preserve]
+        concepts = [p for r in all_requests for p in r.preserve]
         vocabulary = list(GENERAL_WORDS)
-    return preserved_prompts(requests, earlier, concepts, vocabulary, list(concept_set.general_prompts))
+    return preserved_prompts(requests, earlier, concepts, vocabulary, list(general_prompts))
 
 
 def second_moment(states: torch.Tensor) -> torch.Tensor:

@@ -172,7 +172,7 @@ def _manifest(run_dir: Path) -> dict | None:
         if folder_manifest.exists():
             return json.loads(folder_manifest.read_text(encoding="utf-8"))
         if (run_dir / "model.safetensors").exists():
-            from .io import read_manifest
+            from .io import read_manifest  # deferred: io imports torch, which writing a report does not need
 
             return read_manifest(run_dir / "model.safetensors")
     except (OSError, ValueError, DugeError):

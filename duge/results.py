@@ -28,22 +28,28 @@ class UnlearnResult:
     requests: list[RequestResult]
     total_delta: dict[str, torch.Tensor]  # θ - θ0 per layer
 
-    def manifest_requests(self, resolved: list[ResolvedRequest]) -> list[dict]:
-        """Per request: target, anchor, preserve, settings and measured metrics (for a manifest)."""
-        by_target = {r.target: r for r in resolved}
-        out = []
-        for r in self.requests:
-            spec = by_target.get(r.target)
-            out.append({
-                "target": r.target,
-                "anchor": spec.anchor if spec else None,
-                "preserve": list(spec.preserve) if spec else [],
-                "settings": {"method": self.config.method, "setting": self.config.setting, "steps": r.steps,
-                             "learning_rate": self.config.learning_rate, "trainable": self.config.trainable},
-                "metrics": {"seconds": round(r.seconds, 3),
-                            **{k: r.metrics.get(k) for k in ("UA", "IRA", "CRA") if k in r.metrics}},
-            })
-        return out
+
+def manifest_rows(result: UnlearnResult, requests: list[ResolvedRequest]) -> list[dict]:
+    """The manifest's entry per trained request — target, anchor, preserve (as the trainer used them:
+    `requests` are the run's resolved requests), settings and measured metrics — for the CLI and ComfyUI alike.
+    A simultaneous run's one result names every target and has no single anchor."""
+    by_target = {r.target: r for r in requests}
+    config = result.config
+    rows = []
+    for r in result.requests:
+        request = by_target.get(r.target)
+        rows.append({
+            "target": r.target,
+            "anchor": request.anchor if request else None,
+            "preserve": list(request.preserve) if request else [],
+            "settings": {"method": config.method, "setting": config.setting, "steps": r.steps,
+                         "learning_rate": config.learning_rate, "beta": config.beta,
+                         "lambda_prior": config.lambda_prior, "lambda_reg": config.lambda_reg,
+                         "trainable": config.trainable, "seed": config.seed},
+            "metrics": {"seconds": round(r.seconds, 3), **{k: r.metrics[k] for k in ("UA", "IRA", "CRA") if k in r.metrics}},
+        })
+    return rows
+
 
 
 @dataclass

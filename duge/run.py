@@ -14,57 +14,29 @@ from pathlib import Path
 
 import torch
 
-from .backends.diffusers_backend import storage_dtype
-from .concepts import ConceptSet, load_concept_set, render_prompt, resolve_request
+from .backends.diffusers_backend import DiffusersBackend, storage_dtype
+from .concepts import ResolvedRequest, load_concept_set, render_prompt, resolve_concept_set
+from .config import EVALUATION_SEED_OFFSET
 from .distributed import launched_distributed
 from .distributed import start as start_distributed
 from .errors import DugeError, OutputExistsError
+from .evaluation import retention_ratios
 from .grids import labelled_grid, to_pil
+from .io import make_manifest, model_hash, save_diffusers_folder, save_lora, save_single_file
+from .model_metadata import base_model_of_pipeline
+from .models import load_pipeline
 from .paths import temporary_folder
+from .progress import PROGRESS_FOLDER, ProgressCheckpoint, progress_folder, require_progress, run_inputs
+from .report import write_report
+from .results import manifest_rows
+from .trainer import unlearn
+from .world.callbacks import anchor_filter, builtin_evaluator, uses_builtin_world, world_evaluate
 
 
-def uses_builtin_world(pipe) -> bool:
-    """True when the model speaks the built-in world's vocabulary (the built-in model or an edit of it)."""
-    from .world.tokenizer import world_words
-
-    vocab = pipe.tokenizer.get_vocab()
-    return all(f"{w}</w>" in vocab for w in world_words()) and len(vocab) < 1000
-
-
-def builtin_evaluator():
-    from .world.evaluator import load_evaluator
-    from .world.model import EVALUATOR_PATH
-
-    return load_evaluator(EVALUATOR_PATH)
-
-
-def anchor_filter(backend, evaluator):
-    """Keep anchor images in which the evaluator does not see the request's target."""
-    from .world.vocabulary import concept_by_name
-
-    def keep(latents, request):
-        concept = concept_by_name(request.target)
-        predicted = evaluator.predict(backend.decode(latents))[concept.kind]
-        return torch.tensor([p != concept.name for p in predicted])
-
-    return keep
-
-
-def world_evaluate(backend, evaluator, seed: int, steps: int = 20):
-    from .evaluation import unlearning_metrics
-
-    def evaluate(_backend, requests_so_far):
-        return unlearning_metrics(lambda prompts, s: backend.generate(prompts, s, steps, 7.5), evaluator,
-                                  requests_so_far, seed=seed)
-
-    return evaluate
-
-
-def comparison_prompts(concept_set: ConceptSet, builtin_world: bool) -> list[str]:
+def comparison_prompts(requests: list[ResolvedRequest]) -> list[str]:
     """For before/after grids: each target's first template, and each preserved concept's."""
     prompts = []
-    for spec in concept_set.requests:
-        r = resolve_request(spec, builtin_world=builtin_world)
+    for r in requests:
         prompts.append(render_prompt(r.templates[0], r.target))
         prompts += [render_prompt(r.templates[0], p) for p in r.preserve[:2]]
     return list(dict.fromkeys(prompts))
@@ -87,8 +59,6 @@ def prepare_output_folder(out: Path, overwrite: bool, resume: bool = False) -> P
     `out/progress/` (the checkpoints of an interrupted run, `duge.progress`) is what `resume`
     continues from; anything else in `out` still needs `overwrite`.
     """
-    from .progress import PROGRESS_FOLDER
-
     out = Path(out)
     entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     if out.exists() and not out.is_dir():
@@ -135,13 +105,6 @@ def run_unlearn(model: str, concepts_path: str, out: str | Path, config, overwri
     Under `accelerate launch` with several processes (`duge.distributed`) every process trains on
     its share of each batch and only the main process measures and writes; the others return {}.
     """
-    from .backends.diffusers_backend import DiffusersBackend
-    from .io import make_manifest, model_hash, save_diffusers_folder, save_lora, save_single_file
-    from .model_metadata import base_model_of_pipeline
-    from .models import load_pipeline
-    from .progress import ProgressCheckpoint, progress_folder, require_progress, run_inputs
-    from .trainer import unlearn
-
     out = Path(out)
     concept_set = load_concept_set(concepts_path)
     device = state = None
@@ -167,8 +130,9 @@ def run_unlearn(model: str, concepts_path: str, out: str | Path, config, overwri
                             "for its concepts")
         backend = DiffusersBackend(pipe, device=device, dtype=config.dtype,
                                    gradient_checkpointing=config.gradient_checkpointing)
+        requests = resolve_concept_set(concept_set, builtin_world, config.setting)
         evaluator = builtin_evaluator() if builtin_world else None
-        evaluate = world_evaluate(backend, evaluator, config.seed + 999) if evaluator else None
+        evaluate = world_evaluate(backend, evaluator, config.seed + EVALUATION_SEED_OFFSET) if evaluator else None
         base_hash = model_hash(pipe)
         report: dict = {"model": str(model), "concept_set": concept_set.name, "method": config.method,
                         "setting": config.setting, "config": asdict(config), "requests": [],
@@ -187,10 +151,9 @@ def run_unlearn(model: str, concepts_path: str, out: str | Path, config, overwri
             checkpoint.clear()
         if evaluate and "before" not in report:
             log("measuring the unedited model ...")
-            resolved = [resolve_request(r, builtin_world=True) for r in concept_set.requests]
-            report["before"] = evaluate(backend, resolved)
+            report["before"] = evaluate(backend, requests)
         peak_before = _peak_memory_mb()
-        result = unlearn(backend, concept_set, config, builtin_world=builtin_world,
+        result = unlearn(backend, requests, config, concept_set.general_prompts,
                          image_filter=anchor_filter(backend, evaluator) if evaluator else None,
                          evaluate=evaluate, progress=progress, cancel=cancel, resume=resumed,
                          on_request_done=lambda k, r, cache: checkpoint.save(k, r, cache, {"before": report.get("before")}))
@@ -205,15 +168,12 @@ def run_unlearn(model: str, concepts_path: str, out: str | Path, config, overwri
             last = result.requests[-1].metrics
             report["final"] = {k: last.get(k) for k in ("UA", "IRA", "CRA")}
             if "before" in report:
-                from .evaluation import retention_ratios
-
                 report["final"].update(retention_ratios(last, report["before"]))
         report["seconds_total"] = round(time.time() - t_start, 2)
         report["peak_memory_mb"] = max(peak_before, _peak_memory_mb())
 
         edited = backend.edited_pipeline(result.total_delta)
-        resolved = [resolve_request(r, builtin_world=builtin_world) for r in concept_set.requests]
-        manifest = make_manifest(config.method, result.manifest_requests(resolved),
+        manifest = make_manifest(config.method, manifest_rows(result, requests),
                                  base_model_hash=base_hash, base_model=str(model),
                                  extra={"config": asdict(config), "concept_set": concept_set.name})
         log("saving model/, model.safetensors and loras/ ...")
@@ -225,18 +185,16 @@ def run_unlearn(model: str, concepts_path: str, out: str | Path, config, overwri
             save_lora(r.delta, tmp / "loras" / f"{k:02d}_{name}.safetensors", request_manifest, rank=lora_rank,
                       base_model=base_model_of_pipeline(edited))
         log("drawing before/after grids ...")
-        prompts = comparison_prompts(concept_set, builtin_world)
+        prompts = comparison_prompts(requests)
         after_backend = DiffusersBackend(edited, device=backend.device, dtype=config.dtype)
         grid = before_after_grid(lambda p, s: backend.generate(p, s, 25, 7.5),
                                  lambda p, s: after_backend.generate(p, s, 25, 7.5), prompts, 4, config.seed)
         grid.save(tmp / "before_after.png")
         if attack is not None:
             log("attacking the erased concepts (prompt search, concept inversion) ...")
-            report["robustness"] = robustness_section(after_backend, backend, evaluator, resolved, attack,
+            report["robustness"] = robustness_section(after_backend, backend, evaluator, requests, attack,
                                                       tmp / ROBUSTNESS_FOLDER, progress=progress)
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
-        from .report import write_report
-
         write_report(tmp)  # report.html: the grids, the table and the chart in one self-contained page
         publish_output_folder(tmp, out)
     except BaseException:
@@ -291,16 +249,12 @@ def _attack_progress(progress):
 def _train_without_outputs(model, concept_set, config, device, allow_pickle, config_dir, progress, cancel) -> None:
     """A non-main process of a data-parallel run: the same model, cached images and batches as the main
     process (`duge.distributed`), its share of every step, nothing measured or written."""
-    from .backends.diffusers_backend import DiffusersBackend
-    from .models import load_pipeline
-    from .trainer import unlearn
-
     pipe = load_pipeline(model, torch_dtype=storage_dtype(config.dtype), config_dir=config_dir, allow_pickle=allow_pickle)
     builtin_world = uses_builtin_world(pipe)
     backend = DiffusersBackend(pipe, device=device, dtype=config.dtype, gradient_checkpointing=config.gradient_checkpointing)
     evaluator = builtin_evaluator() if builtin_world else None  # the anchor filter must drop the same images
-    unlearn(backend, concept_set, config, builtin_world=builtin_world,
-            image_filter=anchor_filter(backend, evaluator) if evaluator else None, progress=progress, cancel=cancel)
+    unlearn(backend, resolve_concept_set(concept_set, builtin_world, config.setting), config,
+            concept_set.general_prompts, image_filter=anchor_filter(backend, evaluator) if evaluator else None, progress=progress, cancel=cancel)
 
 
 def _peak_memory_mb() -> float:

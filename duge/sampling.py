@@ -9,6 +9,7 @@ from .errors import DugeError
 from .grids import labelled_grid, to_pil
 from .models import load_pipeline
 from .paths import atomic_write, atomic_write_bytes, check_writable
+from .world.model import DEFAULT_GUIDANCE, DEFAULT_STEPS, generate
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -26,8 +27,6 @@ def read_prompts(path: str | Path) -> list[str]:
 
 def sample_prompts(pipe, prompts: list[str], n: int, seed: int, steps: int, guidance: float, progress=None):
     """[[image tensor [3, H, W]] * n for each prompt]; prompt p's image s uses seed `seed + s` (same seed, same images)."""
-    from .world.model import generate
-
     rows = []
     for prompt in prompts:
         images = generate(pipe, [prompt] * n, seed, steps=steps, guidance=guidance)
@@ -39,8 +38,6 @@ def sample_prompts(pipe, prompts: list[str], n: int, seed: int, steps: int, guid
 
 def run_sample_command(args) -> int:
     from tqdm.auto import tqdm
-
-    from .world.model import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
     if args.n < 1:

@@ -4,7 +4,7 @@ When request k starts, a pool of training rows is drawn from its cached images �
 z_t at timesteps t, with their target prompts — and the frozen models' outputs on them are
 computed once, in no-grad passes:
 
-- the output term's target (`duge.objective.OBJECTIVES`: ε_φ(z_t, anchor), for DUGE guided away
+- the output term's target (`duge.targets.OBJECTIVES`: ε_φ(z_t, anchor), for DUGE guided away
   from the target along θ0's target-minus-anchor direction) and the anchor's attention maps, with
   φ the model as request k−1 left it;
 - the prior term's target on the related rows: θ0's prediction for a prompt that names no erased
@@ -30,6 +30,7 @@ from .config import UnlearnConfig
 from .harness import micro_batches
 from .image_cache import RequestCache
 from .methods import Method
+from .targets import OBJECTIVES
 
 
 @dataclass
@@ -58,8 +59,6 @@ def build_teacher_pool(backend, edits, cache: RequestCache, method: Method, conf
 
     `erased`: every name of every concept erased so far, the current request's included (lower case).
     """
-    from .objective import OBJECTIVES, predict  # the objective module imports this one's pool type
-
     rows = draw_batch(backend, [cache], method, dataclasses.replace(config, batch_size=size), rng, generator)
     capture = method.attention_term and config.beta > 0
     targets, maps = [], []

@@ -27,10 +27,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .concepts import ConceptSet, apply_continual_rule, render_prompt, resolve_request
+from .backends.base import Backend
+from .concepts import ResolvedRequest, render_prompt
 from .config import FISHER_SEED_OFFSET, TEACHER_POOL_SEED_OFFSET, UnlearnConfig, request_seed
 from .distributed import check_batch, shard_rows
-from .edits import trainable_pattern
+from .edits import LayerEdits, trainable_pattern
 from .errors import DugeError
 from .fisher import estimate_fisher
 from .harness import RequestRollback, TrainingDiverged, UnlearnCancelled, check_cancel, interrupt_as_cancel
@@ -40,8 +41,8 @@ from .methods import Method, get_method
 from .objective import pooled_step_terms, step_terms
 from .preservation import layer_moments, null_space_projector, preservation_second_moment, project_update, \
     run_preserved_prompts
-from .teachers import TeacherPool, build_teacher_pool, merge_pools
 from .results import ProgressFn, RequestDoneFn, RequestResult, ResumeState, UnlearnResult
+from .teachers import TeacherPool, build_teacher_pool, merge_pools
 from .uce import uce_delta
 
 __all__ = ["unlearn", "train_request", "UnlearnConfig", "UnlearnCancelled", "TrainingDiverged"]
@@ -51,8 +52,8 @@ __all__ = ["unlearn", "train_request", "UnlearnConfig", "UnlearnCancelled", "Tra
 class Run:
     """What every request of a run shares."""
 
-    backend: object
-    edits: object
+    backend: Backend
+    edits: LayerEdits
     method: Method
     config: UnlearnConfig
     fisher: dict | None  # name → diagonal Fisher [out, in] (regularizer "fisher"), else None
@@ -118,7 +119,7 @@ def request_pool(run: Run, cache: RequestCache, seed: int, erased: set[str], mic
                               micro_batch_size)
 
 
-def _projected_parameters(edits, moments: dict, config: UnlearnConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _projected_parameters(edits: LayerEdits, moments: dict, config: UnlearnConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(trainable tensor whose rows live in a layer's input space, that layer's null-space projector) for the
     projection regulariser: a full delta ΔW [out, in], or a LoRA's `down` [rank, in] (projected once here,
     so that ΔW = up·down starts and stays in the soft null space)."""
@@ -135,23 +136,27 @@ def _projected_parameters(edits, moments: dict, config: UnlearnConfig) -> list[t
     return out
 
 
-def preservation_moments(backend, edits, requests, earlier, concept_set: ConceptSet, builtin_world: bool,
-                         kind: str) -> dict:
+def preservation_moments(backend: Backend, edits: LayerEdits, requests: list[ResolvedRequest],
+                         earlier: list[ResolvedRequest], all_requests: list[ResolvedRequest],
+                         general_prompts: list[str], kind: str) -> dict:
     """Layer name → C for the penalty and projection regularisers (`duge.preservation`); {} for the others."""
     if kind not in ("penalty", "projection"):
         return {}
-    prompts = run_preserved_prompts(requests, earlier, concept_set, builtin_world)
+    prompts = run_preserved_prompts(requests, earlier, all_requests, general_prompts)
     moment = preservation_second_moment(backend.encode_prompts, prompts)
     return layer_moments({name: d.committed.shape[1] for name, d in edits.deltas.items()}, moment)
 
 
-def unlearn(backend, concept_set: ConceptSet, config: UnlearnConfig, builtin_world: bool = False,
+def unlearn(backend: Backend, requests: list[ResolvedRequest], config: UnlearnConfig, general_prompts: list[str] = (),
             image_filter=None, evaluate=None, progress: ProgressFn | None = None,
             cancel: Callable[[], bool] | None = None, start_deltas: dict[str, torch.Tensor] | None = None,
             start_index: int = 0, resume: ResumeState | None = None,
             on_request_done: RequestDoneFn | None = None) -> UnlearnResult:
-    """Erase the concept set's requests from the backend's model, in order.
+    """Erase `requests` from the backend's model, in order.
 
+    `requests` are resolved once by the caller (`duge.concepts.resolve_concept_set` with the run's
+    setting, which applies the continual rule); `general_prompts` are the concept set's, for the
+    Fisher estimate and the preserved inputs (default: each request's first anchor prompt).
     `evaluate(backend, requests_so_far) -> dict` is called after each request with the edits
     enabled (the current model). `progress(info)` receives step-level information. Raises
     UnlearnCancelled if `cancel()` returns True or on KeyboardInterrupt; the host is unchanged.
@@ -167,9 +172,6 @@ def unlearn(backend, concept_set: ConceptSet, config: UnlearnConfig, builtin_wor
         raise DugeError("a simultaneous run is one optimisation over every request and cannot be resumed; "
                         "start it again")
     method = get_method(config.method)
-    requests = apply_continual_rule([resolve_request(r, builtin_world=builtin_world) for r in concept_set.requests],
-                                    config.setting)
-    specs = concept_set.requests
     results: list[RequestResult] = list(resume.results) if resume is not None else []
     torch.manual_seed(config.seed)
     with interrupt_as_cancel(), RunMemory(backend, method, config) as memory, \
@@ -177,7 +179,7 @@ def unlearn(backend, concept_set: ConceptSet, config: UnlearnConfig, builtin_wor
         fisher = None
         kind = method.regularizer_kind(config.regularizer)
         if kind == "fisher":
-            prompts = list(concept_set.general_prompts) or [render_prompt(r.templates[0], r.anchor) for r in requests]
+            prompts = list(general_prompts) or [render_prompt(r.templates[0], r.anchor) for r in requests]
             fisher = estimate_fisher(backend, edits, prompts[: config.fisher_samples], config,
                                      config.seed + FISHER_SEED_OFFSET)
         if start_deltas:
@@ -195,8 +197,8 @@ def unlearn(backend, concept_set: ConceptSet, config: UnlearnConfig, builtin_wor
             with edits.reference():
                 caches = [load_or_build_request_cache(backend, r, config, request_seed(config, k), image_filter)
                           for k, r in enumerate(requests)]
-            steps = sum(spec.steps or config.steps for spec in specs)
-            moments = preservation_moments(backend, edits, requests, [], concept_set, builtin_world, kind)
+            steps = sum(r.steps or config.steps for r in requests)
+            moments = preservation_moments(backend, edits, requests, [], requests, general_prompts, kind)
             erased = {n.lower() for r in requests for n in (r.target, *r.aliases)}
             delta, losses = train_request(run, caches, steps, config.learning_rate, config.seed, "all requests",
                                           moments=moments, pools=[] if pooled else None, erased=erased)
@@ -206,31 +208,31 @@ def unlearn(backend, concept_set: ConceptSet, config: UnlearnConfig, builtin_wor
         else:
             caches: list[RequestCache] = list(resume.caches) if resume is not None else []
             pools: list[TeacherPool] | None = [] if pooled else None
-            for k, (request, spec) in enumerate(zip(requests, specs)):
+            for k, request in enumerate(requests):
                 if k < start_index:
                     continue
                 check_cancel(cancel)
                 t0 = time.time()
                 if config.setting == "independent":
                     edits.reset()
-                seed = request_seed(config, k, spec.seed)
+                seed = request_seed(config, k, request.seed)
                 with edits.reference():
                     cache = load_or_build_request_cache(backend, request, config, seed, image_filter)
                 sequential = config.setting == "sequential"
                 replayed = caches if sequential and config.replay_batch_size > 0 else []
                 earlier = requests[:k] if sequential else []
                 if pooled and len(pools) < k and sequential:  # resumed: the earlier requests' pools, as they were
-                    pools = rebuild_pools(run, requests, specs, caches, [r.delta for r in results])
-                moments = preservation_moments(backend, edits, [request], earlier, concept_set, builtin_world, kind)
+                    pools = rebuild_pools(run, requests, caches, [r.delta for r in results])
+                moments = preservation_moments(backend, edits, [request], earlier, requests, general_prompts, kind)
                 erased = {n.lower() for r in [*earlier, request] for n in (r.target, *r.aliases)}
-                delta, losses = train_request(run, replayed + [cache], spec.steps or config.steps,
-                                              spec.learning_rate or config.learning_rate, seed, request.target,
+                delta, losses = train_request(run, replayed + [cache], request.steps or config.steps,
+                                              request.learning_rate or config.learning_rate, seed, request.target,
                                               replay=bool(replayed), moments=moments,
                                               pools=(pools if sequential else []) if pooled else None, erased=erased)
                 caches.append(cache)
                 metrics = evaluate(backend, requests[: k + 1]) if evaluate else {}
                 metrics["dropped_anchor_images"] = cache.dropped_anchor_images
-                results.append(RequestResult(request.target, delta, time.time() - t0, spec.steps or config.steps,
+                results.append(RequestResult(request.target, delta, time.time() - t0, request.steps or config.steps,
                                              losses, metrics))
                 if on_request_done is not None:
                     on_request_done(k, results[-1], cache)
@@ -240,7 +242,8 @@ def unlearn(backend, concept_set: ConceptSet, config: UnlearnConfig, builtin_wor
     return UnlearnResult(config, results, total)
 
 
-def rebuild_pools(run: Run, requests, specs, caches: list[RequestCache], deltas: list[dict]) -> list[TeacherPool]:
+def rebuild_pools(run: Run, requests: list[ResolvedRequest], caches: list[RequestCache],
+                  deltas: list[dict]) -> list[TeacherPool]:
     """The teacher pools of the requests a resumed sequential run had finished, as they were built: request j's
     from the model θ0 + Σ_{i<j} ΔW_i, with its own seed. The committed deltas are restored afterwards."""
     edits, config = run.edits, run.config
@@ -250,7 +253,7 @@ def rebuild_pools(run: Run, requests, specs, caches: list[RequestCache], deltas:
         for j, cache in enumerate(caches):
             edits.load_committed({name: sum((d[name] for d in deltas[:j]), torch.zeros_like(final[name]))
                                   for name in final})
-            seed = request_seed(config, j, specs[j].seed)
+            seed = request_seed(config, j, requests[j].seed)
             erased = {n.lower() for r in requests[: j + 1] for n in (r.target, *r.aliases)}
             pools.append(request_pool(run, cache, seed, erased, run.memory.micro_batch_size([], cache, config.batch_size)))
     finally:

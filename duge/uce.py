@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from .backends.base import text_hidden_states
+from .conditioning import text_hidden_states
 from .concepts import ResolvedRequest, render_prompt
 
 DEFAULT_LAMBDA = 0.5

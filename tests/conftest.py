@@ -16,6 +16,6 @@ def builtin_pipe():
 
 @pytest.fixture(scope="session")
 def evaluator():
-    from duge.run import builtin_evaluator
+    from duge.world.callbacks import builtin_evaluator
 
     return builtin_evaluator()

@@ -21,7 +21,7 @@ from duge.attacks import (DenoisingObjective, PassCounter, attack_concept, attac
                           place_attack_tokens, search_prompt, target_latents)
 from duge.backends.diffusers_backend import DiffusersBackend
 from duge.cli import main
-from duge.concepts import load_concept_set
+from duge.concepts import load_concept_set, resolve_concept_set
 from duge.errors import DugeError, ModelLoadError
 from duge.evaluation import find_concept, world_measured_concepts
 from duge.trainer import UnlearnConfig, unlearn
@@ -43,7 +43,7 @@ def striped_erased(base, tmp_path_factory):
     """The built-in model with "striped" erased by UCE's closed form."""
     path = tmp_path_factory.mktemp("uce") / "striped.yaml"
     path.write_text("name: striped\nrequests:\n  - target: striped\n")
-    result = unlearn(base, load_concept_set(path), UnlearnConfig(method="uce"), builtin_world=True)
+    result = unlearn(base, resolve_concept_set(load_concept_set(path), True, "sequential"), UnlearnConfig(method="uce"))
     return DiffusersBackend(base.edited_pipeline(result.total_delta), dtype="float32")
 
 

@@ -208,7 +208,7 @@ def test_edited_models_samples_no_longer_show_the_erased_concept_per_the_evaluat
     """DUGE Unlearn on the demo model, then the stock CLIPTextEncode → KSampler → VAEDecode on the
     same seeds before and after (seeds the training never used): the evaluator stops reading the
     erased circle and still reads the kept square."""
-    from duge.run import builtin_evaluator
+    from duge.world.callbacks import builtin_evaluator
 
     model, clip, vae = demo
     evaluator = builtin_evaluator()
@@ -447,7 +447,7 @@ def _layout_model(kind: str):
 def test_sd_layouts_train_and_their_lora_loads_with_no_unmatched_key(kind, output_dir, caplog):
     from duge.backends.comfy_backend import ComfyBackend, training_mode
     from duge.backends.comfy_run import UnlearningLora, save_lora_files
-    from duge.concepts import parse_concept_set
+    from duge.concepts import parse_concept_set, resolve_concept_set
     from duge.trainer import UnlearnConfig, unlearn
 
     from duge.io import model_hash
@@ -460,7 +460,7 @@ def test_sd_layouts_train_and_their_lora_loads_with_no_unmatched_key(kind, outpu
         backend = ComfyBackend(model, clip, latent_size=(8, 8))
         assert len(backend.cross_attention_layers()) == (16 if kind == "sd15" else 70)
         with training_mode():
-            result = unlearn(backend, concept_set, config)
+            result = unlearn(backend, resolve_concept_set(concept_set, False, config.setting), config)
         edited = backend.edited_model(result.total_delta)
     assert model_hash(model.model.state_dict()) == before
     assert not [n for n, m in model.model.named_modules() if getattr(m, "weight_function", None)]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from duge import io, keys
+from duge import io, keys, models
 from duge.errors import DugeError, ModelLoadError, OutputExistsError
 
 # The real SD 1.5 UNet config (runwayml/stable-diffusion-v1-5, unet/config.json), written inline.
@@ -229,7 +229,7 @@ def test_single_file_round_trip_maps_every_key_and_samples_the_same(tiny_pipe, t
     assert io.read_manifest(path) == manifest
     assert io.model_hash(checkpoint) == io.model_hash(tiny_pipe)
 
-    loaded = io.load_single_file_pipeline(path)  # configs come from the file's own metadata
+    loaded = models.load_single_file_pipeline(path)  # configs come from the file's own metadata
     for name in ("unet", "vae", "text_encoder"):
         assert_same_state(getattr(tiny_pipe, name).state_dict(), getattr(loaded, name).state_dict())
     before = generate(tiny_pipe, ["a red star"], seed=3, steps=2)
@@ -250,7 +250,7 @@ def test_single_file_loads_with_diffusers_from_single_file(tiny_pipe, tmp_path):
     )
     for name in ("unet", "vae", "text_encoder"):
         assert_same_state(getattr(tiny_pipe, name).state_dict(), getattr(loaded, name).state_dict())
-    ours = io.load_single_file_pipeline(path, config_dir=config)
+    ours = models.load_single_file_pipeline(path, config_dir=config)
     assert_same_state(tiny_pipe.unet.state_dict(), ours.unet.state_dict())
 
 
@@ -258,7 +258,7 @@ def test_single_file_without_configs_asks_for_a_config_folder(tiny_pipe, tmp_pat
     path = tmp_path / "foreign.safetensors"
     save_file({k: v.contiguous() for k, v in io.pipeline_to_ldm_state_dict(tiny_pipe).items()}, str(path))
     with pytest.raises(ModelLoadError, match="--config"):
-        io.load_single_file_pipeline(path)
+        models.load_single_file_pipeline(path)
 
 
 def test_single_file_finds_configs_in_the_local_base_model_named_by_its_manifest(tiny_pipe, tmp_path):
@@ -267,7 +267,7 @@ def test_single_file_finds_configs_in_the_local_base_model_named_by_its_manifest
     manifest = io.make_manifest("duge", [{"target": "star"}], None, base_model=base)
     state = {k: v.contiguous() for k, v in io.pipeline_to_ldm_state_dict(tiny_pipe).items()}
     save_file(state, str(path), metadata=io.manifest_metadata(manifest))  # no duge_config
-    loaded = io.load_single_file_pipeline(path)
+    loaded = models.load_single_file_pipeline(path)
     assert_same_state(tiny_pipe.unet.state_dict(), loaded.unet.state_dict())
 
 
@@ -280,7 +280,7 @@ def test_single_file_with_a_missing_tensor_names_it(tiny_pipe, tmp_path):
     broken = tmp_path / "broken.safetensors"
     save_file(checkpoint, str(broken), metadata=io.read_safetensors_metadata(path))
     with pytest.raises(ModelLoadError) as error:
-        io.load_single_file_pipeline(broken)
+        models.load_single_file_pipeline(broken)
     assert "transformer_blocks.0.attn2.to_k.weight" in str(error.value) and "bogus" in str(error.value)
 
 
@@ -467,7 +467,7 @@ def test_interrupted_writes_leave_the_previous_output(tiny_pipe, tmp_path, monke
 def test_pickled_files_are_refused(tmp_path, suffix):
     path = tmp_path / f"model{suffix}"
     path.write_bytes(b"not read")
-    for read in (io.load_lora, io.read_manifest, io.load_single_file_pipeline):
+    for read in (io.load_lora, io.read_manifest, models.load_single_file_pipeline):
         with pytest.raises(ModelLoadError, match="safetensors"):
             read(path)
     with pytest.raises(DugeError, match=".safetensors"):
@@ -491,13 +491,13 @@ def test_files_of_other_architectures_are_refused_naming_the_layout(tiny_pipe, t
     refiner["conditioner.embedders.0.model.text_projection"] = torch.zeros(4, 4)
     save_file(refiner, str(tmp_path / "refiner.safetensors"))
     with pytest.raises(UnsupportedLayoutError, match="SDXL refiner"):
-        io.load_single_file_pipeline(tmp_path / "refiner.safetensors")
+        models.load_single_file_pipeline(tmp_path / "refiner.safetensors")
     sd3 = {"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": torch.zeros(4, 4)}
     save_file(sd3, str(tmp_path / "sd3.safetensors"))
     with pytest.raises(UnsupportedLayoutError, match="Stable Diffusion 3"):
-        io.load_single_file_pipeline(tmp_path / "sd3.safetensors")
+        models.load_single_file_pipeline(tmp_path / "sd3.safetensors")
     inpainting = dict(checkpoint)
     inpainting["model.diffusion_model.input_blocks.0.0.weight"] = torch.zeros(32, 9, 3, 3)
     save_file(inpainting, str(tmp_path / "inpainting.safetensors"))
     with pytest.raises(UnsupportedLayoutError, match="9 input channels"):
-        io.load_single_file_pipeline(tmp_path / "inpainting.safetensors")
+        models.load_single_file_pipeline(tmp_path / "inpainting.safetensors")

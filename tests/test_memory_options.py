@@ -12,11 +12,15 @@ import torch
 
 from duge.backends import diffusers_backend
 from duge.backends.diffusers_backend import DiffusersBackend, choose_attention_implementation, choose_dtype
-from duge.concepts import parse_concept_set, resolve_request
+from duge.concepts import parse_concept_set, resolve_concept_set, resolve_request
 from duge.image_cache import cache_key
 from duge.trainer import UnlearnConfig, unlearn
 
 SET = "name: t\nrequests:\n  - target: circle\n    preserve: [square]\n"
+
+
+def _requests():
+    return resolve_concept_set(parse_concept_set(SET), builtin_world=True, setting="sequential")
 
 
 class _RecordingUnet:
@@ -76,7 +80,7 @@ def test_storage_dtype_is_float32_without_cuda(monkeypatch):
 def _gradients(backend, checkpointing: bool) -> dict[str, torch.Tensor]:
     """Gradients of the cross-attention loss (output + attention term) w.r.t. every K/V delta."""
     from duge.losses import cross_attention_loss
-    from duge.objective import predict
+    from duge.targets import predict
 
     backend.unet.disable_gradient_checkpointing()
     if checkpointing:
@@ -120,11 +124,11 @@ def test_cached_images_are_written_once_and_reused(builtin_pipe, tmp_path, caplo
     backend = DiffusersBackend(builtin_pipe, device="cpu")
     config = UnlearnConfig(steps=1, batch_size=1, anchor_images=1, related_images=1, sampler_steps=1,
                            image_cache_dir=str(tmp_path / "cache"))
-    first = unlearn(backend, parse_concept_set(SET), config, builtin_world=True)
+    first = unlearn(backend, _requests(), config)
     files = sorted((tmp_path / "cache").glob("*.safetensors"))
     assert len(files) == 1 and "cached images written" in caplog.text
     caplog.clear()
-    second = unlearn(backend, parse_concept_set(SET), config, builtin_world=True)
+    second = unlearn(backend, _requests(), config)
     assert "cached images read" in caplog.text
     assert sorted((tmp_path / "cache").glob("*.safetensors")) == files
     for name, delta in first.total_delta.items():
@@ -145,17 +149,16 @@ def test_auto_memory_settles_on_micro_batches_or_checkpointing_from_the_budget(b
     caplog.set_level(logging.INFO, logger="duge")
     backend = DiffusersBackend(builtin_pipe, device="cpu")
     base = dict(steps=3, batch_size=4, anchor_images=2, related_images=1, sampler_steps=2)
-    whole = unlearn(backend, parse_concept_set(SET), UnlearnConfig(**base, memory_budget_gib=64.0), builtin_world=True)
+    whole = unlearn(backend, _requests(), UnlearnConfig(**base, memory_budget_gib=64.0))
     assert "the whole batch in one pass" in caplog.text
     caplog.clear()
     per_row_gib = 2e7 / 2**30  # the built-in UNet keeps about 3.5 MB per row at 16x16 latents: a few rows fit
-    micro = unlearn(backend, parse_concept_set(SET), UnlearnConfig(**base, memory_budget_gib=per_row_gib),
-                    builtin_world=True)
+    micro = unlearn(backend, _requests(), UnlearnConfig(**base, memory_budget_gib=per_row_gib))
     assert "gradient checkpointing off, micro-batches of" in caplog.text
     for name, delta in whole.total_delta.items():
         torch.testing.assert_close(micro.total_delta[name], delta, rtol=1e-3, atol=1e-3 * float(delta.abs().max()))
     caplog.clear()
-    unlearn(backend, parse_concept_set(SET), UnlearnConfig(**base, memory_budget_gib=1e-6), builtin_world=True)
+    unlearn(backend, _requests(), UnlearnConfig(**base, memory_budget_gib=1e-6))
     assert "gradient checkpointing on, micro-batches of 1 rows" in caplog.text
     assert not backend.gradient_checkpointing and not backend.unet.is_gradient_checkpointing
 

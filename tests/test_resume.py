@@ -15,7 +15,7 @@ from duge.progress import ProgressCheckpoint, ResumeError, run_inputs
 from duge.trainer import TrainingDiverged, UnlearnCancelled, unlearn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # helper modules beside the tests
-from trainer_helpers import CONCEPTS, assert_bit_identical, host_weights, tiny_config  # noqa: E402
+from trainer_helpers import CONCEPTS, assert_bit_identical, host_weights, requests_of, tiny_config  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -37,19 +37,19 @@ def test_resume_after_ctrl_c_gives_exactly_the_uninterrupted_weights(backend, tm
     concept_set = parse_concept_set(CONCEPTS)
     config = tiny_config(**overrides)
     inputs = run_inputs("builtin", "test", config, concept_set)
-    full = unlearn(backend, concept_set, config, builtin_world=True)
+    full = unlearn(backend, requests_of(CONCEPTS), config)
 
     before = host_weights(backend)
     checkpoint = ProgressCheckpoint(tmp_path / "progress", inputs)
     with pytest.raises(UnlearnCancelled):
-        unlearn(backend, concept_set, config, builtin_world=True, progress=_interrupt_in("red", 2),
+        unlearn(backend, requests_of(CONCEPTS), config, progress=_interrupt_in("red", 2),
                 on_request_done=checkpoint.save)
     assert_bit_identical(before, backend)  # Ctrl-C inside a step left the host as it was
     assert checkpoint.completed == 1
 
     checkpoint, state, _ = ProgressCheckpoint.load(tmp_path / "progress", inputs)
     assert [r.target for r in state.results] == ["circle"]
-    resumed = unlearn(backend, concept_set, config, builtin_world=True, resume=state,
+    resumed = unlearn(backend, requests_of(CONCEPTS), config, resume=state,
                       on_request_done=checkpoint.save)
     assert_bit_identical(before, backend)
     assert [r.target for r in resumed.requests] == ["circle", "red"]
@@ -66,7 +66,7 @@ def test_resume_refuses_other_inputs_and_damaged_files(backend, tmp_path):
     inputs = run_inputs("builtin", "test", config, concept_set)
     checkpoint = ProgressCheckpoint(tmp_path / "progress", inputs)
     with pytest.raises(UnlearnCancelled):
-        unlearn(backend, concept_set, config, builtin_world=True, progress=_interrupt_in("red", 1),
+        unlearn(backend, requests_of(CONCEPTS), config, progress=_interrupt_in("red", 1),
                 on_request_done=checkpoint.save)
 
     other = run_inputs("builtin", "test", tiny_config(steps=4, seed=1), concept_set)
@@ -87,7 +87,7 @@ def test_resume_refuses_other_inputs_and_damaged_files(backend, tmp_path):
     with pytest.raises(ResumeError, match="nothing to resume"):
         ProgressCheckpoint.load(tmp_path / "elsewhere", inputs)
     with pytest.raises(trainer.DugeError, match="simultaneous run .* cannot be resumed"):
-        unlearn(backend, concept_set, tiny_config(setting="simultaneous"), builtin_world=True,
+        unlearn(backend, requests_of(CONCEPTS), tiny_config(setting="simultaneous"),
                 resume=trainer.ResumeState([], []))
 
 
@@ -114,7 +114,6 @@ def _recording_edits(backend, monkeypatch):
 
 
 def test_nan_loss_rolls_the_request_back_with_a_clear_error(backend, monkeypatch):
-    concept_set = parse_concept_set(CONCEPTS)
     done = []
     before = host_weights(backend)
     seen = _recording_edits(backend, monkeypatch)
@@ -126,7 +125,7 @@ def test_nan_loss_rolls_the_request_back_with_a_clear_error(backend, monkeypatch
 
     monkeypatch.setattr(trainer, "step_terms", nan_on_red)
     with pytest.raises(TrainingDiverged) as error:
-        unlearn(backend, concept_set, tiny_config(), builtin_world=True,
+        unlearn(backend, requests_of(CONCEPTS), tiny_config(),
                 on_request_done=lambda k, result, cache: done.append(result))
     assert str(error.value) == ("request 'red': loss became nan at step 1; the request was rolled back — "
                                 "lower the learning rate")
@@ -138,13 +137,13 @@ def test_nan_loss_rolls_the_request_back_with_a_clear_error(backend, monkeypatch
 
 @pytest.mark.parametrize("learning_rate", ["1.0e+30", "1.0e+38"])
 def test_exploding_learning_rate_is_caught_and_rolled_back(backend, monkeypatch, learning_rate):
-    concept_set = parse_concept_set(CONCEPTS.replace("  - target: red\n", f"  - target: red\n    learning_rate: {learning_rate}\n"))
+    requests = requests_of(CONCEPTS.replace("  - target: red\n", f"  - target: red\n    learning_rate: {learning_rate}\n"))
     seen = _recording_edits(backend, monkeypatch)
     done = []
     expected = (r"the optimiser step overflowed at step 1 \(learning rate 1e\+38\)" if learning_rate == "1.0e+38"
                 else "loss became (nan|inf) at step 2")  # weights of ~1e30 are finite; what they compute is not
     with pytest.raises(TrainingDiverged, match=f"request 'red': {expected}; the request was rolled back"):
-        unlearn(backend, concept_set, tiny_config(), builtin_world=True,
+        unlearn(backend, requests, tiny_config(),
                 on_request_done=lambda k, result, cache: done.append(result))
     committed = seen[-1].committed()
     assert all(torch.equal(committed[n], done[0].delta[n]) for n in committed)

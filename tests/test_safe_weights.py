@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from duge import io
+from duge import io, models
 from duge.cli import main
 from duge.errors import ModelLoadError
 from duge.models import load_pipeline
@@ -122,7 +122,7 @@ def test_single_file_with_a_wrong_shape_names_the_tensor(single_file, tmp_path):
 
     with pytest.raises(ModelLoadError, match=r"changed.safetensors': tensor '.*attn2.to_k.weight' of the UNet has "
                                              r"shape \[3, 3\]; the model expects \[64, 128\]"):
-        io.load_single_file_pipeline(_rewritten(single_file, tmp_path, change))
+        models.load_single_file_pipeline(_rewritten(single_file, tmp_path, change))
 
 
 def test_single_file_with_an_integer_weight_names_the_dtype(single_file, tmp_path):
@@ -130,7 +130,7 @@ def test_single_file_with_an_integer_weight_names_the_dtype(single_file, tmp_pat
         checkpoint[KEY] = torch.zeros(checkpoint[KEY].shape, dtype=torch.int32)
 
     with pytest.raises(ModelLoadError, match=r"tensor '.*attn2.to_k.weight' of the UNet is int32; the model expects float32"):
-        io.load_single_file_pipeline(_rewritten(single_file, tmp_path, change))
+        models.load_single_file_pipeline(_rewritten(single_file, tmp_path, change))
 
 
 def test_single_file_with_nan_or_cut_short_is_refused(single_file, tmp_path):
@@ -138,7 +138,7 @@ def test_single_file_with_nan_or_cut_short_is_refused(single_file, tmp_path):
         checkpoint[KEY][0, 0] = float("nan")
 
     with pytest.raises(ModelLoadError, match=f"tensor '{KEY}' holds 1 NaN/inf"):
-        io.load_single_file_pipeline(_rewritten(single_file, tmp_path, change))
+        models.load_single_file_pipeline(_rewritten(single_file, tmp_path, change))
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(single_file.read_bytes()[: single_file.stat().st_size // 2])
     with pytest.raises(ModelLoadError, match="a truncated file"):
@@ -223,7 +223,7 @@ class RunsCode:
 def test_pickles_are_refused_with_how_to_convert(tmp_path, suffix):
     path = tmp_path / f"model{suffix}"
     torch.save({"state_dict": {"w": torch.ones(2)}}, path)
-    for read in (load_tensors, io.load_lora, io.load_single_file_pipeline, load_pipeline):
+    for read in (load_tensors, io.load_lora, models.load_single_file_pipeline, load_pipeline):
         with pytest.raises(ModelLoadError) as error:
             read(path)
         message = str(error.value)
@@ -254,8 +254,8 @@ def test_allow_pickle_loads_a_checkpoint_like_its_safetensors_twin(single_file, 
 
     checkpoint = tmp_path / "model.ckpt"
     torch.save({"state_dict": load_file(str(single_file)), "global_step": 1}, checkpoint)
-    pipe = io.load_single_file_pipeline(checkpoint, allow_pickle=True, config_dir=BUILTIN_MODEL_DIR)
-    twin = io.load_single_file_pipeline(single_file)
+    pipe = models.load_single_file_pipeline(checkpoint, allow_pickle=True, config_dir=BUILTIN_MODEL_DIR)
+    twin = models.load_single_file_pipeline(single_file)
     a, b = pipe.unet.state_dict(), twin.unet.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 

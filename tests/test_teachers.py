@@ -22,7 +22,7 @@ from duge.teachers import build_teacher_pool, names_erased
 from duge.trainer import unlearn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from trainer_helpers import CONCEPTS, tiny_config  # noqa: E402
+from trainer_helpers import CONCEPTS, requests_of, tiny_config  # noqa: E402
 from trainer_helpers import assert_bit_identical, host_weights  # noqa: E402
 
 
@@ -121,7 +121,7 @@ def test_related_prompts_naming_an_erased_concept_are_recognised():
                                        {"teacher_pool": 4, "regularizer": "projection", "trainable_mode": "lora"}])
 def test_pooled_teachers_and_preservation_train_in_every_setting(backend, setting, overrides):
     before = host_weights(backend)
-    result = unlearn(backend, parse_concept_set(CONCEPTS), tiny_config(setting=setting, **overrides), builtin_world=True)
+    result = unlearn(backend, requests_of(CONCEPTS, setting), tiny_config(setting=setting, **overrides))
     assert_bit_identical(before, backend)
     assert any(float(d.abs().max()) > 0 for d in result.total_delta.values())
 
@@ -136,7 +136,7 @@ def test_trainer_projects_every_update_onto_the_null_space_of_c(backend, monkeyp
     moment = kept @ kept.T * 2.0
     monkeypatch.setattr(trainer, "layer_moments", lambda widths, _: {n: moment for n, w in widths.items() if w == 128})
     config = tiny_config(regularizer="projection", projection_mu=0.0, learning_rate=5e-2)
-    result = unlearn(backend, parse_concept_set(CONCEPTS), config, builtin_world=True)
+    result = unlearn(backend, requests_of(CONCEPTS), config)
     for request in result.requests:
         for name, delta in request.delta.items():
             assert float((delta.double() @ kept).abs().max()) < 1e-6, name

@@ -8,11 +8,10 @@ import pytest
 import torch
 
 from duge.backends.diffusers_backend import DiffusersBackend
-from duge.concepts import parse_concept_set
 from duge.trainer import UnlearnCancelled, unlearn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # helper modules beside the tests
-from trainer_helpers import CONCEPTS, tiny_config  # noqa: E402
+from trainer_helpers import CONCEPTS, requests_of, tiny_config  # noqa: E402
 from trainer_helpers import assert_bit_identical as _assert_bit_identical  # noqa: E402
 from trainer_helpers import host_weights as _weights  # noqa: E402
 
@@ -25,7 +24,7 @@ def backend(builtin_pipe):
 @pytest.mark.parametrize("setting", ["sequential", "independent", "simultaneous"])
 def test_host_model_unchanged_after_a_run(backend, setting):
     before = _weights(backend)
-    result = unlearn(backend, parse_concept_set(CONCEPTS), tiny_config(setting=setting), builtin_world=True)
+    result = unlearn(backend, requests_of(CONCEPTS, setting), tiny_config(setting=setting))
     _assert_bit_identical(before, backend)
     assert any(float(d.abs().max()) > 0 for d in result.total_delta.values())
     expected = 1 if setting == "simultaneous" else 2
@@ -41,7 +40,7 @@ def test_host_model_unchanged_after_cancel_and_interrupt(backend):
         return calls["n"] > 4  # cancel inside the second request
 
     with pytest.raises(UnlearnCancelled):
-        unlearn(backend, parse_concept_set(CONCEPTS), tiny_config(), builtin_world=True, cancel=cancel)
+        unlearn(backend, requests_of(CONCEPTS), tiny_config(), cancel=cancel)
     _assert_bit_identical(before, backend)
 
     def interrupt(info):
@@ -49,30 +48,29 @@ def test_host_model_unchanged_after_cancel_and_interrupt(backend):
             raise KeyboardInterrupt
 
     with pytest.raises(UnlearnCancelled):
-        unlearn(backend, parse_concept_set(CONCEPTS), tiny_config(), builtin_world=True, progress=interrupt)
+        unlearn(backend, requests_of(CONCEPTS), tiny_config(), progress=interrupt)
     _assert_bit_identical(before, backend)
 
 
 def test_same_seed_same_weights(backend):
-    a = unlearn(backend, parse_concept_set(CONCEPTS), tiny_config(seed=3), builtin_world=True)
-    b = unlearn(backend, parse_concept_set(CONCEPTS), tiny_config(seed=3), builtin_world=True)
-    c = unlearn(backend, parse_concept_set(CONCEPTS), tiny_config(seed=4), builtin_world=True)
+    a = unlearn(backend, requests_of(CONCEPTS), tiny_config(seed=3))
+    b = unlearn(backend, requests_of(CONCEPTS), tiny_config(seed=3))
+    c = unlearn(backend, requests_of(CONCEPTS), tiny_config(seed=4))
     assert all(torch.equal(a.total_delta[k], b.total_delta[k]) for k in a.total_delta)
     assert any(not torch.equal(a.total_delta[k], c.total_delta[k]) for k in a.total_delta)
 
 
 def test_sequential_total_is_the_sum_of_request_deltas_and_lora_mode_trains(backend):
-    result = unlearn(backend, parse_concept_set(CONCEPTS), tiny_config(), builtin_world=True)
+    result = unlearn(backend, requests_of(CONCEPTS), tiny_config())
     for name, total in result.total_delta.items():
         assert torch.allclose(total, sum(r.delta[name] for r in result.requests), atol=1e-6)
-    lora = unlearn(backend, parse_concept_set(CONCEPTS), tiny_config(trainable_mode="lora", trainable_rank=2),
-                   builtin_world=True)
+    lora = unlearn(backend, requests_of(CONCEPTS), tiny_config(trainable_mode="lora", trainable_rank=2))
     delta = next(iter(lora.requests[0].delta.values()))
     assert 0 < torch.linalg.matrix_rank(delta) <= 2
 
 
 def test_only_the_chosen_projections_are_edited(backend):
-    result = unlearn(backend, parse_concept_set(CONCEPTS), tiny_config(), builtin_world=True)
+    result = unlearn(backend, requests_of(CONCEPTS), tiny_config())
     assert result.total_delta and all(name.endswith(("attn2.to_k", "attn2.to_v")) for name in result.total_delta)
 
 
@@ -80,7 +78,7 @@ def test_invalid_settings_are_refused(backend):
     from duge.errors import DugeError
 
     with pytest.raises(DugeError, match="setting"):
-        unlearn(backend, parse_concept_set(CONCEPTS), tiny_config(setting="parallel"), builtin_world=True)
+        unlearn(backend, requests_of(CONCEPTS), tiny_config(setting="parallel"))
 
 
 def test_unlearn_command_end_to_end(tmp_path, monkeypatch):
@@ -140,7 +138,7 @@ def test_sequential_batches_add_replayed_erasures_and_skip_attention_for_an_empt
         return real_loss(pred, ref, maps_target, maps_anchor, beta)
 
     monkeypatch.setattr(objective, "cross_attention_loss", spy)
-    unlearn(backend, parse_concept_set(CONCEPTS), tiny_config(replay_batch_size=3), builtin_world=True)
+    unlearn(backend, requests_of(CONCEPTS), tiny_config(replay_batch_size=3))
     first, second = seen[:3], seen[3:]
     assert all(rows == (2, 2) for rows in first)  # circle alone: every sample has its anchor "shape"
     assert all(rows == (5, 3) for rows in second)  # 2 red + 3 replayed circle; red's anchor has no tokens

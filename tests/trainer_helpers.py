@@ -2,6 +2,7 @@
 
 import torch
 
+from duge.concepts import ResolvedRequest, parse_concept_set, resolve_concept_set
 from duge.config import UnlearnConfig
 
 # Two requests on the built-in world: an object, then a colour.
@@ -21,6 +22,11 @@ def tiny_config(**overrides) -> UnlearnConfig:
     for key, value in overrides.items():
         setattr(config, key, value)
     return config
+
+
+def requests_of(text: str, setting: str = "sequential") -> list[ResolvedRequest]:
+    """A concept set's requests on the built-in world, resolved for `setting` as a run resolves them."""
+    return resolve_concept_set(parse_concept_set(text), builtin_world=True, setting=setting)
 
 
 def host_weights(backend) -> dict[str, torch.Tensor]:

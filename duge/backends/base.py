@@ -1,55 +1,60 @@
-"""The interface every backend gives the trainer (design doc §4).
+"""The interface every backend gives the trainer (design doc §4): `Backend`.
 
 The losses and the continual loop see only tensors and these calls. A backend owns the host
 model's UNet and text encoder, never changes the host's weights for good, and exposes the
 cross-attention K/V projections as named linear layers that the trainer edits through
-`delta` parametrisations (see `duge.edits`).
+`delta` parametrisations (see `duge.edits`). Two implement it: `DiffusersBackend` and
+`ComfyBackend`.
 """
 
 from __future__ import annotations
 
+import hashlib
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
-from typing import Protocol
+from typing import Mapping, Protocol
 
 import torch
 
+from ..conditioning import TextConditioning
+from ..edits import LayerEdits
 
-@dataclass
-class TextConditioning:
-    """Text conditioning of a model with a pooled text input (SDXL): what `encode_prompts` returns there.
-
-    hidden: [B, tokens, dim] (the UNet's cross-attention context); pooled: [B, pooled_dim] (the second
-    text encoder's projected end-of-text embedding). Indexing and slicing select prompts, as on a
-    tensor of hidden states, so the trainer can treat both kinds alike.
-    """
-
-    hidden: torch.Tensor
-    pooled: torch.Tensor
-
-    def __len__(self) -> int:
-        return self.hidden.shape[0]
-
-    def __getitem__(self, index) -> "TextConditioning":
-        return TextConditioning(self.hidden[index], self.pooled[index])
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.hidden.shape
-
-    def to(self, *args, **kwargs) -> "TextConditioning":
-        return TextConditioning(self.hidden.to(*args, **kwargs), self.pooled.to(*args, **kwargs))
+SAMPLED_VALUES = 4096  # values per tensor a fingerprint samples
 
 
-def text_hidden_states(conditioning: torch.Tensor | TextConditioning) -> torch.Tensor:
-    """The cross-attention context [B, tokens, dim] of either kind of conditioning."""
-    return conditioning.hidden if isinstance(conditioning, TextConditioning) else conditioning
+@torch.no_grad()
+def module_fingerprint(module: torch.nn.Module, extra: Mapping[str, torch.Tensor] | None = None) -> str:
+    """SHA-256 over each state-dict tensor's name, shape and a strided sample of at most `SAMPLED_VALUES`
+    of its values (and of `extra`'s tensors): what the module computes, cheaply — hashing every byte
+    would take seconds on SDXL. With DUGE's edits installed as parametrisations the state dict holds
+    W0 and the committed deltas, i.e. the reference model."""
+    digest = hashlib.sha256()
+    tensors = dict(module.state_dict())
+    tensors.update({f"extra/{k}": v for k, v in (extra or {}).items()})
+    for key, value in sorted(tensors.items()):
+        flat = value.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // SAMPLED_VALUES)].float().cpu().contiguous()
+        digest.update(f"{key}\0{list(value.shape)}\0".encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()
 
 
 class Backend(Protocol):
+    """Everything the trainer, the image cache and the evaluation call on a host model."""
+
     device: torch.device
     prediction_type: str  # "epsilon" | "v_prediction"
     num_train_timesteps: int
+
+    def edits(self, pattern: str, mode: str = "full", rank: int = 4) -> AbstractContextManager[LayerEdits]:
+        """Install `DeltaWeight` edits on the linear layers matching `pattern` (`duge.edits`) for the
+        `with` block; removed on exit, leaving the host's weights bit-identical."""
+
+    def fingerprint(self) -> str:
+        """A hash of the model as it computes now (weights, patches and committed deltas) and of the size of
+        the images it generates, for the on-disk image cache (`duge.image_cache`)."""
+
+    def generate(self, prompts: list[str], seed: int, steps: int, guidance: float) -> torch.Tensor:
+        """Images [B, 3, H, W] in [0, 1] (sample_latents, then decode)."""
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor | TextConditioning:
         """Text conditioning [B, tokens, dim] from the frozen text encoder (no grad); a

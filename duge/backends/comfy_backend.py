@@ -49,6 +49,7 @@ import comfy.utils
 from ..attention import CrossAttentionStore, selected_token_probabilities, token_indices_for
 from ..edits import DeltaWeight, LayerEdits
 from ..errors import DugeError
+from .base import module_fingerprint
 from .diffusers_backend import choose_dtype
 
 logger = logging.getLogger(__name__)
@@ -213,6 +214,7 @@ class ComfyBackend:
         self._prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._adm_channels = int(getattr(self.patcher.model, "adm_channels", 0) or 0)
         self._capture_options: dict | None = None  # transformer_options while capture_attention is open
+        self._edit_deltas: dict[str, DeltaWeight] = {}  # the installed edits while `edits` is open
 
     # ---------------------------------------------------------------- loading
     def _load(self) -> None:
@@ -457,8 +459,10 @@ class ComfyBackend:
                         comfy.utils.set_attr_param(training.model, key, param.detach().clone())
             originals = {name: comfy.utils.get_attr(training.model, self.layer_names[name] + ".weight")
                          for name in linears}
+            self._edit_deltas = deltas
             yield LayerEdits(deltas, originals)
         finally:
+            self._edit_deltas = {}
             self.patcher = base
             for key, param in swapped.items():
                 comfy.utils.set_attr(training.model, key, param)
@@ -470,6 +474,14 @@ class ComfyBackend:
             for param in frozen:
                 with torch.inference_mode(param.is_inference()):
                     param.requires_grad_(True)
+
+    def fingerprint(self) -> str:
+        """The diffusion model's weights as loaded (ComfyUI's patches, e.g. LoRAs, applied) and the committed
+        deltas of the installed edits (weight wrappers, not in the state dict), sampled (`module_fingerprint`),
+        and the latent size it generates."""
+        self._load()
+        committed = {name: d.committed for name, d in self._edit_deltas.items()}
+        return f"{module_fingerprint(self.patcher.model.diffusion_model, committed)}@{self.latent_size}"
 
     def edited_model(self, deltas: dict[str, torch.Tensor], strength: float = 1.0):
         """A clone of the incoming MODEL with `deltas` (diffusers names -> ΔW) as weight patches."""

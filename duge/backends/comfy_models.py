@@ -34,6 +34,7 @@ from comfy import latent_formats, supported_models_base, utils
 from .. import keys
 from ..errors import ModelLoadError
 from ..safe_weights import load_tensors
+from ..world.model import BUILTIN_MODEL_DIR
 
 CLIP_EMBEDDING_ROWS = 49408  # comfy.clip_model.CLIPEmbeddings' fixed vocabulary size
 # What a user enters in EmptyLatentImage for the built-in model's latents (it divides by 8).
@@ -111,8 +112,6 @@ def _clip_target(folder: Path, te_config: dict, max_length: int) -> supported_mo
 
 def load_demo_model(folder: str | Path | None = None):
     """(MODEL, CLIP, VAE) of the diffusers folder `folder` (default: the built-in model) in ComfyUI's classes."""
-    from ..world.model import BUILTIN_MODEL_DIR
-
     folder = Path(folder) if folder is not None else BUILTIN_MODEL_DIR
     for part in ("unet", "vae", "text_encoder", "tokenizer"):
         if not (folder / part).is_dir():

@@ -19,13 +19,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 import comfy.model_management as mm
 import comfy.sd
 import comfy.utils
 
+from ..compare import compare_models, comparison_grid, unlearn_report, world_scores
+from ..concepts import render_prompt, resolve_concept_set
+from ..config import EVALUATION_SEED_OFFSET
 from ..errors import DugeError, UnsafePathError
-from .comfy_backend import ComfyBackend, training_mode
+from ..grids import to_pil
+from ..io import MANIFEST_KEY, make_manifest, save_lora
+from ..model_metadata import BaseModel, base_model_from_context_dim, checkpoint_metadata
+from ..paths import atomic_write, contained_path
+from ..probe import heatmap_panel, panel_layout, probe_attention
+from ..results import manifest_rows
+from ..trainer import unlearn
+from ..world.callbacks import anchor_filter, builtin_evaluator, world_evaluate
+from .comfy_backend import ComfyBackend, prediction_type_of, training_mode
 from .comfy_models import is_demo_model
 
 logger = logging.getLogger(__name__)
@@ -39,7 +51,6 @@ PREVIEW_SAMPLER_STEPS = 8
 class UnlearningLora:
     """The weight changes of a run (the DUGE_LORA wire type): per request and in total, by diffusers
     module path, with the manifest the saved files carry."""
-
     requests: list[tuple[str, dict[str, torch.Tensor]]]
     total: dict[str, torch.Tensor]
     manifest: dict
@@ -68,9 +79,6 @@ def _base_model_name(model) -> str:
 
 def base_model_of(model):
     """The `duge.model_metadata.BaseModel` of a ComfyUI MODEL (SD 1.x/2.x/XL from its cross-attention width)."""
-    from ..model_metadata import BaseModel, base_model_from_context_dim
-    from .comfy_backend import prediction_type_of
-
     if is_demo_model(model):
         return BaseModel(None)
     context_dim = model.model.model_config.unet_config.get("context_dim")
@@ -80,10 +88,6 @@ def base_model_of(model):
 
 def _preview_image(backend, prompt: str, seed: int, guidance: float):
     """A small sample of `prompt` from the model as it is now, for the progress bar (PIL or None)."""
-    from PIL import Image
-
-    from ..grids import to_pil
-
     try:
         latents = backend.sample_latents([prompt], seed, PREVIEW_SAMPLER_STEPS, guidance)
         if backend.vae is not None:
@@ -111,10 +115,6 @@ def run_unlearn(model, clip, concept_set, config, vae=None, evaluate: bool = Fal
     Cancel go through `comfy.utils.ProgressBar` and `throw_exception_if_processing_interrupted`:
     a Cancel raises `InterruptProcessingException` from inside the step and nothing is returned.
     """
-    from ..compare import unlearn_report
-    from ..concepts import render_prompt, resolve_request
-    from ..trainer import unlearn
-
     builtin_world = is_demo_model(model)
     notes = []
     continued = _continuation(model)
@@ -127,14 +127,13 @@ def run_unlearn(model, clip, concept_set, config, vae=None, evaluate: bool = Fal
         notes.append("The incoming MODEL was changed after an earlier DUGE run (e.g. a LoRA was loaded on it); "
                      "this run treats it as the new starting point.")
 
-    resolved = [resolve_request(r, builtin_world=builtin_world) for r in concept_set.requests]
+    resolved = resolve_concept_set(concept_set, builtin_world, config.setting)
     backend = ComfyBackend(model, clip, vae, dtype=config.dtype)
     evaluator = None
     if builtin_world and vae is not None:
-        from ..run import builtin_evaluator
 
         evaluator = builtin_evaluator()
-    total_steps = sum(r.steps or config.steps for r in concept_set.requests)
+    total_steps = sum(r.steps or config.steps for r in resolved)
     bar = comfy.utils.ProgressBar(total_steps, node_id=node_id)
     done = {"steps": 0}
     preview_every = max(1, total_steps // 4)
@@ -156,21 +155,19 @@ def run_unlearn(model, clip, concept_set, config, vae=None, evaluate: bool = Fal
 
     kwargs = {}
     if evaluator is not None:
-        from ..run import anchor_filter, world_evaluate
 
         kwargs["image_filter"] = anchor_filter(backend, evaluator)
         if evaluate:
-            kwargs["evaluate"] = world_evaluate(backend, evaluator, config.seed + 999)
+            kwargs["evaluate"] = world_evaluate(backend, evaluator, config.seed + EVALUATION_SEED_OFFSET)
     with training_mode():
-        result = unlearn(backend, concept_set, config, builtin_world=builtin_world, progress=progress,
+        result = unlearn(backend, resolved, config, concept_set.general_prompts, progress=progress,
                          cancel=cancel, start_deltas=start_deltas, **kwargs)
         total = {name: delta.detach().float().cpu() for name, delta in result.total_delta.items()}
         edited = backend.edited_model(total)
 
-    from ..io import make_manifest
 
     requests = list(earlier_manifest.get("requests", [])) if earlier_manifest else []
-    requests += _manifest_requests(result, resolved)
+    requests += manifest_rows(result, resolved)
     manifest = make_manifest(METHOD if getattr(config, "method", "duge") == "duge" else config.method, requests,
                              base_model_hash=None, base_model=_base_model_name(model),
                              extra={"concept_set": concept_set.name, "host": "ComfyUI"})
@@ -182,27 +179,6 @@ def run_unlearn(model, clip, concept_set, config, vae=None, evaluate: bool = Fal
     return UnlearnOutput(edited, lora, report, result)
 
 
-def _manifest_requests(result, resolved) -> list[dict]:
-    """Manifest entries of this run's requests (target, anchor, preserve, settings, metrics)."""
-    by_target = {r.target: r for r in resolved}
-    config = result.config
-    entries = []
-    for r in result.requests:
-        spec = by_target.get(r.target)
-        metrics = {"seconds": round(r.seconds, 3), **{k: r.metrics[k] for k in ("UA", "IRA", "CRA") if k in r.metrics}}
-        entries.append({
-            "target": r.target,
-            "anchor": spec.anchor if spec else None,
-            "preserve": list(spec.preserve) if spec else [],
-            "settings": {"method": getattr(config, "method", "duge"), "setting": config.setting, "steps": r.steps,
-                         "learning_rate": config.learning_rate, "beta": config.beta,
-                         "lambda_prior": config.lambda_prior, "lambda_reg": config.lambda_reg,
-                         "trainable": config.trainable, "seed": config.seed},
-            "metrics": metrics,
-        })
-    return entries
-
-
 # ---------------------------------------------------------------- probe and compare
 
 
@@ -210,8 +186,6 @@ def probe(model, clip, vae, prompt: str, words: list[str], seed: int, steps: int
           model_after=None, latent_size=None):
     """(panel PIL, its `PanelLayout`): the heatmaps of `words` in `prompt`, one row per model, each
     over its own image generated from the same seed (before/after when `model_after` is given)."""
-    from ..probe import heatmap_panel, panel_layout, probe_attention
-
     if vae is None:
         raise DugeError("Attention Probe needs a VAE to show the generated image; connect the model's VAE")
     before = ComfyBackend(model, clip, vae, latent_size=latent_size)
@@ -230,8 +204,6 @@ def probe(model, clip, vae, prompt: str, words: list[str], seed: int, steps: int
 def compare(models: list[tuple[str, object]], clip, vae, prompts: list[str], seed: int, images_per_prompt: int,
             steps: int, guidance: float, latent_size=None):
     """(grid PIL, evaluator text or '') for the models on the same prompts and seeds."""
-    from ..compare import compare_models, comparison_grid, world_scores
-
     if vae is None:
         raise DugeError("Compare Outputs needs the model's VAE to decode images")
     generators = []
@@ -242,7 +214,6 @@ def compare(models: list[tuple[str, object]], clip, vae, prompts: list[str], see
         comparison = compare_models(generators, prompts, images_per_prompt, seed)
     text = ""
     if all(is_demo_model(model) for _, model in models):
-        from ..run import builtin_evaluator
 
         _, text = world_scores(comparison, builtin_evaluator())
     return comparison_grid(comparison), text
@@ -253,7 +224,7 @@ def compare(models: list[tuple[str, object]], clip, vae, prompts: list[str], see
 
 def output_file(filename_prefix: str, suffix: str = ".safetensors") -> Path:
     """A new file in ComfyUI's output folder for `filename_prefix` (sub-folders allowed, nothing outside)."""
-    import folder_paths
+    import folder_paths  # ComfyUI's own module (importable only inside ComfyUI, like comfy.* above)
 
     output_dir = folder_paths.get_output_directory()
     prefix = str(filename_prefix).strip()
@@ -264,7 +235,6 @@ def output_file(filename_prefix: str, suffix: str = ".safetensors") -> Path:
         folder, filename, counter, _, _ = folder_paths.get_save_image_path(prefix, output_dir)
     except Exception as err:
         raise UnsafePathError(f"filename_prefix '{filename_prefix}' leaves ComfyUI's output folder") from err
-    from ..paths import contained_path
 
     target = contained_path(output_dir, os.path.relpath(os.path.join(folder, f"{filename}_{counter:05}_{suffix}"), output_dir))
     return target
@@ -272,8 +242,6 @@ def output_file(filename_prefix: str, suffix: str = ".safetensors") -> Path:
 
 def save_lora_files(lora: UnlearningLora, filename_prefix: str, rank: int | None, per_request: bool) -> list[Path]:
     """Save the run's LoRA (kohya names, manifest in the metadata) into the output folder; returns the paths."""
-    from ..io import save_lora
-
     paths = []
     base_model = lora.extra.get("base_model")  # None: the family the tensors show
     if per_request:
@@ -287,13 +255,9 @@ def save_lora_files(lora: UnlearningLora, filename_prefix: str, rank: int | None
 
 def save_checkpoint_file(model, clip, vae, filename_prefix: str, manifest: dict | None = None) -> Path:
     """Save MODEL (+CLIP, VAE) as a single-file checkpoint with ComfyUI's saver, manifest in the metadata."""
-    from ..io import MANIFEST_KEY
-    from ..model_metadata import checkpoint_metadata
-
     if manifest is None:
         state = model.get_attachment(DUGE_ATTACHMENT) if hasattr(model, "get_attachment") else None
         manifest = state["manifest"] if state else None
-    from ..paths import atomic_write
 
     path = output_file(filename_prefix)
     metadata = {"format": "pt"}

@@ -21,8 +21,10 @@ import torch
 from torch.nn.utils import parametrize
 
 from ..attention import capture_cross_attention, list_cross_attention_layers, token_indices_for
+from ..conditioning import TextConditioning
 from ..edits import DeltaWeight, LayerEdits
-from .base import TextConditioning
+from ..plan import unet_activation_elements
+from .base import module_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -145,8 +147,6 @@ class DiffusersBackend:
     def gradient_checkpointing_ratio(self) -> float | None:
         """Activations per row with checkpointing over without, from `duge.plan`'s count for this UNet
         at the latent size it trains at."""
-        from ..plan import unet_activation_elements
-
         pixels = self.resolution or self.unet.config.sample_size * self.vae_scale_factor
         latent = (pixels // self.vae_scale_factor, pixels // self.vae_scale_factor)
         counts = unet_activation_elements(dict(self.unet.config), latent, self.tokenizer.model_max_length)
@@ -278,6 +278,11 @@ class DiffusersBackend:
         return self.decode(self.sample_latents(prompts, seed, steps, guidance))
 
     # ---------------------------------------------------------------- structure
+    def fingerprint(self) -> str:
+        """The UNet's state (its parametrisations hold W0 and the committed deltas), sampled (`module_fingerprint`),
+        and the size of the images it generates."""
+        return f"{module_fingerprint(self.unet)}@{self.resolution or 'default'}"
+
     def cross_attention_layers(self) -> list[str]:
         return list_cross_attention_layers(self.unet)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..safe_weights import load_tensors
 from .vocabulary import CONCEPTS_BY_KIND, KINDS
 
 
@@ -60,8 +61,6 @@ def _to_evaluator_size(images: torch.Tensor) -> torch.Tensor:
 
 def load_evaluator(path: str | Path) -> WorldEvaluator:
     """Load the evaluator from a safetensors file (checked by `duge.safe_weights`; no pickle)."""
-    from ..safe_weights import load_tensors
-
     model = WorldEvaluator()
     model.load_state_dict(load_tensors(path))
     return model.eval()

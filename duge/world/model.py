@@ -6,6 +6,9 @@ from pathlib import Path
 
 import torch
 
+from .architecture import scheduler_config
+
+BUILTIN = "builtin"  # the name that selects the built-in model (CLI --model, manifests' base_model)
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 BUILTIN_MODEL_DIR = WEIGHTS_DIR / "tiny-sd"
 EVALUATOR_PATH = WEIGHTS_DIR / "evaluator.safetensors"
@@ -16,9 +19,7 @@ DEFAULT_GUIDANCE = 7.5
 
 def assemble_pipeline(unet, text_encoder, vae, tokenizer, scheduler=None):
     """A `StableDiffusionPipeline` from the built-in model's parts (no safety checker: synthetic world)."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-    from .architecture import scheduler_config
+    from diffusers import DDIMScheduler, StableDiffusionPipeline  # deferred: diffusers takes seconds to import
 
     if scheduler is None:
         scheduler = DDIMScheduler(**scheduler_config())

@@ -1,0 +1,45 @@
+"""What a run on the built-in world adds to the trainer: its evaluator, which drops anchor images that
+still show the target (`anchor_filter`) and measures UA / IRA / CRA after each request (`world_evaluate`)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..backends.base import Backend
+from ..evaluation import unlearning_metrics
+from .evaluator import load_evaluator
+from .model import EVALUATOR_PATH
+from .tokenizer import world_words
+from .vocabulary import concept_by_name
+
+
+def uses_builtin_world(pipe) -> bool:
+    """True when the model speaks the built-in world's vocabulary (the built-in model or an edit of it)."""
+    vocab = pipe.tokenizer.get_vocab()
+    return all(f"{w}</w>" in vocab for w in world_words()) and len(vocab) < 1000
+
+
+def builtin_evaluator():
+    """The built-in world's concept classifier (`duge.world.evaluator`)."""
+    return load_evaluator(EVALUATOR_PATH)
+
+
+def anchor_filter(backend: Backend, evaluator):
+    """`image_filter` for the trainer: keep anchor images in which the evaluator does not see the request's target."""
+
+    def keep(latents, request):
+        concept = concept_by_name(request.target)
+        predicted = evaluator.predict(backend.decode(latents))[concept.kind]
+        return torch.tensor([p != concept.name for p in predicted])
+
+    return keep
+
+
+def world_evaluate(backend: Backend, evaluator, seed: int, steps: int = 20):
+    """`evaluate` for the trainer: UA / IRA / CRA of the model as it is now, on images of `seed`."""
+
+    def evaluate(_backend, requests_so_far):
+        return unlearning_metrics(lambda prompts, s: backend.generate(prompts, s, steps, 7.5), evaluator,
+                                  requests_so_far, seed=seed)
+
+    return evaluate
