@@ -259,10 +259,11 @@ def _rows_or_auto(text: str):
 CONFIG_PARSING = {
     "gradient_checkpointing": {"type": _on_off_auto, "nargs": "?", "const": True, "metavar": "auto|on|off"},
     "micro_batch_size": {"type": _rows_or_auto, "metavar": "auto|N"},
-    "memory_budget_gib": {"type": float, "metavar": "GIB"},
+    "memory_budget_gb": {"type": float, "metavar": "GIB"},
     "image_cache_dir": {"type": str, "metavar": "DIR"},
 }
-CONFIG_ALIASES = {"learning_rate": ["--lr"], "memory_budget_gib": ["--memory-budget"], "image_cache_dir": ["--cache-dir"]}
+CONFIG_ALIASES = {"learning_rate": ["--lr"], "memory_budget_gb": ["--memory-budget", "--memory-budget-gib"],
+                  "image_cache_dir": ["--cache-dir"]}
 UNLEARN_SETTINGS = tuple(f.name for f in fields(UnlearnConfig) if f.name != "attention_layers")
 PLAN_SETTINGS = ("method", "setting", "steps", "batch_size", "replay_batch_size", "lambda_prior", "anchor_guidance",
                  "trainable", "trainable_mode", "trainable_rank", "dtype", "anchor_images", "related_images",

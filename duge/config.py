@@ -45,12 +45,13 @@ class UnlearnConfig:
 
     # ---- what is trained, and how
     method: str = _setting("duge", "DUGE, or a baseline through the same trainer: Concept Ablation (ca), fine-tuning "
-                           "with L2-SP (ft-l2sp), ESD on cross-attention (esd-x), or UCE's closed form (uce)",
+                           "with L2-SP (ft-l2sp), ESD on cross-attention (esd-x), or UCE's closed form (uce; not in ComfyUI)",
                            "run", choices=tuple(METHODS))
     setting: str = _setting("sequential", "sequential: each request from the last result; independent: each from the "
                             "original model, merged at the end; simultaneous: all requests in one optimisation",
                             "run", choices=SETTINGS)
-    steps: int = _setting(150, "optimisation steps per request (a request's own `steps` overrides)", "run")
+    steps: int = _setting(150, "optimisation steps per request (a request's own steps, if the concept set gives "
+                          "them, override it)", "run")
     learning_rate: float = _setting(2e-3, "AdamW's learning rate", "run")
     batch_size: int = _setting(8, "anchor samples per step", "run")
     # Sequential setting: samples replaying the cross-attention loss of earlier requests (their cached
@@ -101,21 +102,22 @@ class UnlearnConfig:
     # ---- the images the frozen model generates for each request before training
     anchor_images: int = _setting(16, "images generated per request from the anchor prompts", "images")
     related_images: int = _setting(4, "images generated per related concept to preserve", "images")
-    sampler_steps: int = _setting(20, "sampler steps for those images", "images")
+    sampler_steps: int = _setting(20, "sampler steps for the images generated per request", "images")
     sampler_guidance: float = _setting(7.5, "classifier-free guidance for those images", "images")
     image_cache_dir: str | None = _setting(None, "keep each request's generated images in this folder and reuse them in "
                                      "later runs (None: in memory only)", "images")
 
     # ---- memory (duge.memory.choose_memory_settings): "auto" is settled at the start of the run against
-    # the device's free memory (or memory_budget_gib): micro-batches first (no extra compute), gradient
+    # the device's free memory (or memory_budget_gb): micro-batches first (no extra compute), gradient
     # checkpointing only when one row alone would not fit. The choice is logged.
     gradient_checkpointing: bool | str = _setting("auto", "recompute UNet blocks in the backward pass instead of "
                                                   "keeping their activations (auto: only when one batch row would "
                                                   "not fit)", "memory")
     micro_batch_size: int | str = _setting("auto", "batch rows per UNet pass, gradients accumulated (the same step; "
                                            "auto: as many as fit, 0: the whole batch)", "memory")
-    memory_budget_gib: float | None = _setting(None, "memory the training may add over the loaded model, in GiB "
-                                               "(None: the device's free memory when the run starts)", "memory")
+    memory_budget_gb: float | None = _setting(None, "memory the training may add over the loaded model, in GiB "
+                                              "(2^30 bytes); unset: the device's free memory when the run starts",
+                                              "memory")
 
     # ---- the baselines' own settings
     esd_eta: float = _setting(1.0, "negative-guidance strength of the esd-x baseline", "baselines")
@@ -148,13 +150,20 @@ class UnlearnConfig:
                                                 or not isinstance(self.micro_batch_size, int) or self.micro_batch_size < 0):
             raise DugeError(f"micro_batch_size must be 'auto', 0 (the whole batch) or a positive number of rows, "
                             f"got {self.micro_batch_size!r}")
-        if self.memory_budget_gib is not None and not self.memory_budget_gib > 0:
-            raise DugeError(f"memory_budget_gib must be positive or None, got {self.memory_budget_gib!r}")
+        if self.memory_budget_gb is not None and not self.memory_budget_gb > 0:
+            raise DugeError(f"memory_budget_gb must be positive or None, got {self.memory_budget_gb!r}")
         get_method(self.method)
 
 
 GROUPS = {f.name: f.metadata["group"] for f in fields(UnlearnConfig)}
+HELP = {f.name: f.metadata["help"] for f in fields(UnlearnConfig)}
 
+
+
+def node_tooltip(name: str) -> str:
+    """A field's help as a ComfyUI tooltip, one sentence (the DUGE Unlearn node's inputs use these)."""
+    text = HELP[name]
+    return text[0].upper() + text[1:] + "."
 
 
 def request_seed(config: UnlearnConfig, k: int, own_seed: int | None = None) -> int:

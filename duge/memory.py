@@ -3,7 +3,7 @@
 `RunMemory` settles gradient checkpointing and the micro-batch size once per run, at the first
 request that trains: it measures the activations one batch row keeps for the backward pass (one
 row through the UNet, counting what autograd saves) and picks with `choose_memory_settings`
-against the device's free memory (`free_memory_bytes`) or `memory_budget_gib`. `duge plan` makes
+against the device's free memory (`free_memory_bytes`) or `memory_budget_gb`. `duge plan` makes
 the same choice from planned sizes (`duge.plan`).
 """
 
@@ -146,14 +146,14 @@ class RunMemory:
 
     def _choose(self, params: list[torch.nn.Parameter], cache, rows: int) -> MemoryChoice:
         """Settle "auto" settings: the activations one row keeps (measured: one row of `cache` through the UNet
-        with gradient, attention captured as in training) against `memory_budget_gib`, or the device's free
+        with gradient, attention captured as in training) against `memory_budget_gb`, or the device's free
         memory now times `MEMORY_MARGIN`, less the gradients and AdamW moments `params` will need."""
         backend, config = self.backend, self.config
         if config.gradient_checkpointing != "auto" and config.micro_batch_size != "auto":
             return MemoryChoice(bool(config.gradient_checkpointing), int(config.micro_batch_size), "as configured")
         optimizer_bytes = 12 * sum(p.numel() for p in params)  # gradients and AdamW's two moments, float32
-        if config.memory_budget_gib is not None:
-            budget = max(0.0, config.memory_budget_gib * 2**30 - optimizer_bytes)
+        if config.memory_budget_gb is not None:
+            budget = max(0.0, config.memory_budget_gb * 2**30 - optimizer_bytes)
         else:
             free = free_memory_bytes(backend.device)
             budget = None if free is None else max(0.0, (free - optimizer_bytes) * MEMORY_MARGIN)

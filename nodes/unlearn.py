@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from duge.config import METHODS, SETTINGS, TRAINABLE, UnlearnConfig
+from duge.config import METHODS, SETTINGS, TRAINABLE, UnlearnConfig, node_tooltip
 
 from .types import CATEGORY, ConceptSetType, UnlearningLoraType
 
@@ -26,37 +26,35 @@ class DugeUnlearn(io.ComfyNode):
                 io.Model.Input("model"),
                 io.Clip.Input("clip"),
                 ConceptSetType.Input("concept_set"),
-                io.Int.Input("steps", default=DEFAULTS.steps, min=1, max=100000, tooltip="Optimisation steps per request."),
-                io.Float.Input("learning_rate", default=DEFAULTS.learning_rate, min=1e-7, max=1.0, step=1e-4, round=1e-7),
-                io.Float.Input("beta", default=DEFAULTS.beta, min=0.0, max=1e4, step=1.0,
-                               tooltip="Weight of the attention-map term (target words must look where the anchor's do)."),
+                io.Int.Input("steps", default=DEFAULTS.steps, min=1, max=100000, tooltip=node_tooltip("steps")),
+                io.Float.Input("learning_rate", default=DEFAULTS.learning_rate, min=1e-7, max=1.0, step=1e-4, round=1e-7,
+                               tooltip=node_tooltip("learning_rate")),
+                io.Float.Input("beta", default=DEFAULTS.beta, min=0.0, max=1e4, step=1.0, tooltip=node_tooltip("beta")),
                 io.Float.Input("lambda_prior", default=DEFAULTS.lambda_prior, min=0.0, max=1e4, step=0.1,
-                               tooltip="Weight of the prior-preservation loss on the related concepts."),
+                               tooltip=node_tooltip("lambda_prior")),
                 io.Float.Input("lambda_reg", default=DEFAULTS.lambda_reg, min=0.0, max=1e4, step=1e-6, round=1e-9,
-                               tooltip="Weight of the regulariser towards the original weights (against erosion); "
-                                       "it sums over every edited weight, so useful values are small."),
-                io.Float.Input("anchor_guidance", default=DEFAULTS.anchor_guidance, min=0.0, max=10.0, step=0.1, optional=True,
-                               tooltip="Also steer the target away from itself (along the original model's "
-                                       "target-minus-anchor direction), not only towards the anchor; 0: off."),
+                               tooltip=node_tooltip("lambda_reg")),
+                io.Float.Input("anchor_guidance", default=DEFAULTS.anchor_guidance, min=0.0, max=10.0, step=0.1,
+                               optional=True, tooltip=node_tooltip("anchor_guidance")),
                 io.Combo.Input("setting", options=list(SETTINGS), default=DEFAULTS.setting,
-                               tooltip="sequential: each request from the last result; independent: each from the "
-                                       "original, merged; simultaneous: all requests at once."),
-                io.Int.Input("seed", default=DEFAULTS.seed, min=0, max=2**32 - 1, control_after_generate=True),
+                               tooltip=node_tooltip("setting")),
+                io.Int.Input("seed", default=DEFAULTS.seed, min=0, max=2**32 - 1, control_after_generate=True,
+                             tooltip=node_tooltip("seed")),
                 io.Combo.Input("trainable", options=list(TRAINABLE), default=DEFAULTS.trainable,
-                               tooltip="Cross-attention projections edited: K/V, Q/K/V, or all of attn2."),
+                               tooltip=node_tooltip("trainable")),
                 io.Combo.Input("method", options=NODE_METHODS, default=DEFAULTS.method, optional=True,
-                               tooltip="DUGE, or a baseline through the same trainer (Concept Ablation, FT + L2-SP, ESD-x)."),
+                               tooltip=node_tooltip("method")),
                 io.Int.Input("anchor_images", default=DEFAULTS.anchor_images, min=1, max=1024, optional=True,
-                             tooltip="Images generated per request from the anchor prompts (before training)."),
+                             tooltip=node_tooltip("anchor_images")),
                 io.Int.Input("sampler_steps", default=DEFAULTS.sampler_steps, min=1, max=1000, optional=True,
-                             tooltip="Sampler steps for those images."),
+                             tooltip=node_tooltip("sampler_steps")),
                 io.Vae.Input("vae", optional=True,
                              tooltip="For progress previews and, on the built-in model, the evaluator's checks."),
                 io.Boolean.Input("evaluate", default=False, optional=True,
                                  tooltip="Built-in model with VAE only: measure UA/IRA/CRA after each request (slower)."),
                 io.Float.Input("memory_budget_gb", default=0.0, min=0.0, max=4096.0, step=0.5, optional=True,
-                               tooltip="Memory the training may add over the loaded model, in GiB; 0: the device's "
-                                       "free memory. The batch goes through the UNet in micro-batches that fit it."),
+                               tooltip=node_tooltip("memory_budget_gb") + " 0: unset. The batch goes through the UNet "
+                                       "in micro-batches that fit it."),
             ],
             outputs=[io.Model.Output(display_name="MODEL"), UnlearningLoraType.Output(display_name="lora"),
                      io.String.Output(display_name="report")],
@@ -73,7 +71,7 @@ class DugeUnlearn(io.ComfyNode):
         config = UnlearnConfig(method=method, setting=setting, steps=steps, learning_rate=learning_rate, beta=beta,
                                lambda_prior=lambda_prior, lambda_reg=lambda_reg, trainable=trainable, seed=seed,
                                anchor_images=anchor_images, sampler_steps=sampler_steps,
-                               memory_budget_gib=memory_budget_gb or None, anchor_guidance=anchor_guidance)
+                               memory_budget_gb=memory_budget_gb or None, anchor_guidance=anchor_guidance)
         node_id = cls.hidden.unique_id if cls.hidden is not None else None
         out = run_unlearn(model, clip, concept_set, config, vae=vae, evaluate=evaluate, node_id=node_id)
         # ui: shown on the node by web/duge.js (what the model has had erased, and how the run went)

@@ -149,16 +149,16 @@ def test_auto_memory_settles_on_micro_batches_or_checkpointing_from_the_budget(b
     caplog.set_level(logging.INFO, logger="duge")
     backend = DiffusersBackend(builtin_pipe, device="cpu")
     base = dict(steps=3, batch_size=4, anchor_images=2, related_images=1, sampler_steps=2)
-    whole = unlearn(backend, _requests(), UnlearnConfig(**base, memory_budget_gib=64.0))
+    whole = unlearn(backend, _requests(), UnlearnConfig(**base, memory_budget_gb=64.0))
     assert "the whole batch in one pass" in caplog.text
     caplog.clear()
     per_row_gib = 2e7 / 2**30  # the built-in UNet keeps about 3.5 MB per row at 16x16 latents: a few rows fit
-    micro = unlearn(backend, _requests(), UnlearnConfig(**base, memory_budget_gib=per_row_gib))
+    micro = unlearn(backend, _requests(), UnlearnConfig(**base, memory_budget_gb=per_row_gib))
     assert "gradient checkpointing off, micro-batches of" in caplog.text
     for name, delta in whole.total_delta.items():
         torch.testing.assert_close(micro.total_delta[name], delta, rtol=1e-3, atol=1e-3 * float(delta.abs().max()))
     caplog.clear()
-    unlearn(backend, _requests(), UnlearnConfig(**base, memory_budget_gib=1e-6))
+    unlearn(backend, _requests(), UnlearnConfig(**base, memory_budget_gb=1e-6))
     assert "gradient checkpointing on, micro-batches of 1 rows" in caplog.text
     assert not backend.gradient_checkpointing and not backend.unet.is_gradient_checkpointing
 
@@ -179,12 +179,12 @@ def test_command_line_memory_and_loss_weight_options_reach_the_config():
 
     parse = build_parser().parse_args
     defaults = _unlearn_config(parse(["unlearn", "--concepts", "x.yaml", "--out", "o"]))
-    assert (defaults.gradient_checkpointing, defaults.micro_batch_size, defaults.memory_budget_gib) == ("auto", "auto", None)
+    assert (defaults.gradient_checkpointing, defaults.micro_batch_size, defaults.memory_budget_gb) == ("auto", "auto", None)
     assert (defaults.beta, defaults.lambda_prior, defaults.lambda_reg) == (UnlearnConfig().beta, 1.0, UnlearnConfig().lambda_reg)
     config = _unlearn_config(parse(["unlearn", "--concepts", "x.yaml", "--out", "o", "--gradient-checkpointing",
                                     "--micro-batch-size", "2", "--memory-budget", "6.5", "--lambda-reg", "2e-6",
                                     "--beta", "5", "--lambda-prior", "0.5"]))
-    assert (config.gradient_checkpointing, config.micro_batch_size, config.memory_budget_gib) == (True, 2, 6.5)
+    assert (config.gradient_checkpointing, config.micro_batch_size, config.memory_budget_gb) == (True, 2, 6.5)
     assert (config.beta, config.lambda_prior, config.lambda_reg) == (5.0, 0.5, 2e-6)
     assert _unlearn_config(parse(["unlearn", "--concepts", "x", "--out", "o", "--gradient-checkpointing", "off"])) \
         .gradient_checkpointing is False

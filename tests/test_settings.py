@@ -12,13 +12,11 @@ from pathlib import Path
 import pytest
 
 from duge.cli import UNLEARN_SETTINGS, _unlearn_config, build_parser
-from duge.config import METHODS, SETTINGS, TRAINABLE, UnlearnConfig
+from duge.config import METHODS, SETTINGS, TRAINABLE, UnlearnConfig, node_tooltip
 
 REPO = Path(__file__).resolve().parents[1]
 NODE_DEFS = json.loads((REPO / "tests" / "data" / "comfyui_node_defs.json").read_text())
-# Node inputs that are not spelled as the config field (renaming them would break saved API prompts):
-# node name -> (config field, node value meaning the config's default)
-NODE_SPELLINGS = {"memory_budget_gb": ("memory_budget_gib", 0.0)}
+NODE_NONE = {"memory_budget_gb": 0.0}  # the node's value that stands for the config's None
 
 
 def test_cli_without_settings_gives_the_configs_defaults():
@@ -56,7 +54,7 @@ def test_cli_settings_reach_the_config_under_their_field_names_and_old_spellings
                                       "--memory-budget", "3", "--cache-dir", "d", "--gradient-checkpointing",
                                       "--micro-batch-size", "2", "--esd-eta", "2", "--method", "esd-x"])
     config = _unlearn_config(args)
-    assert (config.learning_rate, config.sampler_steps, config.memory_budget_gib, config.image_cache_dir) == (0.01, 7, 3.0, "d")
+    assert (config.learning_rate, config.sampler_steps, config.memory_budget_gb, config.image_cache_dir) == (0.01, 7, 3.0, "d")
     assert (config.gradient_checkpointing, config.micro_batch_size, config.esd_eta, config.method) == (True, 2, 2.0, "esd-x")
 
 
@@ -69,11 +67,11 @@ def test_node_defaults_and_options_are_the_configs():
     names = {f.name for f in fields(UnlearnConfig)}
     checked = 0
     for name, (kind, spec) in inputs.items():
-        field_name, default_value = NODE_SPELLINGS.get(name, (name, None))
-        if field_name not in names:
+        if name not in names:
             continue
-        expected = getattr(defaults, field_name)
-        assert spec["default"] == (expected if expected is not None else default_value), name
+        expected = getattr(defaults, name)
+        assert spec["default"] == (expected if expected is not None else NODE_NONE[name]), name
+        assert spec["tooltip"].startswith(node_tooltip(name)), name
         checked += 1
         if kind == "COMBO":
             allowed = {"setting": SETTINGS, "trainable": TRAINABLE, "method": tuple(METHODS)}[name]

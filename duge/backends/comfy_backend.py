@@ -365,7 +365,7 @@ class ComfyBackend:
         if enabled:
             raise DugeError("gradient_checkpointing: not available on a ComfyUI MODEL (its UNet has no per-block "
                             "recomputation hook); leave it 'auto' or false and lower the memory with "
-                            "micro_batch_size or memory_budget_gib")
+                            "micro_batch_size or memory_budget_gb")
         return False
 
     def gradient_checkpointing_ratio(self) -> float | None:
