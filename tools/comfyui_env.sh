@@ -8,8 +8,9 @@
 #   DIR                where to put it: DIR/ComfyUI (the files) and DIR/venv (the Python)
 #   --mirror GIT_DIR   the (bare) git repository to take ComfyUI from. Without it the script looks
 #                      for a commit of that version in /work/.mirror/*/repo and $COMFYUI_MIRRORS
-#                      (space-separated git dirs): a branch head whose comfyui_version.py says
-#                      VERSION, or a tag vVERSION.
+#                      (space-separated git dirs): a tag vVERSION, a branch head whose
+#                      comfyui_version.py says VERSION, or else the commit in the history that
+#                      set comfyui_version.py to VERSION (upstream's release bump).
 #   --newest-frontend  also install the newest `comfyui-frontend-package` from PyPI into
 #                      DIR/frontend-newest (a --target folder, so the venv keeps the frontend this
 #                      ComfyUI pins) and print the --front-end-root to serve it with; the tests take
@@ -67,6 +68,11 @@ find_commit() {  # prints "<git dir> <commit>" of VERSION in git dir $1, or fail
             echo "$gitdir $(git --git-dir="$gitdir" rev-parse "$ref^{commit}")"; return 0
         fi
     done
+    # an older release in the history: the commit that set comfyui_version.py to VERSION (its release bump)
+    ref="$(git --git-dir="$gitdir" log --all --format=%H -S"__version__ = \"$VERSION\"" -- comfyui_version.py 2>/dev/null | tail -n1)"
+    if [ -n "$ref" ] && [ "$(version_at "$gitdir" "$ref")" = "$VERSION" ]; then
+        echo "$gitdir $ref"; return 0
+    fi
     return 1
 }
 
