@@ -263,8 +263,12 @@ def test_progress_bar_counts_every_step_and_shows_a_preview_now_and_then(nodes, 
     try:
         concept_set = nodes["DugeLoadConceptSet"].execute("(typed text below)", TINY_SET).args[0]
         from comfy_api.latest import io
+        from comfy_api.latest._io import HiddenHolder
 
-        unlearn = nodes["DugeUnlearn"].PREPARE_CLASS_CLONE({io.Hidden.unique_id: "7"})  # as the executor does
+        # the node with its hidden unique_id set, as the executor's class clone has it (the clone's
+        # own entry point, PREPARE_CLASS_CLONE, changed its argument between 0.3.64 and 0.8.0)
+        hidden = HiddenHolder.from_dict({io.Hidden.unique_id: "7"})
+        unlearn = type("DugeUnlearnRun", (nodes["DugeUnlearn"],), {"hidden": hidden})
         with torch.inference_mode():
             unlearn.execute(model, clip, concept_set, vae=vae, **dict(UNLEARN_ARGS, steps=8))
     finally:
