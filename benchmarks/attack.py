@@ -46,6 +46,17 @@ def attacked_row(name: str, report) -> dict:
     return row
 
 
+def attack_after_last_request(name: str, base, total_delta: dict, evaluator, concepts, config) -> dict:
+    """`attacked_row` for a method's model after its last request: `base` (a DiffusersBackend of the unedited
+    model) with `total_delta` (`UnlearnResult.total_delta`) added, attacked with `config` on `concepts`.
+    This is the hook a continual benchmark calls after each method."""
+    from duge.attacks import attack_concepts
+    from duge.backends.diffusers_backend import DiffusersBackend
+
+    edited = DiffusersBackend(base.edited_pipeline(total_delta), dtype="float32")
+    return attacked_row(name, attack_concepts(edited, base, evaluator, concepts, config))
+
+
 def format_table(result: dict) -> str:
     lines = [f"{'model':<12}{'UA plain':>9}{'UA prompt':>10}{'UA invert':>10}{'post-attack':>12}{'seconds':>9}"]
     for row in result["rows"]:
@@ -107,14 +118,13 @@ def main(argv=None) -> int:
         out_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_path, json.dumps(result, indent=2), overwrite=True)
 
-    def attack(name: str, backend) -> None:
-        print(f"{name}: attacking {', '.join(c.name for c in concepts)} ...", flush=True)
-        report = attack_concepts(backend, base, evaluator, concepts, attack_config)
-        result["rows"].append(attacked_row(name, report))
+    def add(row: dict) -> None:
+        result["rows"].append(row)
         print(format_table(result), flush=True)
         save()
 
-    attack("unedited", base)
+    print(f"unedited: attacking {', '.join(c.name for c in concepts)} ...", flush=True)
+    add(attacked_row("unedited", attack_concepts(base, base, evaluator, concepts, attack_config)))
     unedited = result["rows"][0]["concepts"]
     shown = {a["attack"]: 1 - sum(c_a["ua"] for c in unedited for c_a in c["attacks"] if c_a["attack"] == a["attack"])
              / len(unedited) for a in unedited[0]["attacks"]}
@@ -123,7 +133,9 @@ def main(argv=None) -> int:
 
     models = dict(item.split("=", 1) for item in args.models)
     for name, folder in models.items():
-        attack(name, DiffusersBackend(load_pipeline(folder), dtype="float32"))
+        print(f"{name}: attacking ...", flush=True)
+        edited = DiffusersBackend(load_pipeline(folder), dtype="float32")
+        add(attacked_row(name, attack_concepts(edited, base, evaluator, concepts, attack_config)))
     if not models:
         for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
             config = UnlearnConfig(method=method, seed=args.seed, **({"steps": args.steps} if args.steps else {}))
@@ -132,7 +144,8 @@ def main(argv=None) -> int:
             edited = unlearn(base, resolve_concept_set(concept_set, True, config.setting), config,
                              concept_set.general_prompts, image_filter=anchor_filter(base, evaluator))
             result["training"][method] = {"seconds": time.perf_counter() - t1, "config": asdict(config)}
-            attack(method, DiffusersBackend(base.edited_pipeline(edited.total_delta), dtype="float32"))
+            print(f"{method}: attacking ...", flush=True)
+            add(attack_after_last_request(method, base, edited.total_delta, evaluator, concepts, attack_config))
     result["complete"] = True
     save()
     print(format_table(result))
