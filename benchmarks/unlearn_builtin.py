@@ -2,8 +2,10 @@
 
 Measures, per request and after the last: UA (also under each concept's other names), IRA and
 CRA, and IRA/CRA as fractions of the unedited model's; seconds and peak memory per request. Then
-one ablation row per loss switched off (β = 0, λ_prior = 0, λ_reg = 0) and one without the
-anchor guidance (η = 0), on the same requests and seeds, so each part's effect is visible.
+one ablation row per loss switched off (β = 0, λ_prior = 0, λ_reg = 0), one without the
+anchor guidance (η = 0), and one per part of docs/method.md (teacher pools; pools with the
+input-space penalty; the input-space projection), on the same requests and seeds, so each part's
+effect is visible.
 Prints a table and writes JSON.
 
     python benchmarks/unlearn_builtin.py [--concepts duge/concept_sets/demo.yaml] [--json PATH]
@@ -33,6 +35,10 @@ VARIANTS = {
     "no prior preservation (lambda_prior=0)": {"lambda_prior": 0.0},
     "no regularisation (lambda_reg=0)": {"lambda_reg": 0.0},
     "no anchor guidance (anchor_guidance=0)": {"anchor_guidance": 0.0},
+    # issue 15's parts (docs/method.md), each switched on alone
+    "teacher pools (teacher_pool=128)": {"teacher_pool": 128},
+    "pools + input-space penalty (regularizer=penalty)": {"teacher_pool": 128, "regularizer": "penalty"},
+    "input-space projection (regularizer=projection)": {"regularizer": "projection"},
 }
 
 

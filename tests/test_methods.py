@@ -190,6 +190,7 @@ def test_ft_l2sp_adds_the_l2sp_penalty_to_the_output_term():
     assert out["regularization"] == pytest.approx(0.25)  # Σ (θ − θ0)² = d²
     assert "prior" not in out
     assert out["loss"] == pytest.approx(1.5**2 + 4.0 * 0.25)
+    assert out["grad"] == pytest.approx(2 * 1.5 + 4.0 * 2 * 0.5)  # the regulariser's gradient 2λ(θ − θ0), closed form
 
 
 def test_duge_sums_output_prior_and_regularisation():

@@ -141,3 +141,30 @@ def test_trainer_projects_every_update_onto_the_null_space_of_c(backend, monkeyp
         for name, delta in request.delta.items():
             assert float((delta.double() @ kept).abs().max()) < 1e-6, name
         assert max(float((d.double() @ free).abs().max()) for d in request.delta.values()) > 1e-4
+
+
+@pytest.mark.parametrize("kind", ["l2sp", "fisher", "penalty"])
+def test_closed_form_regulariser_gradient_matches_autograd(kind):
+    from duge.edits import DeltaWeight, LayerEdits
+    from duge.losses import regularization_loss
+    from duge.objective import regularization
+    from duge.preservation import preservation_penalty, second_moment
+
+    generator = torch.Generator().manual_seed(0)
+    layer = DeltaWeight(torch.zeros(3, 4))
+    layer.committed.normal_(generator=generator)
+    layer.start_request()
+    with torch.no_grad():
+        layer.delta.normal_(generator=generator)
+    edits = LayerEdits({"w": layer}, {"w": torch.zeros(3, 4)})
+    fisher = {"w": torch.rand(3, 4, generator=generator)} if kind == "fisher" else None
+    moments = {"w": second_moment(torch.randn(6, 4, generator=generator))}
+
+    value = regularization(edits, kind, fisher, moments, weight=0.3)
+    closed_form = layer.delta.grad.clone()
+    layer.delta.grad = None
+    expected = (preservation_penalty(layer.delta, moments["w"]) if kind == "penalty"
+                else regularization_loss({"w": layer.total_delta()}, {"w": torch.zeros(())}, fisher))
+    (0.3 * expected).backward()
+    assert value == pytest.approx(float(expected), rel=1e-6)
+    assert torch.allclose(closed_form, layer.delta.grad, rtol=1e-5, atol=1e-7)
