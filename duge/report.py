@@ -3,9 +3,9 @@
 Reads DIR/report.json (what `duge.run.run_unlearn` writes), the manifest (DIR/model/
 duge_manifest.json or the metadata of DIR/model.safetensors), DIR/before_after.png and any
 other PNG in DIR (e.g. plots), and writes DIR/report.html: the run's summary, a table per
-request, the final metrics beside the unedited model's, a chart of UA/IRA/CRA per request
-(inline SVG), the manifest summary and every image embedded as a base64 data URI, so the page
-can be mailed or attached as one file. A benchmark folder (DIR/continual.json from
+request, the final metrics beside the unedited model's, one small chart per metric (UA, IRA and
+CRA after each request, the unedited model's value marked; inline SVG), the manifest summary and
+every image embedded as a base64 data URI, so the page can be mailed or attached as one file. A benchmark folder (DIR/continual.json from
 benchmarks/continual.py) is rendered the same way, one table row per method.
 """
 
@@ -31,6 +31,7 @@ th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
 th { background: #f3f3f3; } td.text, th.text { text-align: left; }
 img { max-width: 100%; border: 1px solid #ddd; image-rendering: pixelated; }
 .note { color: #666; font-size: 0.85em; }
+.panels { display: flex; flex-wrap: wrap; gap: 12px; }
 """
 
 
@@ -81,10 +82,12 @@ def _run_body(run_dir: Path, report: dict) -> str:
         parts.append('<p class="note">UA: share of images prompted with an erased concept (paraphrased, every name) '
                      "not read as it; IRA/CRA: accuracy on kept concepts of the same / other kinds; H: their harmonic "
                      "mean; metrics are cumulative over every request so far.</p>")
-        chart = _line_chart({m: [_metric(r, m) for r in requests] for m in ("UA", "IRA", "CRA")},
-                            baselines=_base_lines(report, len(requests)), y_range=(0.0, 1.0))
-        if chart:
-            parts.append(chart)
+        panels = [_metric_panel(m, [_metric(r, m) for r in requests], (report.get("before") or {}).get(m))
+                  for m in ("UA", "IRA", "CRA")]
+        if any(panels):
+            parts.append('<div class="panels">' + "".join(p for p in panels if p) + "</div>")
+            parts.append('<p class="note">One panel per metric, each scaled to where its values lie; the hollow '
+                         "point at request 0 and the dashed line are the unedited model's value.</p>")
 
     final = report.get("final") or {}
     before = report.get("before") or {}
@@ -161,9 +164,6 @@ def _metric(request: dict, key: str):
     return (request.get("details") or {}).get(key)
 
 
-def _base_lines(report: dict, n: int) -> dict:
-    before = report.get("before") or {}
-    return {m: before[m] for m in ("IRA", "CRA") if isinstance(before.get(m), (int, float))}
 
 
 def _manifest(run_dir: Path) -> dict | None:
@@ -229,16 +229,16 @@ def _images_section(run_dir: Path) -> str:
     return "\n".join(parts)
 
 
-def _line_chart(series: dict[str, list], baselines: dict | None = None, title: str = "",
+def _line_chart(series: dict[str, list], title: str = "",
                 y_range: tuple[float, float] | None = None, width: int = 640, height: int = 240) -> str:
-    """An inline SVG line chart: one polyline per series over request numbers 1..n; dashed baselines."""
+    """An inline SVG line chart: one polyline per series over request numbers 1..n."""
     points = {name: [(i + 1, v) for i, v in enumerate(values) if isinstance(v, (int, float))]
               for name, values in series.items()}
     points = {name: p for name, p in points.items() if p}
     if not points:
         return ""
     n = max(x for p in points.values() for x, _ in p)
-    values = [v for p in points.values() for _, v in p] + list((baselines or {}).values())
+    values = [v for p in points.values() for _, v in p]
     lo, hi = y_range if y_range else (min(0.0, min(values)), max(values) or 1.0)
     if hi <= lo:
         hi = lo + 1.0
@@ -262,12 +262,53 @@ def _line_chart(series: dict[str, list], baselines: dict | None = None, title: s
         out.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{coords}"/>')
         out.extend(f'<circle cx="{sx(x):.1f}" cy="{sy(v):.1f}" r="3" fill="{colour}"/>' for x, v in p)
         out.append(f'<text x="{width - right + 8}" y="{top + 14 * i + 10}" fill="{colour}">{_e(name)}</text>')
-        if baselines and name in baselines:
-            y = sy(baselines[name])
-            out.append(f'<line x1="{left}" x2="{left + pw}" y1="{y:.1f}" y2="{y:.1f}" stroke="{colour}" '
-                       'stroke-dasharray="4 3"/>')
-    if baselines:
-        out.append(f'<text x="{width - right + 8}" y="{top + 14 * len(points) + 10}" fill="#666">dashed: unedited</text>')
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def _metric_panel(metric: str, values: list, unedited, width: int = 340, height: int = 230) -> str:
+    """An inline SVG panel of one metric after each request (x = 1..n), the unedited model's value at
+    x = 0 (hollow point, dashed line); the y axis spans the values and the unedited one, padded, within [0, 1]."""
+    points = [(i + 1, v) for i, v in enumerate(values) if isinstance(v, (int, float))]
+    if not points:
+        return ""
+    base = unedited if isinstance(unedited, (int, float)) and not isinstance(unedited, bool) else None
+    seen = [v for _, v in points] + ([base] if base is not None else [])
+    pad = max(0.02, 0.12 * (max(seen) - min(seen)))
+    lo, hi = max(0.0, min(seen) - pad), min(1.0, max(seen) + pad)
+    if hi - lo < 0.05:  # a flat series: a window of 0.05 around it
+        lo, hi = max(0.0, min(lo, hi - 0.05)), min(1.0, max(hi, lo + 0.05))
+    n = max(x for x, _ in points)
+    left, right, top, bottom = 52, 14, 30, 36
+    pw, ph = width - left - right, height - top - bottom
+    sx = lambda x: left + pw * x / n  # noqa: E731  (x = 0 is the unedited model)
+    sy = lambda y: top + ph * (1 - (y - lo) / (hi - lo))  # noqa: E731
+    colour = SERIES_COLOURS[("UA", "IRA", "CRA").index(metric) if metric in ("UA", "IRA", "CRA") else 0]
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-size="13" '
+           f'role="img" aria-label="{_e(metric)} after each request">',
+           f'<text x="{left}" y="18" font-weight="bold" fill="{colour}">{_e(metric)}</text>',
+           f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>']
+    for frac in (0.0, 0.5, 1.0):
+        y = lo + frac * (hi - lo)
+        out.append(f'<text x="{left - 6}" y="{sy(y) + 4:.1f}" text-anchor="end">{y:.2f}</text>')
+    for x in range(0, n + 1):
+        out.append(f'<text x="{sx(x):.1f}" y="{height - bottom + 16}" text-anchor="middle">{x}</text>')
+    caption = "request (0: unedited)" if base is not None else "request"
+    out.append(f'<text x="{left + pw / 2}" y="{height - 4}" text-anchor="middle">{caption}</text>')
+    if base is not None:
+        out.append(f'<line x1="{left}" x2="{left + pw}" y1="{sy(base):.1f}" y2="{sy(base):.1f}" stroke="#777" '
+                   'stroke-dasharray="5 4"/>')
+        out.append(f'<circle cx="{sx(0):.1f}" cy="{sy(base):.1f}" r="4" fill="white" stroke="#555" stroke-width="2"/>')
+        out.append(f'<text x="{left + pw - 4}" y="{sy(base) - 5:.1f}" text-anchor="end" fill="#555">'
+                   f'unedited {base:.3f}</text>')
+    coords = " ".join(f"{sx(x):.1f},{sy(v):.1f}" for x, v in points)
+    out.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{coords}"/>')
+    for x, v in points:
+        out.append(f'<circle cx="{sx(x):.1f}" cy="{sy(v):.1f}" r="4" fill="{colour}"><title>{_e(metric)} after '
+                   f'request {x}: {v:.3f}</title></circle>')
+    last_x, last_v = points[-1]
+    out.append(f'<text x="{sx(last_x) - 6:.1f}" y="{sy(last_v) + (16 if base is not None and last_v < base else -8):.1f}" '
+               f'text-anchor="end" fill="{colour}">{last_v:.3f}</text>')
     out.append("</svg>")
     return "\n".join(out)
 
