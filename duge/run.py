@@ -228,7 +228,7 @@ def robustness_section(edited, base, evaluator, requests, attack, folder: Path, 
             rows.append([to_pil(x) for x in images[:ROBUSTNESS_IMAGES]])
             labels.append(f"{concept.concept}, {label}: UA {ua:.2f}\n{prompt}")
     folder.mkdir(parents=True, exist_ok=True)
-    labelled_grid(rows, labels, label_width=300).save(folder / "attacks.png")
+    labelled_grid(rows, labels, cell=128).save(folder / "attacks.png")
     entry = robustness.to_json()
     entry["images"] = f"{ROBUSTNESS_FOLDER}/attacks.png"
     return entry

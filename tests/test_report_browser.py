@@ -64,7 +64,10 @@ def _demo_like_report_folder(folder: Path) -> Path:
     from duge.concepts import example_concept_set_path, load_concept_set
     from duge.run import before_after_grid, comparison_prompts
 
-    prompts = comparison_prompts(load_concept_set(example_concept_set_path("demo")), builtin_world=True)
+    from duge.concepts import resolve_request
+
+    demo = load_concept_set(example_concept_set_path("demo"))
+    prompts = comparison_prompts([resolve_request(r, builtin_world=True) for r in demo.requests])
     generator = torch.Generator().manual_seed(0)
     images = lambda p, s: torch.rand(len(p), 3, 32, 32, generator=generator)  # noqa: E731
     before_after_grid(images, images, prompts, 4, 0).save(folder / "before_after.png")
