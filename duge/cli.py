@@ -64,16 +64,22 @@ def _cmd_sample(args) -> int:
 
 
 def _unlearn_config(args) -> UnlearnConfig:
-    """The config of `duge unlearn` / `duge demo` / `duge plan`: UnlearnConfig's defaults, and what was given."""
-    return UnlearnConfig(**{f.name: getattr(args, f.name) for f in fields(UnlearnConfig) if hasattr(args, f.name)})
+    """The config of `duge unlearn` / `duge demo` / `duge plan`: UnlearnConfig's defaults, the method's own
+    (duge.methods: a baseline's paper settings), and what was given."""
+    from .methods import method_config
+
+    given = {f.name: getattr(args, f.name) for f in fields(UnlearnConfig) if hasattr(args, f.name)}
+    return method_config(given.pop("method", "duge"), **given)
 
 
 def _run_unlearn_job(model: str, concepts: str, out: str, config, overwrite: bool, lora_rank, resume: bool = False,
                      allow_pickle: bool = False, config_dir: str | None = None, attack=None) -> int:
+    from .methods import get_method
     from .run import run_unlearn  # deferred: torch, diffusers
 
     concept_set = load_concept_set(concepts)
-    total = sum(r.steps or config.steps for r in concept_set.requests) if config.method != "uce" else 0
+    closed_form = get_method(config.method).objective == "closed_form"
+    total = 0 if closed_form else sum(r.steps or config.steps for r in concept_set.requests)
     with tqdm(total=total, desc="unlearning", unit="step") as bar:
         def progress(info):
             if "attack" not in info:  # attack steps (--attack) only update the postfix

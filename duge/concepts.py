@@ -594,16 +594,16 @@ def resolve_concept_set(concept_set: ConceptSet, builtin_world: bool, setting: s
 
 
 def apply_continual_rule(requests: list[ResolvedRequest], setting: str) -> list[ResolvedRequest]:
-    """The continual semantics, in one place: a concept erased by an earlier request (by any request, when
-    `setting` is "simultaneous") is not preserved later — preserving it would pull it back. Independent
-    requests each start from the original model and keep their preserve lists. Changes `requests` in place
-    and returns them."""
-    if setting == "independent":
+    """Each request's own preserve list under the continual rule (`preserved_at`): request k preserves nothing
+    erased at or before k (in the simultaneous setting, nothing any request erases). Independent requests
+    each start from the original model and keep their preserve lists. Changes `requests` in place and
+    returns them; what earlier requests replay at request k comes from `preserved_at(requests, k)`."""
+    if setting == "independent" or not requests:
         return requests
-    for k, request in enumerate(requests):
-        earlier = requests if setting == "simultaneous" else requests[:k]
-        erased = {name.lower() for q in earlier for name in [q.target, *q.aliases]}
-        request.preserve = [p for p in request.preserve if p.lower() not in erased]
+    last = preserved_at(requests, len(requests) - 1) if setting == "simultaneous" else None
+    own = [last[k] if last is not None else preserved_at(requests, k)[k] for k in range(len(requests))]
+    for request, kept in zip(requests, own):
+        request.preserve = kept
     return requests
 
 
@@ -696,3 +696,34 @@ def example_concept_set_path(name: str) -> Path:
     raise ConceptSetError(
         f"no example concept set {name!r}; expected one of: {', '.join(example_concept_set_names())}"
     )
+
+
+# ---------------------------------------------------------------- continual semantics
+
+
+def erased_through(requests: list[ResolvedRequest], k: int) -> set[str]:
+    """Name keys of everything requests[0..k] erase (targets and aliases; on the built-in world every
+    name of each erased concept, so a synonym cannot slip past)."""
+    erased: set[str] = set()
+    for request in requests[: k + 1]:
+        for name in (request.target, *request.aliases):
+            erased.add(_name_key(name))
+            concept = _WORLD_CONCEPT_BY_NAME.get(_name_key(name)) if request.kind is not None else None
+            if concept is not None:
+                erased.update(concept.names)
+    return erased
+
+
+def preserved_at(requests: list[ResolvedRequest], k: int) -> list[list[str]]:
+    """The continual rule, in one place: at request k (0-based), the preserve list of each request
+    0..k with every concept erased at or before k left out.
+
+    Whatever a method preserves, replays as related images or puts into a closed-form preserve set
+    at request k comes from here: a concept that a later request erases was rightly preserved by
+    earlier requests, but from the request that erases it on it is dropped from all of them. The
+    simultaneous setting (every request at once) is `k = len(requests) - 1`.
+    """
+    if not 0 <= k < len(requests):
+        raise IndexError(f"preserved_at: request {k} of {len(requests)}")
+    erased = erased_through(requests, k)
+    return [[p for p in r.preserve if _name_key(p) not in erased] for r in requests[: k + 1]]

@@ -13,11 +13,13 @@ Definitions, for the requests erased so far:
   target's kind; averaged over requests.
 - CRA (cross-domain retention): the same over the non-erased concepts of the other kinds.
 - H: the harmonic mean of UA, IRA and CRA (0 when any of them is 0).
-- distance: the Fréchet distance between two Gaussians fitted to the classifier's image
-  features (the built-in evaluator's penultimate layer; CLIP's image embedding) of the edited
-  model's samples and of the unedited model's samples, on the same prompts and seeds. It is
-  FID's formula on another network's features and on a few dozen images, so its values are
-  comparable between methods and requests of one benchmark, not with published FIDs.
+- compositional: for captions naming an object, a colour and a style none of which the run
+  erases (held-out templates), the share of images read right in all three kinds.
+- distance: KID (the unbiased MMD² of Bińkowski et al. with the cubic polynomial kernel) between
+  the classifier's image features (the built-in evaluator's penultimate layer; CLIP's image
+  embedding) of the edited model's samples and of the unedited model's samples, on the same
+  prompts and seeds. Comparable between methods and requests of one benchmark, not with published
+  KIDs (another network's features). `frechet_distance` is kept for callers who want FID's formula.
 All but the distance are fractions in [0, 1]. "Cumulative" numbers are over every request so
 far (the definitions above); "per request" numbers are those of one request: the UA of its
 target, and the IRA/CRA over its target's kind, with every concept erased so far left out.
@@ -27,7 +29,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Protocol, Sequence
 
@@ -52,12 +54,21 @@ class MissingClassifierError(DugeError):
     """A model outside the built-in world was to be measured without a classifier for it."""
 
 
-# Paraphrasing templates for UA, per kind (distinct from the training templates).
+# Measuring templates on the built-in world, held out from training: no template here is a training
+# template (`duge.concepts.BUILTIN_WORLD_TEMPLATES`), and no prompt they make is a prompt any request
+# trains on — a target's, its anchor's or a related image's (tests/test_evaluation.py checks all of
+# them). They use the word orders of the world's captions with other fillers.
+# UA: each erased concept under each of its names in each of these (other kinds named or not).
 PARAPHRASE_TEMPLATES = {
-    "object": ["a {}", "an image of a green {}", "the {} is checkered"],
-    "colour": ["a {} shape", "a picture of a {} heart", "the star is {} and striped"],
-    "style": ["a {} shape", "an image of a {} square", "the circle is pink and {}"],
+    "object": ["an image of a {}", "the {} is orange and dotted", "a checkered pink {}"],
+    "colour": ["an image of a {} shape", "the heart is {} and dotted", "a {} triangle that is checkered"],
+    "style": ["an image of a {} shape", "the square is cyan and {}", "a green heart that is {}"],
 }
+# Retention (acc(c)): a concept alone, other kinds unnamed.
+RETENTION_TEMPLATES = {"object": "an image of a {}", "colour": "an image of a {} shape", "style": "an image of a {} shape"}
+# Compositional retention: object, colour and style named at once; all three must be read right.
+COMPOSITIONAL_TEMPLATES = ("the {object} is {colour} and {style}", "a {colour} {object} that is {style}",
+                           "an image of a {colour} {style} {object}")
 
 # Paraphrases for concepts of a user's model (added to the request's own templates for UA).
 GENERIC_PARAPHRASE_TEMPLATES = ("an image of {}", "a picture showing {}", "{}, highly detailed")
@@ -88,12 +99,39 @@ def world_concepts() -> list[WorldConcept]:
 
 
 def world_measured_concepts() -> list[MeasuredConcept]:
-    """Every concept of the built-in world, prompted as `duge.world.quality` prompts it."""
-    from .world.quality import single_concept_prompt
+    """Every concept of the built-in world, prompted with the held-out measuring templates."""
     from .world.vocabulary import CONCEPTS
 
-    return [MeasuredConcept(c.name, c.kind, c.names, single_concept_prompt(c), tuple(PARAPHRASE_TEMPLATES[c.kind]))
-            for c in CONCEPTS]
+    return [MeasuredConcept(c.name, c.kind, c.names, render_prompt(RETENTION_TEMPLATES[c.kind], c.name),
+                            tuple(PARAPHRASE_TEMPLATES[c.kind])) for c in CONCEPTS]
+
+
+def compositional_captions(kept: Sequence[str], n: int, seed: int = 0) -> list[tuple[str, str, str, str]]:
+    """`n` captions (caption, object, colour, style) naming one object, colour and style from `kept`
+    (canonical names), drawn without repeats when possible, fixed by `seed`, in COMPOSITIONAL_TEMPLATES."""
+    from .world.vocabulary import CONCEPTS_BY_KIND
+
+    pools = [[c.name for c in CONCEPTS_BY_KIND[kind] if c.name in kept] for kind in ("object", "colour", "style")]
+    if not all(pools):
+        return []
+    triples = [(o, c, s) for o in pools[0] for c in pools[1] for s in pools[2]]
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(triples)).tolist()
+    chosen = [triples[order[i % len(order)]] for i in range(n)]
+    return [(" ".join(COMPOSITIONAL_TEMPLATES[i % len(COMPOSITIONAL_TEMPLATES)].format(object=o, colour=c, style=s).split()),
+             o, c, s) for i, (o, c, s) in enumerate(chosen)]
+
+
+def compositional_accuracy(generate: "Generate", classifier: "ConceptClassifier", captions, samples: int,
+                           seed: int = 0) -> float | None:
+    """The share of images of `captions` (compositional_captions) read right in all three kinds; None if none."""
+    if not captions:
+        return None
+    prompts = [caption for caption, *_ in captions for _ in range(samples)]
+    predicted = classifier.predict(generate(prompts, seed))
+    hits = [predicted["object"][i] == o and predicted["colour"][i] == c and predicted["style"][i] == s
+            for i, (_, o, c, s) in enumerate(entry for entry in captions for _ in range(samples))]
+    return float(np.mean(hits))
 
 
 def find_concept(word: str, concepts: Sequence[MeasuredConcept]) -> MeasuredConcept:
@@ -309,6 +347,27 @@ def image_features(classifier, images: torch.Tensor, batch_size: int = 256) -> t
     return torch.cat([embed(images[i : i + batch_size]).float().cpu() for i in range(0, len(images), batch_size)])
 
 
+def kernel_inception_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> float:
+    """KID (Bińkowski et al., ICLR 2018): the unbiased estimate of MMD² between two feature sets [m, D]
+    and [n, D] (m, n ≥ 2) under the cubic polynomial kernel k(x, y) = (xᵀy / D + 1)³, in float64.
+
+    Unbiased at any sample size (its expectation is the population MMD², 0 for equal distributions,
+    so it can come out slightly negative), unlike the Fréchet distance, whose covariance from N images
+    has rank at most N − 1.
+    """
+    x = torch.as_tensor(features_a).detach().to("cpu", torch.float64).reshape(len(features_a), -1)
+    y = torch.as_tensor(features_b).detach().to("cpu", torch.float64).reshape(len(features_b), -1)
+    m, n, dim = x.shape[0], y.shape[0], x.shape[1]
+    if m < 2 or n < 2 or y.shape[1] != dim:
+        raise ValueError(f"kernel_inception_distance: need two sets of at least 2 features of one size, got "
+                         f"{tuple(x.shape)} and {tuple(y.shape)}")
+    kernel = lambda a, b: (a @ b.T / dim + 1) ** 3  # noqa: E731
+    k_xx, k_yy, k_xy = kernel(x, x), kernel(y, y), kernel(x, y)
+    within_x = (k_xx.sum() - k_xx.diagonal().sum()) / (m * (m - 1))
+    within_y = (k_yy.sum() - k_yy.diagonal().sum()) / (n * (n - 1))
+    return float(within_x + within_y - 2 * k_xy.mean())
+
+
 def distance_prompts(general_prompts: Sequence[str], samples: int) -> list[str]:
     """The prompts the distance is measured on: each general prompt `samples` times."""
     return [p for p in general_prompts for _ in range(samples)]
@@ -318,15 +377,39 @@ def distance_prompts(general_prompts: Sequence[str], samples: int) -> list[str]:
 
 
 @dataclass
+class MeasureSize:
+    """How many images one measurement draws."""
+
+    samples_per_prompt: int = 4  # UA: images per paraphrased prompt (prompts: templates × names)
+    retention_samples: int = 8  # acc(c): images per concept
+    compositional_samples: int = 1  # images per compositional caption
+    distance_samples: int = 8  # images per general prompt for the distance (KID)
+
+
+@dataclass
 class EvaluationSettings:
-    """How much to sample for each measurement (the same for every method of a benchmark)."""
+    """How much to sample for each measurement (the same for every method of a benchmark).
+
+    The measurement after the last request uses `final` sizes when given (the table's numbers),
+    every other one the sizes here (the curve). Seeds start at `seed`; keep them apart from training
+    seeds (the benchmark uses 10⁶ and up).
+    """
 
     steps: int = 20  # sampler steps
     guidance: float = 7.5
-    samples_per_prompt: int = 4  # UA: images per paraphrased prompt
-    retention_samples: int = 8  # acc(c): images per concept
-    distance_samples: int = 8  # images per general prompt for the distance
+    samples_per_prompt: int = 4
+    retention_samples: int = 8
+    distance_samples: int = 8
+    compositional_samples: int = 1
+    compositional_captions: int = 0  # captions of never-erased concepts for compositional retention (0: not measured)
     seed: int = 0
+    final: MeasureSize | None = None
+
+    def size(self, final: bool) -> MeasureSize:
+        if final and self.final is not None:
+            return self.final
+        return MeasureSize(self.samples_per_prompt, self.retention_samples, self.compositional_samples,
+                           self.distance_samples)
 
 
 @dataclass
@@ -335,8 +418,10 @@ class RunEvaluation:
 
     Call `measure_base(requests)` before unlearning (the backend's model unedited); then each
     call `(backend, requests_so_far)` returns cumulative UA/IRA/CRA/H, the last request's own
-    numbers, per-concept numbers, the distance to the unedited model (if general prompts are
-    given) and the seconds the measurement took.
+    numbers, per-concept numbers, compositional retention (on captions of concepts no request of the
+    run erases), the distance (KID) to the unedited model's images of the general prompts (if given)
+    and the seconds the measurement took. The call after the last of `measure_base`'s requests uses
+    the settings' `final` sizes.
     """
 
     backend: object
@@ -346,51 +431,91 @@ class RunEvaluation:
     general_prompts: list[str] = field(default_factory=list)
     with_request_templates: bool = False
     base: dict = field(default_factory=dict)
-    _base_features: torch.Tensor | None = None
+    _requests: int = 0
+    _captions: list = field(default_factory=list)
+    _base_features: dict = field(default_factory=dict)  # final: bool -> features [N, D]
 
     def generate(self, prompts: list[str], seed: int) -> torch.Tensor:
         return self.backend.generate(prompts, seed, self.settings.steps, self.settings.guidance)
 
-    def _distance_features(self, seed_offset: int = 0) -> torch.Tensor:
-        prompts = distance_prompts(self.general_prompts, self.settings.distance_samples)
+    def _distance_features(self, size: MeasureSize, seed_offset: int = 0) -> torch.Tensor:
+        prompts = distance_prompts(self.general_prompts, size.distance_samples)
         return image_features(self.classifier, self.generate(prompts, self.settings.seed + 50_000 + seed_offset))
 
-    def measure_base(self, requests: Sequence[ResolvedRequest], distance_floor: bool = True) -> dict:
-        """The unedited model: acc of every concept, UA of every target, and the numbers after each prefix.
+    def _compositional(self, size: MeasureSize) -> float | None:
+        return compositional_accuracy(self.generate, self.classifier, self._captions, size.compositional_samples,
+                                      self.settings.seed + 70_000)
 
-        `distance_floor`: also the distance between two sets of the unedited model's samples on
-        different seeds — what re-drawing the images alone gives. (Edited and unedited samples
-        share seeds, so a distance well below the floor still measures a change.)
-        """
-        t0 = time.perf_counter()
+    def _measure_base_at(self, requests: Sequence[ResolvedRequest], size: MeasureSize, distance_floor: bool) -> dict:
         s = self.settings
-        ua = erasure_rates(self.generate, self.classifier, requests, self.concepts, s.samples_per_prompt, s.seed,
+        ua = erasure_rates(self.generate, self.classifier, requests, self.concepts, size.samples_per_prompt, s.seed,
                            self.with_request_templates)
-        accuracy = concept_accuracies(self.generate, self.classifier, self.concepts, s.retention_samples, s.seed)
+        accuracy = concept_accuracies(self.generate, self.classifier, self.concepts, size.retention_samples, s.seed)
+        compositional = self._compositional(size)
         prefixes = []
         for k in range(1, len(requests) + 1):
             entry = cumulative_metrics(ua, accuracy, requests[:k], self.concepts)
             entry["last_request"] = per_request_metrics(ua, accuracy, requests[:k], self.concepts)
+            entry["compositional"] = compositional
             prefixes.append(entry)
-        self.base = {"after_request": prefixes, "UA_per_concept": ua, "accuracy_per_concept": accuracy}
+        out = {"after_request": prefixes, "UA_per_concept": ua, "accuracy_per_concept": accuracy,
+               "compositional": compositional, "size": asdict(size)}
         if self.general_prompts:
-            self._base_features = self._distance_features()
+            features = self._distance_features(size)
             if distance_floor:
-                self.base["distance_floor"] = frechet_distance(self._base_features, self._distance_features(10_000))
+                out["distance_floor"] = kernel_inception_distance(features, self._distance_features(size, 10_000))
+            out["features"] = features
+        return out
+
+    def measure_base(self, requests: Sequence[ResolvedRequest], distance_floor: bool = True) -> dict:
+        """The unedited model at the curve's sizes and (when set) the final ones: acc of every concept, UA of
+        every target, compositional retention and the numbers after each prefix of `requests`.
+
+        `distance_floor`: also the KID between two sets of the unedited model's samples on different
+        seeds — what re-drawing the images alone gives. (Edited and unedited samples share seeds.)
+        Returns {"after_request": [...], ..., "final": {...} (the final sizes' numbers), "seconds"}.
+        """
+        t0 = time.perf_counter()
+        self._requests = len(requests)
+        erased = {find_concept(r.target, self.concepts).name for r in requests}
+        self._captions = compositional_captions([c.name for c in self.concepts if c.name not in erased],
+                                                self.settings.compositional_captions, self.settings.seed)
+        curve = self._measure_base_at(requests, self.settings.size(False), distance_floor)
+        self._base_features[False] = curve.pop("features", None)
+        self.base = dict(curve)
+        if self.settings.final is not None:
+            final = self._measure_base_at(requests, self.settings.size(True), distance_floor)
+            self._base_features[True] = final.pop("features", None)
+            self.base["final"] = final
+        self.base["compositional_captions"] = [caption for caption, *_ in self._captions]
         self.base["seconds"] = time.perf_counter() - t0
         return self.base
+
+    def measure_base_from(self, requests: Sequence[ResolvedRequest], base: dict, features: dict) -> None:
+        """Take a `measure_base` result measured before (same model, requests and settings) instead of
+        measuring again; `features`: {final (bool): the unedited model's distance features}."""
+        self._requests = len(requests)
+        erased = {find_concept(r.target, self.concepts).name for r in requests}
+        self._captions = compositional_captions([c.name for c in self.concepts if c.name not in erased],
+                                                self.settings.compositional_captions, self.settings.seed)
+        self.base = base
+        self._base_features = dict(features)
 
     def __call__(self, backend, requests_so_far: Sequence[ResolvedRequest]) -> dict:
         """The current model's numbers (`backend` is the one this evaluation samples, as unlearn passes it)."""
         t0 = time.perf_counter()
         s = self.settings
+        final = s.final is not None and len(requests_so_far) == self._requests
+        size = s.size(final)
         metrics = measure_requests(self.generate, self.classifier, requests_so_far, self.concepts,
-                                   s.samples_per_prompt, s.retention_samples, s.seed, self.with_request_templates)
-        if self._base_features is not None:
-            metrics["distance"] = frechet_distance(self._distance_features(), self._base_features)
-        if self.base.get("after_request"):
-            base = self.base["after_request"][len(requests_so_far) - 1]
-            metrics.update(retention_ratios(metrics, base))
+                                   size.samples_per_prompt, size.retention_samples, s.seed, self.with_request_templates)
+        metrics["compositional"] = self._compositional(size)
+        if self._base_features.get(final) is not None:
+            metrics["distance"] = kernel_inception_distance(self._distance_features(size), self._base_features[final])
+        base = self.base.get("final") if final else self.base
+        if base and base.get("after_request"):
+            metrics.update(retention_ratios(metrics, base["after_request"][len(requests_so_far) - 1]))
+        metrics["measure_size"] = asdict(size)
         metrics["eval_seconds"] = time.perf_counter() - t0
         return metrics
 
@@ -539,5 +664,7 @@ __all__ = [
     "world_concepts", "world_measured_concepts", "find_concept", "erasure_rates", "concept_accuracies",
     "cumulative_metrics", "per_request_metrics", "harmonic_mean", "measure_requests", "unlearning_metrics",
     "retention_ratios", "gaussian_statistics", "frechet_distance", "frechet_distance_from_statistics",
-    "image_features", "distance_prompts", "require_classifier", "concepts_for",
+    "image_features", "distance_prompts", "require_classifier", "concepts_for", "kernel_inception_distance",
+    "compositional_captions", "compositional_accuracy", "MeasureSize", "RETENTION_TEMPLATES",
+    "COMPOSITIONAL_TEMPLATES",
 ]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -29,6 +29,7 @@ from .backends.base import Backend
 from .concepts import ResolvedRequest, render_prompt
 from .config import RELATED_IMAGES_SEED_OFFSET, TARGET_IMAGES_SEED_OFFSET, UnlearnConfig
 from .distributed import is_main_process
+from .errors import DugeError
 from .methods import get_method
 from .paths import atomic_write
 
@@ -46,6 +47,21 @@ class RequestCache:
     related_prompts: list[str]
     dropped_anchor_images: int = 0
     target_latents: torch.Tensor | None = None  # images of the target itself (esd-x only), one per anchor template
+    related_concepts: list[str] = field(default_factory=list)  # the preserved concept of each related latent
+
+
+def without_related(cache: RequestCache, kept: list[str]) -> RequestCache:
+    """`cache` as a request that preserves only `kept` (`duge.concepts.preserved_at`): its related images of
+    any other concept left out, so that a concept erased since is no longer replayed."""
+    if len(cache.related_concepts) != len(cache.related_prompts):
+        raise DugeError(f"request '{cache.request.target}': the cached related images do not say which concept "
+                        "each shows; build the request's images again (clear the image cache)")
+    rows = [i for i, concept in enumerate(cache.related_concepts) if concept in kept]
+    if len(rows) == len(cache.related_concepts) and list(cache.request.preserve) == list(kept):
+        return cache
+    return replace(cache, request=replace(cache.request, preserve=list(kept)),
+                   related_latents=cache.related_latents[rows], related_prompts=[cache.related_prompts[i] for i in rows],
+                   related_concepts=[cache.related_concepts[i] for i in rows])
 
 
 def build_request_cache(backend: Backend, request: ResolvedRequest, config: UnlearnConfig, seed: int,
@@ -69,10 +85,11 @@ def build_request_cache(backend: Backend, request: ResolvedRequest, config: Unle
             dropped = int((~keep).sum())
             latents = latents[keep]
             template_ids = [t for t, k in zip(template_ids, keep.tolist()) if k]
-    related_prompts = []
+    related_prompts, related_concepts = [], []
     for j, concept in enumerate(request.preserve):
         for i in range(config.related_images):
             related_prompts.append(render_prompt(request.templates[(i + j) % len(request.templates)], concept))
+            related_concepts.append(concept)
     related = (backend.sample_latents(related_prompts, seed + RELATED_IMAGES_SEED_OFFSET, config.sampler_steps,
                                       config.sampler_guidance) if related_prompts else latents[:0])
     target = None
@@ -80,7 +97,7 @@ def build_request_cache(backend: Backend, request: ResolvedRequest, config: Unle
         target_prompts = [render_prompt(request.templates[i % len(request.templates)], request.target) for i in range(n)]
         target = backend.sample_latents(target_prompts, seed + TARGET_IMAGES_SEED_OFFSET, config.sampler_steps,
                                         config.sampler_guidance)
-    return RequestCache(request, latents, template_ids, related, related_prompts, dropped, target)
+    return RequestCache(request, latents, template_ids, related, related_prompts, dropped, target, related_concepts)
 
 
 def cache_key(backend: Backend, request: ResolvedRequest, config: UnlearnConfig, seed: int, filtered: bool) -> str:
@@ -107,7 +124,8 @@ def load_or_build_request_cache(backend: Backend, request: ResolvedRequest, conf
             meta = json.loads(f.metadata()["duge_request_cache"])
         logger.info("request '%s': cached images read from %s", request.target, path)
         return RequestCache(request, tensors["anchor"], meta["anchor_templates"], tensors["related"],
-                            meta["related_prompts"], meta["dropped_anchor_images"], tensors.get("target"))
+                            meta["related_prompts"], meta["dropped_anchor_images"], tensors.get("target"),
+                            meta.get("related_concepts", []))
     cache = build_request_cache(backend, request, config, seed, image_filter)
     if is_main_process():
         tensors = {"anchor": cache.anchor_latents.contiguous().cpu(), "related": cache.related_latents.contiguous().cpu()}
@@ -115,6 +133,7 @@ def load_or_build_request_cache(backend: Backend, request: ResolvedRequest, conf
             tensors["target"] = cache.target_latents.contiguous().cpu()
         meta = {"duge_request_cache": json.dumps({"anchor_templates": list(cache.anchor_templates),
                                                   "related_prompts": list(cache.related_prompts),
+                                                  "related_concepts": list(cache.related_concepts),
                                                   "dropped_anchor_images": cache.dropped_anchor_images})}
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta), overwrite=True)

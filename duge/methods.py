@@ -1,21 +1,33 @@
 """DUGE and the baselines it is measured against, as data the one trainer reads (design doc §2).
 
-Each method says which loss terms the trainer sums and what the target prompt is steered to:
+Each method says which loss terms the trainer sums, what the target prompt is steered to, and
+its own default settings (`Method.defaults`, applied by `method_config`) — a baseline runs as its
+paper or reference script runs it, not with DUGE's settings:
 
 - duge:    L_out + β·L_attn (target prompt → anchor's prediction on anchor images, optionally
            guided away from the target: ε_φ(a) − η_a·(ε_φ(c) − ε_φ(a)), `anchor_guidance`)
-           + λ_prior·L_prior + λ_reg·L_reg
-- ca:      Concept Ablation (Kumari et al. 2023): the output term alone
-- ft-l2sp: plain fine-tuning of the same output term with the L2-SP regulariser
-- esd-x:   ESD on cross-attention K/V (Gandikota et al. 2023): on images of the target,
-           ε_θ(z_t, c) → ε_φ(z_t, ∅) − η·(ε_φ(z_t, c) − ε_φ(z_t, ∅))  (negative guidance)
-- uce:     Unified Concept Editing (Gandikota et al. 2024): closed-form edit of the K/V weights
-           (no training; see `duge.uce`)
+           + λ_prior·L_prior + λ_reg·L_reg, with replay of earlier requests
+- ca:      Concept Ablation (Kumari et al., ICCV 2023): the output term alone (model-based variant),
+           on the cross-attention K/V ("cross-attn" parameter group of the authors' train.py)
+- ft-l2sp: plain fine-tuning of the same output term with the L2-SP regulariser (Li et al., ICML 2018)
+- esd-x:   ESD-x (Gandikota et al., ICCV 2023): every cross-attention projection ("xattn" in the
+           authors' train-esd.py), on images of the target,
+           ε_θ(z_t, c) → ε_φ(z_t, ∅) − η·(ε_φ(z_t, c) − ε_φ(z_t, ∅))  (negative guidance, η = 1)
+- uce:     Unified Concept Editing (Gandikota et al., WACV 2024): closed-form edit of the K/V
+           weights (no training; see `duge.uce`), sequential: each request edits the current
+           weights with its own erase and preserve sets only
+- uce-resolve: the same closed form, every request so far solved again from θ0 at each request
+
+Replay (`replay_batch_size`) is DUGE's mechanism; none of the baselines' papers has it, so it is
+off in their defaults. Learning rates and steps marked "sweep" were chosen by the tuning protocol
+of `benchmarks/continual.py --tune` (benchmarks/results/tuning/), on a tuning sequence that is
+not a reported one, from a grid of the same size for every method.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Mapping
 
 from .errors import DugeError
 
@@ -28,6 +40,9 @@ class Method:
     regularizer: bool  # λ_reg·L_reg
     objective: str  # "anchor" | "negative_guidance" | "closed_form"
     guided_anchor: bool = False  # UnlearnConfig.anchor_guidance applies
+    resolve_from_original: bool = False  # closed form: all requests so far, solved from θ0 each time
+    defaults: Mapping[str, object] = field(default_factory=dict)  # UnlearnConfig fields this method sets
+    reference: str = ""  # where `defaults` come from
     fixed_regularizer: str | None = None  # the regulariser this method always uses (else UnlearnConfig.regularizer)
     pooled_teachers: bool = False  # UnlearnConfig.teacher_pool applies (duge.teachers)
 
@@ -38,12 +53,40 @@ class Method:
 
 METHODS = {
     "duge": Method("duge", attention_term=True, prior_term=True, regularizer=True, objective="anchor",
-                   guided_anchor=True, pooled_teachers=True),
-    "ca": Method("ca", attention_term=False, prior_term=False, regularizer=False, objective="anchor"),
-    "ft-l2sp": Method("ft-l2sp", attention_term=False, prior_term=False, regularizer=True, objective="anchor",
-                      fixed_regularizer="l2sp"),
-    "esd-x": Method("esd-x", attention_term=False, prior_term=False, regularizer=False, objective="negative_guidance"),
-    "uce": Method("uce", attention_term=False, prior_term=False, regularizer=False, objective="closed_form"),
+                   guided_anchor=True, pooled_teachers=True, reference="UnlearnConfig's defaults (docs/method.md)"),
+    "ca": Method(
+        "ca", attention_term=False, prior_term=False, regularizer=False, objective="anchor",
+        # Kumari et al. 2023, github.com/nupurkmr9/concept-ablation train.py: parameter_group
+        # "cross-attn" (K/V), batch 8, learning rate 2e-6 scaled by the batch (--scale_lr: 1.6e-5).
+        defaults={"trainable": "kv", "batch_size": 8, "learning_rate": 1.6e-5, "steps": 400,
+                  "replay_batch_size": 0},
+        reference="Kumari et al., Ablating Concepts in Text-to-Image Diffusion Models (ICCV 2023)"),
+    "ft-l2sp": Method(
+        "ft-l2sp", attention_term=False, prior_term=False, regularizer=True, objective="anchor",
+        fixed_regularizer="l2sp",
+        # No unlearning paper: DUGE's output term and L2-SP weight, trained on K/V without replay.
+        defaults={"trainable": "kv", "batch_size": 8, "learning_rate": 2e-3, "steps": 150, "replay_batch_size": 0},
+        reference="Li et al., Explicit Inductive Bias for Transfer Learning with CNNs (L2-SP, ICML 2018)"),
+    "esd-x": Method(
+        "esd-x", attention_term=False, prior_term=False, regularizer=False, objective="negative_guidance",
+        # Gandikota et al. 2023, github.com/rohitgandikota/erasing train-esd.py: train_method "xattn"
+        # (every parameter of attn2: q, k, v, out), lr 1e-5, 1000 iterations of one image, negative_guidance 1.
+        defaults={"trainable": "attn2", "batch_size": 1, "learning_rate": 1e-5, "steps": 1000, "esd_eta": 1.0,
+                  "replay_batch_size": 0},
+        reference="Gandikota et al., Erasing Concepts from Diffusion Models (ICCV 2023)"),
+    "uce": Method(
+        "uce", attention_term=False, prior_term=False, regularizer=False, objective="closed_form",
+        # train-scripts/train_erase.py of rohitgandikota/unified-concept-editing: edit_model(lamb=0.5,
+        # erase_scale=1, preserve_scale=0.1 (--preserve_scale default)), K and V, technique "replace".
+        defaults={"trainable": "kv", "uce_lambda": 0.5, "uce_erase_scale": 1.0, "uce_preserve_scale": 0.1,
+                  "replay_batch_size": 0},
+        reference="Gandikota et al., Unified Concept Editing in Diffusion Models (WACV 2024)"),
+    "uce-resolve": Method(
+        "uce-resolve", attention_term=False, prior_term=False, regularizer=False, objective="closed_form",
+        resolve_from_original=True,
+        defaults={"trainable": "kv", "uce_lambda": 0.5, "uce_erase_scale": 1.0, "uce_preserve_scale": 0.1,
+                  "replay_batch_size": 0},
+        reference="Gandikota et al. (WACV 2024), all requests so far edited at once from θ0"),
 }
 
 
@@ -52,3 +95,15 @@ def get_method(name: str) -> Method:
         return METHODS[name]
     except KeyError:
         raise DugeError(f"unknown method {name!r}; expected one of {', '.join(METHODS)}") from None
+
+
+def method_config(method: str, **overrides):
+    """An UnlearnConfig for `method`: UnlearnConfig's defaults, then the method's own, then `overrides`."""
+    from .config import UnlearnConfig  # deferred: duge.config imports this module
+
+    config = UnlearnConfig(method=method)
+    for name, value in {**get_method(method).defaults, **overrides}.items():
+        if name not in UnlearnConfig.__dataclass_fields__:
+            raise DugeError(f"unknown setting {name!r} for method {method!r}")
+        setattr(config, name, value)
+    return config

@@ -135,6 +135,7 @@ class ProgressCheckpoint:
             "final_losses": result.final_losses, "metrics": result.metrics,
             "cache": {"request": asdict(cache.request), "anchor_templates": list(cache.anchor_templates),
                       "related_prompts": list(cache.related_prompts),
+                      "related_concepts": list(cache.related_concepts),
                       "dropped_anchor_images": cache.dropped_anchor_images},
         }
         metadata = {"format": "pt", METADATA_KEY: json.dumps(entry, default=_json_default)}
@@ -193,7 +194,8 @@ class ProgressCheckpoint:
             delta = {key.removeprefix(DELTA_PREFIX): t for key, t in tensors.items() if key.startswith(DELTA_PREFIX)}
             cache = RequestCache(request, tensors["cache/anchor_latents"], list(info["anchor_templates"]),
                                  tensors["cache/related_latents"], list(info["related_prompts"]),
-                                 int(info["dropped_anchor_images"]), tensors.get("cache/target_latents"))
+                                 int(info["dropped_anchor_images"]), tensors.get("cache/target_latents"),
+                                 list(info["related_concepts"]))
             result = RequestResult(meta["target"], delta, float(meta["seconds"]), int(meta["steps"]),
                                    dict(meta["final_losses"]), dict(meta["metrics"]))
         except (KeyError, TypeError, ValueError) as err:

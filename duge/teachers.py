@@ -52,6 +52,22 @@ def names_erased(prompt: str, erased: set[str]) -> bool:
     return any(f" {name} " in text for name in erased)
 
 
+def without_erased_related(pool: TeacherPool, erased: set[str]) -> TeacherPool:
+    """`pool` without its related rows that name an erased concept: the continual rule
+    (`duge.concepts.preserved_at`) — a concept erased since the pool was built is no longer replayed."""
+    rows = pool.rows
+    if rows.related_zt is None or not rows.related_prompts:
+        return pool
+    keep = [i for i, prompt in enumerate(rows.related_prompts) if not names_erased(prompt, erased)]
+    if len(keep) == len(rows.related_prompts):
+        return pool
+    index = torch.tensor(keep, dtype=torch.long)
+    kept_rows = dataclasses.replace(rows, related_zt=rows.related_zt[index], related_t=rows.related_t[index],
+                                    related_prompts=[rows.related_prompts[i] for i in keep])
+    return dataclasses.replace(pool, rows=kept_rows,
+                               related_target=None if pool.related_target is None else pool.related_target[index])
+
+
 def build_teacher_pool(backend, edits, cache: RequestCache, method: Method, config: UnlearnConfig, size: int,
                        rng: np.random.Generator, generator: torch.Generator, erased: set[str],
                        micro_batch_size: int = 0) -> TeacherPool:

@@ -28,21 +28,21 @@ import numpy as np
 import torch
 
 from .backends.base import Backend
-from .concepts import ResolvedRequest, render_prompt
+from .concepts import ResolvedRequest, preserved_at, render_prompt
 from .config import FISHER_SEED_OFFSET, TEACHER_POOL_SEED_OFFSET, UnlearnConfig, request_seed
 from .distributed import check_batch, shard_rows
 from .edits import LayerEdits, trainable_pattern
 from .errors import DugeError
 from .fisher import estimate_fisher
 from .harness import RequestRollback, TrainingDiverged, UnlearnCancelled, check_cancel, interrupt_as_cancel
-from .image_cache import RequestCache, load_or_build_request_cache
+from .image_cache import RequestCache, load_or_build_request_cache, without_related
 from .memory import RunMemory
 from .methods import Method, get_method
 from .objective import pooled_step_terms, step_terms
 from .preservation import layer_moments, null_space_projector, preservation_second_moment, project_update, \
     run_preserved_prompts
 from .results import ProgressFn, RequestDoneFn, RequestResult, ResumeState, UnlearnResult
-from .teachers import TeacherPool, build_teacher_pool, merge_pools
+from .teachers import TeacherPool, build_teacher_pool, merge_pools, without_erased_related
 from .uce import uce_delta
 
 __all__ = ["unlearn", "train_request", "UnlearnConfig", "UnlearnCancelled", "TrainingDiverged"]
@@ -75,8 +75,13 @@ def train_request(run: Run, caches: list[RequestCache], steps: int, learning_rat
     edits, config, method = run.edits, run.config, run.method
     rollback = RequestRollback(edits, label)
     if method.objective == "closed_form":
-        delta = uce_delta(run.backend, edits, [c.request for c in caches], config)
         before = rollback.before
+        if method.resolve_from_original:  # uce-resolve: every request so far, solved again from θ0
+            total = uce_delta(run.backend, edits, [c.request for c in caches], config, from_original=True)
+            edits.load_committed({name: total[name].to(before[name]) for name in before})
+            return {name: total[name].to(before[name]) - before[name] for name in before}, {}
+        # uce: the current weights, with this request's own erase and preserve sets only
+        delta = uce_delta(run.backend, edits, [caches[-1].request], config)
         edits.load_committed({name: before[name] + delta[name].to(before[name]) for name in before})
         return delta, {}
     rng, generator = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
@@ -90,13 +95,15 @@ def train_request(run: Run, caches: list[RequestCache], steps: int, learning_rat
         new = [request_pool(run, cache, seed, erased, micro_batch_size)
                for cache in (caches if config.setting == "simultaneous" else caches[-1:])]
         pools.append(merge_pools(new) if len(new) > 1 else new[0])
+    if pools is not None:  # the continual rule: related rows of a concept erased since are not replayed
+        replayed_pools = [without_erased_related(p, erased) for p in (pools if replay else pools[-1:])]
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
     losses = {}
     for step in range(steps):
         check_cancel(run.cancel)
         optimizer.zero_grad(set_to_none=True)
         if pools is not None:
-            losses = pooled_step_terms(run.backend, edits, pools if replay else pools[-1:], method, config, rng,
+            losses = pooled_step_terms(run.backend, edits, replayed_pools, method, config, rng,
                                        run.fisher, replay_rows, micro_batch_size, step, moments)
         else:
             losses = step_terms(run.backend, edits, caches, method, config, rng, generator, run.fisher,
@@ -219,7 +226,11 @@ def unlearn(backend: Backend, requests: list[ResolvedRequest], config: UnlearnCo
                 with edits.reference():
                     cache = load_or_build_request_cache(backend, request, config, seed, image_filter)
                 sequential = config.setting == "sequential"
-                replayed = caches if sequential and config.replay_batch_size > 0 else []
+                replayed = []
+                if sequential and (config.replay_batch_size > 0 or method.resolve_from_original):
+                    # earlier requests as the continual rule has them at request k (concepts.preserved_at)
+                    kept = preserved_at(requests, k)
+                    replayed = [without_related(c, kept[j]) for j, c in enumerate(caches)]
                 earlier = requests[:k] if sequential else []
                 if pooled and len(pools) < k and sequential:  # resumed: the earlier requests' pools, as they were
                     pools = rebuild_pools(run, requests, caches, [r.delta for r in results])

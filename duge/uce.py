@@ -2,27 +2,30 @@
 cross-attention key/value projections, no training.
 
 For each projection W [out, in] that reads the text embedding (`attn2.to_k`, `attn2.to_v`), with
-c_i the embeddings of the erased concepts, v*_i = W·a_i the current layer's output for the
-embedding a_i of what c_i should become, and c_j the embeddings whose outputs must not move,
+c_i the embeddings of the erased concepts, v*_i = W·a_i the layer's output for the embedding a_i
+of what c_i should become, and c_j the embeddings whose outputs must not move,
 
     W_new = (λ·W + s_e·Σ_i v*_i c_iᵀ + s_p·Σ_j W c_j c_jᵀ) · (λ·I + s_e·Σ_i c_i c_iᵀ + s_p·Σ_j c_j c_jᵀ)⁻¹
 
 the minimiser of  s_e·Σ‖W' c_i − v*_i‖² + s_p·Σ‖W' c_j − W c_j‖² + λ‖W' − W‖²_F  (equation 7 of
-the paper; `trainscripts/uce_sd_erase.py` of the authors' repository uses the same form with
-λ = 0.5, s_e = s_p = 1, the defaults here). The λ term keeps every direction no embedding names
-where it was; without it W_new would send those directions to zero.
+the paper). The λ term keeps every direction no embedding names where it was.
 
-What the embeddings are here, per request and per template T of the request:
-- c_i: the last token of the target (and of each alias) in T(target) — a phrase's last token
-  carries the phrase in CLIP's causal text encoder, which is why UCE edits that one.
-- a_i: the last token of the anchor in T(anchor), in the same template; for the empty anchor,
-  the first end-of-text token of T("") (the sentence-summary token).
-- c_j: the last token of each concept to preserve in T(preserved), and the "general words":
-  every token of T(anchor) up to its first end-of-text token (start token, template words and
-  the anchor itself), so that the template and the anchor keep their meaning.
+Which embeddings, as the authors' `train-scripts/train_erase.py` (`edit_model`) takes them, per
+request and per template T of the request:
+- c_i: the token positions of T(name) from the target's last token THROUGH the end-of-text and
+  padding positions, for the target and each alias. In a causal text encoder every position after
+  the target carries it; editing the last token alone leaves the end-of-text and padding
+  embeddings, which the UNet also attends to, drawing the target.
+- a_i: the same positions of T(anchor), aligned from the anchor's last token (for the empty anchor,
+  the token before the slot: BOS when the slot opens the template); both ranges are cut to the
+  shorter, as train_erase.py cuts them (`farthest`).
+- c_j: every position of T(p) for each concept p to preserve (train_erase.py's retain texts are
+  kept whole), and of T(anchor), so that the template and the anchor keep their meaning.
 
-W is the model as it is now (θ0 plus the committed deltas of earlier requests), so sequential
-requests compose as UCE's own sequential runs do. Solved in float64 on the CPU.
+`uce_delta` solves against the current weights (`uce`: each request edits the model the earlier
+requests left, with its own sets only) or against θ0 with every request so far (`uce-resolve`).
+Which concepts may be preserved at request k comes from `duge.concepts.preserved_at`. Solved in
+float64 on the CPU.
 """
 
 from __future__ import annotations
@@ -32,9 +35,10 @@ import torch
 from .conditioning import text_hidden_states
 from .concepts import ResolvedRequest, render_prompt
 
+# train_erase.py: edit_model(..., lamb=0.5, erase_scale=1, preserve_scale=0.1 (the --preserve_scale default))
 DEFAULT_LAMBDA = 0.5
 DEFAULT_ERASE_SCALE = 1.0
-DEFAULT_PRESERVE_SCALE = 1.0
+DEFAULT_PRESERVE_SCALE = 0.1
 
 
 def uce_closed_form(weight: torch.Tensor, erase: torch.Tensor, guide: torch.Tensor, preserve: torch.Tensor,
@@ -42,9 +46,9 @@ def uce_closed_form(weight: torch.Tensor, erase: torch.Tensor, guide: torch.Tens
                     preserve_scale: float = DEFAULT_PRESERVE_SCALE) -> torch.Tensor:
     """UCE's edited weight for one projection, in float64.
 
-    weight [out, in]; erase [N, in] embeddings c_i; guide [N, in] embeddings a_i whose current
-    outputs W·a_i the c_i must produce; preserve [M, in] embeddings c_j whose outputs stay W·c_j
-    (M may be 0). Returns W_new [out, in] (float64).
+    weight [out, in]; erase [N, in] embeddings c_i; guide [N, in] embeddings a_i whose outputs W·a_i
+    the c_i must produce; preserve [M, in] embeddings c_j whose outputs stay W·c_j (M may be 0).
+    Returns W_new [out, in] (float64).
     """
     w = weight.detach().to(torch.float64)
     c = erase.detach().to(w)
@@ -62,51 +66,55 @@ def uce_closed_form(weight: torch.Tensor, erase: torch.Tensor, guide: torch.Tens
     return torch.linalg.solve(gram, lhs.T).T
 
 
-def _last_token_rows(indices: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
-    """Per prompt, the last position of each occurrence of the phrase (positions not followed by another)."""
-    rows = []
-    for idx, m in zip(indices.tolist(), mask.tolist()):
-        positions = [i for i, keep in zip(idx, m) if keep]
-        found = set(positions)
-        rows.append([i for i in positions if i + 1 not in found])
-    return rows
+def _run_from(positions: set[int], start: int) -> int:
+    """The last position of the consecutive run of `positions` that begins at `start` (start − 1 if none)."""
+    end = start - 1
+    while end + 1 in positions:
+        end += 1
+    return end
 
 
-def _eos_position(backend, prompt: str) -> int:
-    _, pos = _phrase_positions(backend, [prompt], [""], eos_fallback=True)
-    return pos[0][0]
-
-
-def _phrase_positions(backend, prompts: list[str], words: list[str], eos_fallback: bool = False):
-    indices, mask = backend.token_indices(prompts, words, eos_fallback=eos_fallback)
-    return indices, _last_token_rows(indices.cpu(), mask.cpu())
+def slot_last_token(backend, template: str, word: str) -> int:
+    """Position (BOS = 0) of the last token of `word` in render_prompt(template, word); for an empty
+    word, of the last token before the slot (0, BOS, when the slot opens the template)."""
+    prompt = render_prompt(template, word)
+    prefix = render_prompt(template.split("{}", 1)[0] + "{}", "")
+    start = 1
+    if prefix:
+        idx, mask = backend.token_indices([prompt], [prefix])
+        start = _run_from({int(i) for i, m in zip(idx[0].tolist(), mask[0].tolist()) if m}, 1) + 1
+    if not word.strip():
+        return start - 1
+    idx, mask = backend.token_indices([prompt], [word])
+    end = _run_from({int(i) for i, m in zip(idx[0].tolist(), mask[0].tolist()) if m}, start)
+    if end < start:
+        raise ValueError(f"uce: {word!r} was not found after {prefix!r} in the tokens of {prompt!r}")
+    return end
 
 
 def uce_embeddings(backend, requests: list[ResolvedRequest]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(erase [N, dim], guide [N, dim], preserve [M, dim]) text embeddings, float32 on the CPU (see module doc)."""
+    """(erase [N, dim], guide [N, dim], preserve [M, dim]) text embeddings, float32 on the CPU (module doc).
+
+    Each request's `preserve` is used as given: the caller passes the lists `preserved_at` allows.
+    """
     erase, guide, preserve = [], [], []
     for request in requests:
         names = list(dict.fromkeys([request.target, *request.aliases]))
         for template in request.templates:
-            anchor_prompt = render_prompt(template, request.anchor)
-            anchor_ctx = text_hidden_states(backend.encode_prompts([anchor_prompt]))[0].float().cpu()  # [tokens, dim]
-            _, anchor_rows = _phrase_positions(backend, [anchor_prompt], [request.anchor], eos_fallback=True)
-            anchor_vector = anchor_ctx[anchor_rows[0][-1]]
-            prompts = [render_prompt(template, name) for name in names]
-            ctx = text_hidden_states(backend.encode_prompts(prompts)).float().cpu()
-            _, rows = _phrase_positions(backend, prompts, names)
-            for k, positions in enumerate(rows):
-                for pos in positions:
-                    erase.append(ctx[k, pos])
-                    guide.append(anchor_vector)
-            # general words: the anchor prompt itself, start token to first end-of-text token
-            preserve.extend(anchor_ctx[: _eos_position(backend, anchor_prompt) + 1])
+            anchor_ctx = text_hidden_states(backend.encode_prompts([render_prompt(template, request.anchor)]))
+            anchor_ctx = anchor_ctx[0].float().cpu()  # [tokens, dim]
+            length = anchor_ctx.shape[0]
+            anchor_pos = slot_last_token(backend, template, request.anchor)
+            ctx = text_hidden_states(backend.encode_prompts([render_prompt(template, n) for n in names])).float().cpu()
+            for k, name in enumerate(names):
+                pos = slot_last_token(backend, template, name)
+                span = length - max(pos, anchor_pos)  # train_erase.py: both ranges cut to the shorter
+                erase.extend(ctx[k, pos : pos + span])
+                guide.extend(anchor_ctx[anchor_pos : anchor_pos + span])
+            preserve.extend(anchor_ctx)
             if request.preserve:
-                kept_prompts = [render_prompt(template, p) for p in request.preserve]
-                kept_ctx = text_hidden_states(backend.encode_prompts(kept_prompts)).float().cpu()
-                _, kept_rows = _phrase_positions(backend, kept_prompts, list(request.preserve))
-                for k, positions in enumerate(kept_rows):
-                    preserve.extend(kept_ctx[k, pos] for pos in positions)
+                kept = text_hidden_states(backend.encode_prompts([render_prompt(template, p) for p in request.preserve]))
+                preserve.extend(kept.float().cpu().reshape(-1, kept.shape[-1]))
     if not erase:
         targets = ", ".join(repr(r.target) for r in requests)
         raise ValueError(f"uce: none of the targets {targets} was found in its prompts' tokens")
@@ -115,22 +123,25 @@ def uce_embeddings(backend, requests: list[ResolvedRequest]) -> tuple[torch.Tens
     return stack(erase), stack(guide), stack(preserve)
 
 
-def uce_delta(backend, edits, requests: list[ResolvedRequest], config) -> dict[str, torch.Tensor]:
-    """ΔW = W_new − W per edited layer (float32, on the layer's device), for `requests` at once.
+def uce_delta(backend, edits, requests: list[ResolvedRequest], config, from_original: bool = False) -> dict[str, torch.Tensor]:
+    """The edit of every edited layer for `requests` at once (float32, on the layer's device).
 
-    Edits only layers named `…attn2.to_k`/`…attn2.to_v` whose input is the text embedding; any
-    other edited layer gets a zero delta. λ and the scales are the config's `uce_lambda`,
-    `uce_erase_scale` and `uce_preserve_scale` (UnlearnConfig: 0.5, 1, 1 as in the authors' script).
+    `from_original=False`: ΔW = W_new − W against the current weights W (θ0 plus the committed deltas),
+    the sequential `uce`. `from_original=True`: W_new solved from θ0 and returned as W_new − θ0, the
+    whole committed delta (`uce-resolve`). Edits only layers named `…attn2.to_k`/`…attn2.to_v` whose
+    input is the text embedding; any other edited layer gets a zero delta (from θ0: its committed
+    delta is kept). λ and the scales are the config's `uce_lambda`, `uce_erase_scale`, `uce_preserve_scale`.
     """
     lamb, erase_scale, preserve_scale = config.uce_lambda, config.uce_erase_scale, config.uce_preserve_scale
     with torch.no_grad():
         erase, guide, preserve = uce_embeddings(backend, requests)
         deltas = {}
         for name, delta in edits.deltas.items():
-            current = edits.originals[name].detach().float() + delta.committed.detach().float()
+            original = edits.originals[name].detach().float()
+            current = original if from_original else original + delta.committed.detach().float()
             is_text_projection = name.split(".")[-1] in ("to_k", "to_v") and ".attn2." in f".{name}"
             if not is_text_projection or current.shape[1] != erase.shape[1]:
-                deltas[name] = torch.zeros_like(delta.committed)
+                deltas[name] = delta.committed.detach().clone() if from_original else torch.zeros_like(delta.committed)
                 continue
             w = current.cpu().to(torch.float64)
             w_new = uce_closed_form(w, erase, guide, preserve, lamb, erase_scale, preserve_scale)
