@@ -311,7 +311,7 @@ def prepare(sequence: str, profile: Profile, model: str = "builtin", cache: Path
     requests = resolve_concept_set(concept_set, builtin_world=True)
     key = hashlib.sha256(json.dumps({"model": model, "sequence": sequence, "requests": [r.target for r in requests],
                                      "general": list(concept_set.general_prompts), "evaluation": asdict(settings),
-                                     "version": 1}, sort_keys=True).encode()).hexdigest()[:16]
+                                     "version": 2}, sort_keys=True).encode()).hexdigest()[:16]
     path = cache / f"base_{sequence}_{key}" if cache else None
     if path is not None and (path.with_suffix(".json")).exists():
         base = json.loads(path.with_suffix(".json").read_text())

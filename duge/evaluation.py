@@ -114,12 +114,29 @@ def compositional_captions(kept: Sequence[str], n: int, seed: int = 0) -> list[t
     pools = [[c.name for c in CONCEPTS_BY_KIND[kind] if c.name in kept] for kind in ("object", "colour", "style")]
     if not all(pools):
         return []
-    triples = [(o, c, s) for o in pools[0] for c in pools[1] for s in pools[2]]
+    training = builtin_training_prompts()
+    candidates = []  # per triple, its captions in the templates that make no training prompt
+    for o, c, s in ((o, c, s) for o in pools[0] for c in pools[1] for s in pools[2]):
+        captions = [" ".join(t.format(object=o, colour=c, style=s).split()) for t in COMPOSITIONAL_TEMPLATES]
+        candidates.append([(caption, o, c, s) for caption in captions if caption not in training])
     rng = np.random.default_rng(seed)
-    order = rng.permutation(len(triples)).tolist()
-    chosen = [triples[order[i % len(order)]] for i in range(n)]
-    return [(" ".join(COMPOSITIONAL_TEMPLATES[i % len(COMPOSITIONAL_TEMPLATES)].format(object=o, colour=c, style=s).split()),
-             o, c, s) for i, (o, c, s) in enumerate(chosen)]
+    order = rng.permutation(len(candidates)).tolist()
+    out = []
+    for i in range(n):  # triples in a random order, their templates in turn
+        options = candidates[order[i % len(order)]]
+        if options:
+            out.append(options[(i // len(order) + i) % len(options)])
+    return out
+
+
+def builtin_training_prompts() -> frozenset[str]:
+    """Every prompt a request on the built-in world can train on with the default templates: each
+    template of each kind filled with any name of any concept (target, alias, related image) or anchor."""
+    from .concepts import BUILTIN_WORLD_TEMPLATES
+    from .world.vocabulary import CONCEPTS, GENERIC_WORD
+
+    words = {n for c in CONCEPTS for n in c.names} | set(GENERIC_WORD.values())
+    return frozenset(render_prompt(t, w) for ts in BUILTIN_WORLD_TEMPLATES.values() for t in ts for w in words)
 
 
 def compositional_accuracy(generate: "Generate", classifier: "ConceptClassifier", captions, samples: int,

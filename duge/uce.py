@@ -66,30 +66,26 @@ def uce_closed_form(weight: torch.Tensor, erase: torch.Tensor, guide: torch.Tens
     return torch.linalg.solve(gram, lhs.T).T
 
 
-def _run_from(positions: set[int], start: int) -> int:
-    """The last position of the consecutive run of `positions` that begins at `start` (start − 1 if none)."""
-    end = start - 1
-    while end + 1 in positions:
-        end += 1
-    return end
+def _token_count(backend, text: str) -> int:
+    """How many tokens `text` has (without BOS/EOS): the positions of the text in its own tokens."""
+    if not text.strip():
+        return 0
+    _, mask = backend.token_indices([text], [text])
+    return int(mask[0].sum())
 
 
 def slot_last_token(backend, template: str, word: str) -> int:
     """Position (BOS = 0) of the last token of `word` in render_prompt(template, word); for an empty
     word, of the last token before the slot (0, BOS, when the slot opens the template)."""
-    prompt = render_prompt(template, word)
     prefix = render_prompt(template.split("{}", 1)[0] + "{}", "")
-    start = 1
-    if prefix:
-        idx, mask = backend.token_indices([prompt], [prefix])
-        start = _run_from({int(i) for i, m in zip(idx[0].tolist(), mask[0].tolist()) if m}, 1) + 1
-    if not word.strip():
-        return start - 1
-    idx, mask = backend.token_indices([prompt], [word])
-    end = _run_from({int(i) for i, m in zip(idx[0].tolist(), mask[0].tolist()) if m}, start)
-    if end < start:
-        raise ValueError(f"uce: {word!r} was not found after {prefix!r} in the tokens of {prompt!r}")
-    return end
+    before = _token_count(backend, prefix)  # the slot starts at position before + 1
+    position = before + _token_count(backend, word)
+    if word.strip():
+        idx, mask = backend.token_indices([render_prompt(template, word)], [word])
+        if position not in {int(i) for i, m in zip(idx[0].tolist(), mask[0].tolist()) if m}:
+            raise ValueError(f"uce: {word!r} is not at position {position} of the tokens of "
+                             f"{render_prompt(template, word)!r}")
+    return position
 
 
 def uce_embeddings(backend, requests: list[ResolvedRequest]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

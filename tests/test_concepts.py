@@ -730,3 +730,50 @@ def test_mutated_example_files_give_a_concept_set_or_concept_set_error_only():
         mutated = "".join(text)
         parse_or_concept_set_error(mutated)
         parse_or_concept_set_error(mutated.encode("utf-8", "surrogatepass"))
+
+
+# ---------------------------------------------------------------- continual semantics
+
+
+def _resolved(text: str):
+    from duge.concepts import resolve_concept_set
+
+    return resolve_concept_set(parse_concept_set(text), builtin_world=True)
+
+
+LATER_ERASED = """
+name: later
+requests:
+  - target: yellow
+    preserve: [orange, green]
+  - target: circle
+    preserve: [square]
+  - target: green
+    preserve: [cyan]
+"""
+
+
+def test_a_concept_is_preserved_until_the_request_that_erases_it_and_dropped_everywhere_from_then_on():
+    from duge.concepts import preserved_at
+
+    requests = _resolved(LATER_ERASED)
+    # before green is erased, request 1 rightly preserves it
+    assert preserved_at(requests, 0) == [["orange", "green"]]
+    assert preserved_at(requests, 1) == [["orange", "green"], ["square"]]
+    # from request 3 (which erases green) on, no request preserves it any more
+    assert preserved_at(requests, 2) == [["orange"], ["square"], ["cyan"]]
+
+
+def test_an_earlier_erasure_is_never_preserved_later_under_any_of_its_names():
+    from duge.concepts import preserved_at
+
+    requests = _resolved("""
+name: synonyms
+requests:
+  - target: circle
+  - target: square
+    preserve: [Disc, diamond]
+""")
+    assert preserved_at(requests, 1) == [[], ["diamond"]]  # "disc" is the circle, erased at request 1
+    with pytest.raises(IndexError):
+        preserved_at(requests, 2)

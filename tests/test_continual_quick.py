@@ -11,6 +11,8 @@ import pytest
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "continual.py"
 
+from duge.methods import METHODS as METHOD_TABLE  # noqa: E402
+
 
 def _benchmark():
     spec = importlib.util.spec_from_file_location("continual_benchmark", BENCHMARK)
@@ -20,23 +22,26 @@ def _benchmark():
     return module
 
 
-def _check_result(result: dict, methods: list[str], n_requests: int) -> None:
+def _check_result(result: dict, methods: list[str], n_requests: int, seeds=("0",)) -> None:
     assert result["requests"] == ["circle", "red", "striped"][:n_requests]
-    assert len(result["base"]["requests"]) == n_requests
-    assert set(result["methods"]) == set(methods)
+    assert len(result["base"]["requests"]) == n_requests and result["base"]["final"]["UA"] is not None
+    assert set(result["methods"]) == set(methods) == set(result["runs"])
     for name in methods:
+        assert sorted(result["runs"][name]) == sorted(seeds)
+        for seed, run in result["runs"][name].items():
+            assert "error" not in run, run.get("error")
+            assert run["config"]["seed"] == int(seed) and run["git_commit"]
+            assert [r["index"] for r in run["requests"]] == list(range(1, n_requests + 1))
+            for row in run["requests"]:
+                for key in ("UA", "IRA", "CRA", "H", "compositional"):
+                    assert row[key] is None or 0.0 <= row[key] <= 1.0
+                assert row["distance"] is not None and row["seconds"] >= 0.0 and row["peak_memory_mb"] > 0
+            # the last measurement is the final size, the others the curve's
+            assert run["requests"][-1]["measure_size"] == result["evaluation"]["final"]
         entry = result["methods"][name]
-        assert "error" not in entry, entry.get("error")
-        assert [r["index"] for r in entry["requests"]] == list(range(1, n_requests + 1))
-        for row in entry["requests"]:
-            for key in ("UA", "IRA", "CRA", "H"):
-                assert row[key] is None or 0.0 <= row[key] <= 1.0
-            assert row["distance"] >= 0.0
-            assert row["seconds"] >= 0.0 and row["peak_memory_mb"] > 0
-        assert set(entry["final"]) >= {"UA", "IRA", "CRA", "H", "distance"}
-        assert len(entry["seconds_per_request"]) == n_requests
-        assert entry["peak_memory_mb"] > 0
-        if name == "uce":
+        assert set(entry["final"]) >= {"UA", "IRA", "CRA", "H", "compositional", "distance"}
+        assert entry["seeds"] == sorted(seeds, key=int) and len(entry["requests"]) == n_requests
+        if METHOD_TABLE[name].objective == "closed_form":
             assert entry["seconds_per_step"] is None  # closed form: no training steps
         else:
             assert entry["seconds_per_step"] > 0
@@ -47,15 +52,25 @@ def test_benchmark_ci_run_writes_json_table_and_same_seeds_for_every_method(tmp_
     bench = _benchmark()
     methods = ["duge", "ca", "uce"]
     code = bench.main(["--quick", "--requests", "1", "--steps", "2", "--methods", ",".join(methods),
-                       "--out", str(tmp_path), "--threads", "1"])
+                       "--out", str(tmp_path / "run"), "--threads", "1"])
     assert code == 0
-    result = json.loads((tmp_path / "continual.json").read_text())
+    result = json.loads((tmp_path / "run" / "continual.json").read_text())
     _check_result(result, methods, 1)
-    for name in methods:  # the same evaluation images' seeds and settings for every method
-        assert result["methods"][name]["config"]["seed"] == 0
-    assert (tmp_path / "erosion.png").stat().st_size > 0 and (tmp_path / "cost.png").stat().st_size > 0
+    assert result["methods"]["ca"]["config"]["learning_rate"] == METHOD_TABLE["ca"].defaults["learning_rate"]
+    assert result["methods"]["ca"]["config"]["replay_batch_size"] == 0  # a baseline runs without DUGE's replay
+    assert (tmp_path / "run" / "erosion.png").stat().st_size > 0 and (tmp_path / "run" / "cost.png").stat().st_size > 0
     table = capsys.readouterr().out
-    assert "unedited" in table and all(name in table for name in methods)
+    assert "unedited" in table and all(f"| {name} |" in table for name in methods)
+    assert (tmp_path / "run" / "continual_table.md").read_text().strip() in table
+    # a second part reads the unedited model's measurement from the cache instead of measuring again
+    assert bench.main(["--quick", "--requests", "1", "--steps", "2", "--methods", "uce", "--seeds", "1",
+                       "--out", str(tmp_path / "part"), "--threads", "1", "--no-plots"]) == 0
+    assert "read from" in capsys.readouterr().out
+    part = json.loads((tmp_path / "part" / "continual.json").read_text())
+    assert part["base"] == result["base"]
+    merged = bench.merge_results([result, part])
+    assert merged["methods"]["uce"]["seeds"] == ["0", "1"] and merged["seeds"] == [0, 1]
+    assert merged["methods"]["uce"]["final_ci95"]["IRA"] is not None  # two seeds: a t-interval
 
 
 def test_benchmark_refuses_an_unknown_method(tmp_path):
@@ -70,6 +85,32 @@ def test_quick_mode_runs_every_method_on_three_requests(tmp_path):
     assert bench.main(["--quick", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "continual.json").read_text())
     _check_result(result, list(bench.METHODS), 3)
+
+
+def test_confidence_intervals_use_the_t_distribution_over_seeds():
+    bench = _benchmark()
+    mean, half, n = bench.mean_ci([0.8, 0.9, 1.0])
+    assert (mean, n) == (pytest.approx(0.9), 3) and half == pytest.approx(4.303 * 0.1 / 3 ** 0.5)
+    assert bench.mean_ci([0.5]) == (0.5, None, 1) and bench.mean_ci([None]) == (None, None, 0)
+    assert bench.t95(1) == 12.706 and bench.t95(100) == 1.96
+    # paired over seeds: a constant gap is significant with three seeds, a noisy one is not
+    d = bench.paired_difference({"0": 0.9, "1": 0.8, "2": 0.85}, {"0": 0.8, "1": 0.7, "2": 0.75})
+    assert d["mean"] == pytest.approx(0.1) and d["significant"]
+    d = bench.paired_difference({"0": 0.9, "1": 0.6, "2": 0.85}, {"0": 0.8, "1": 0.8, "2": 0.75})
+    assert not d["significant"] and d["n"] == 3
+
+
+def test_tuning_chooses_the_highest_final_h_and_says_why():
+    bench = _benchmark()
+    runs = {"esd-x": [{"settings": {"learning_rate": 1e-5, "steps": 1000}, "final": {"H": 0.5}, "total_seconds": 10},
+                      {"settings": {"learning_rate": 1e-4, "steps": 1000}, "final": {"H": 0.7}, "total_seconds": 10},
+                      {"settings": {"learning_rate": 1e-3, "steps": 1000}, "error": "TrainingDiverged: nan"},
+                      {"settings": {"learning_rate": 1e-4, "steps": 500}, "final": {"H": 0.7}, "total_seconds": 5}],
+            "uce": [{"settings": {"uce_lambda": 0.5}, "error": "x"}]}
+    chosen = bench.choose(runs)
+    assert chosen["esd-x"]["settings"] == {"learning_rate": 1e-4, "steps": 500}  # a tie goes to the cheaper run
+    assert "lr 0.001 steps 1000: H — (failed)" in chosen["esd-x"]["why"]
+    assert chosen["uce"]["settings"] is None and "failed" in chosen["uce"]["why"]
 
 
 def test_report_of_a_benchmark_folder_embeds_the_plots_and_the_table(tmp_path):
@@ -127,13 +168,16 @@ _PNG = bytes.fromhex(
 )
 
 
-def test_runs_split_by_method_merge_into_one_result_only_when_their_settings_match():
+def test_parts_merge_into_one_result_only_when_their_settings_match():
     bench = _benchmark()
-    common = {"model": "builtin", "concept_set": "sequence10", "requests": ["circle"], "setting": "sequential",
-              "seed": 0, "profile": {"steps": 2}, "evaluation": {"steps": 8}, "base": {"requests": []}}
-    a = dict(common, methods={"duge": {"final": {"UA": 1.0}}}, complete=True, seconds_total=10.0)
-    b = dict(common, methods={"uce": {"final": {"UA": 0.5}}}, complete=True, seconds_total=30.0)
+    common = {"benchmark": "continual", "model": "builtin", "sequence": "sequence10", "requests": ["circle"],
+              "setting": "sequential", "profile": {"steps": 2}, "evaluation": {"steps": 8},
+              "base": {"requests": []}}
+    run = lambda ua: {"requests": [{"index": 1, "target": "circle", "UA": ua}], "final": {"UA": ua}}  # noqa: E731
+    a = dict(common, runs={"duge": {"0": run(1.0)}}, complete=True, seconds_total=10.0)
+    b = dict(common, runs={"duge": {"1": run(0.8)}, "uce": {"0": run(0.5)}}, complete=True, seconds_total=30.0)
     merged = bench.merge_results([a, b])
     assert set(merged["methods"]) == {"duge", "uce"} and merged["complete"] and merged["seconds_total"] == 30.0
+    assert merged["methods"]["duge"]["final"]["UA"] == pytest.approx(0.9) and merged["methods"]["duge"]["seeds"] == ["0", "1"]
     with pytest.raises(SystemExit, match="evaluation"):
         bench.merge_results([a, dict(b, evaluation={"steps": 20})])

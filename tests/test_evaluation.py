@@ -200,3 +200,79 @@ def test_zero_shot_clip_classifier_refuses_what_is_not_a_local_folder(tmp_path):
         ZeroShotClipClassifier("openai/clip-vit-base-patch32", {"object": ["circle"]})
     with pytest.raises(DugeError, match="does not exist"):
         ZeroShotClipClassifier(tmp_path, {"object": ["circle"]})
+
+
+# ---------------------------------------------------------------- held-out measurement
+
+
+def _every_training_prompt() -> set[str]:
+    """Every prompt any request on the built-in world can train on: each default template of each kind
+    filled with any name of any concept (targets, aliases, related images) or any anchor."""
+    from duge.concepts import BUILTIN_WORLD_TEMPLATES, render_prompt
+    from duge.world.vocabulary import GENERIC_WORD
+
+    words = {n for c in CONCEPTS for n in c.names} | set(GENERIC_WORD.values())
+    return {render_prompt(t, w) for templates in BUILTIN_WORLD_TEMPLATES.values() for t in templates for w in words}
+
+
+def test_measuring_templates_and_prompts_are_held_out_from_every_training_template_and_prompt():
+    from duge.concepts import BUILTIN_WORLD_TEMPLATES, render_prompt
+    from duge.evaluation import PARAPHRASE_TEMPLATES, RETENTION_TEMPLATES, compositional_captions
+
+    training_templates = {t for templates in BUILTIN_WORLD_TEMPLATES.values() for t in templates}
+    measuring_templates = {t for ts in PARAPHRASE_TEMPLATES.values() for t in ts} | set(RETENTION_TEMPLATES.values())
+    assert not measuring_templates & training_templates
+    training = _every_training_prompt()
+    concepts = world_measured_concepts()
+    measuring = {c.retention_prompt for c in concepts}
+    measuring |= {render_prompt(t, n) for c in concepts for t in c.paraphrase_templates for n in c.names}
+    measuring |= {caption for caption, *_ in compositional_captions([c.name for c in CONCEPTS], 320)}
+    assert len(measuring) > 300
+    assert not measuring & training, sorted(measuring & training)[:5]
+    from duge.evaluation import builtin_training_prompts
+
+    assert builtin_training_prompts() == training  # what compositional_captions steers clear of
+
+
+def test_compositional_captions_name_three_kept_concepts_and_are_read_right_only_when_all_three_are():
+    from duge.evaluation import compositional_accuracy, compositional_captions
+
+    kept = ["square", "heart", "orange", "cyan", "dotted", "plain"]
+    captions = compositional_captions(kept, 6, seed=3)
+    assert len(captions) == 6 and len({c for c, *_ in captions}) == 6
+    for caption, o, c, s in captions:
+        assert {o, c, s} <= set(kept) and all(w in caption.split() for w in (o, c, s))
+    assert compositional_captions(["square", "orange"], 4) == []  # no style kept: nothing to measure
+    model = _PromptModel()
+    assert compositional_accuracy(model.generate, model, captions, 2) == 1.0
+    model = _PromptModel(erased=("orange",))  # the captions with orange lose one kind of three
+    with_orange = sum(c == "orange" for _, _, c, _ in captions)
+    assert compositional_accuracy(model.generate, model, captions, 2) == pytest.approx(1 - with_orange / 6)
+
+
+def test_kid_is_the_unbiased_mmd_with_the_cubic_kernel_computed_pair_by_pair():
+    from duge.evaluation import kernel_inception_distance
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 5, generator=g, dtype=torch.float64)
+    y = torch.randn(9, 5, generator=g, dtype=torch.float64) + 0.5
+    k = lambda a, b: (float(a @ b) / 5 + 1) ** 3  # noqa: E731
+    xx = sum(k(x[i], x[j]) for i in range(7) for j in range(7) if i != j) / (7 * 6)
+    yy = sum(k(y[i], y[j]) for i in range(9) for j in range(9) if i != j) / (9 * 8)
+    xy = sum(k(x[i], y[j]) for i in range(7) for j in range(9)) / (7 * 9)
+    assert kernel_inception_distance(x, y) == pytest.approx(xx + yy - 2 * xy, rel=1e-10)
+    assert kernel_inception_distance(x, y) == pytest.approx(kernel_inception_distance(y, x), rel=1e-10)
+
+
+def test_kid_is_unbiased_near_zero_for_one_distribution_and_positive_for_two():
+    from duge.evaluation import kernel_inception_distance
+
+    g = torch.Generator().manual_seed(1)
+    same = [kernel_inception_distance(torch.randn(16, 8, generator=g), torch.randn(16, 8, generator=g)) for _ in range(200)]
+    shifted = [kernel_inception_distance(torch.randn(16, 8, generator=g), torch.randn(16, 8, generator=g) + 1.0)
+               for _ in range(20)]
+    assert abs(np.mean(same)) < 3 * np.std(same) / np.sqrt(len(same))  # mean 0 within its standard error
+    assert min(same) < 0  # unbiased: it can come out below zero
+    assert min(shifted) > max(abs(np.mean(same)), 0) and np.mean(shifted) > 5 * np.std(same)
+    with pytest.raises(ValueError):
+        kernel_inception_distance(torch.randn(1, 8), torch.randn(4, 8))

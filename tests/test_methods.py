@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from duge.concepts import ResolvedRequest
+from duge.concepts import ResolvedRequest, render_prompt
 from duge.config import UnlearnConfig
 from duge.image_cache import RequestCache
 from duge.methods import METHODS, get_method
 from duge.objective import step_terms
-from duge.uce import uce_closed_form, uce_delta, uce_embeddings
+from duge.uce import slot_last_token, uce_closed_form, uce_delta, uce_embeddings
 
 
 def _orthonormal(n: int, dim: int, seed: int = 0) -> torch.Tensor:
@@ -59,7 +59,20 @@ def test_uce_delta_on_the_builtin_model_moves_the_target_towards_the_anchor(buil
     backend = DiffusersBackend(builtin_pipe, device="cpu")
     request = resolve_request(ConceptRequest("circle", preserve=["square"]), builtin_world=True)
     erase, guide, preserve = uce_embeddings(backend, [request])
-    assert erase.shape == guide.shape and erase.shape[0] == 2 * len(request.templates)  # circle + disc
+    assert erase.shape == guide.shape
+    # train_erase.py's token range: from the target's last token through end-of-text and padding
+    length = backend.encode_prompts(["a circle"]).shape[1]
+    expected_rows = 0
+    for template in request.templates:
+        anchor = slot_last_token(backend, template, "shape")
+        expected_rows += sum(length - max(slot_last_token(backend, template, name), anchor) for name in ("circle", "disc"))
+    assert erase.shape[0] == expected_rows
+    first = backend.encode_prompts([render_prompt(request.templates[0], "circle")])[0]  # "a {}": BOS a circle EOS pad…
+    anchor_first = backend.encode_prompts([render_prompt(request.templates[0], "shape")])[0]
+    torch.testing.assert_close(erase[: length - 2], first[2:].float())
+    torch.testing.assert_close(guide[: length - 2], anchor_first[2:].float())
+    # preserved: every position of the anchor's and of square's prompts in every template
+    assert preserve.shape[0] == 2 * length * len(request.templates)
     with backend.edits(r"attn2\.to_[kv]$") as edits:
         weights_before = {n: w.detach().clone() for n, w in edits.originals.items()}
         deltas = uce_delta(backend, edits, [request], UnlearnConfig(method="uce"))
@@ -70,7 +83,9 @@ def test_uce_delta_on_the_builtin_model_moves_the_target_towards_the_anchor(buil
             c, a, p = erase.double(), guide.double(), preserve.double()
             before = (c @ w0.T - a @ w0.T).norm()
             after = (c @ w1.T - a @ w0.T).norm()
-            assert after < 0.5 * before, name
+            # (less than half-way: the preserved rows — the anchor prompt's own end-of-text and padding
+            # positions among them, close to the target's — pull the other way; the optimum is checked next)
+            assert after < 0.75 * before, name
             # W_new is the least-squares optimum: the objective's gradient vanishes there (λ = 0.5, scales 1)
             gradient = 0.5 * (w1 - w0) + (c @ w1.T - a @ w0.T).T @ c + (p @ w1.T - p @ w0.T).T @ p
             assert gradient.norm() < 1e-4 * (a @ w0.T).T.matmul(c).norm(), name
@@ -202,4 +217,29 @@ def test_duge_sums_output_prior_and_regularisation():
 
 
 def test_every_method_in_the_table_is_covered_here():
-    assert set(METHODS) == {"duge", "ca", "ft-l2sp", "esd-x", "uce"}
+    assert set(METHODS) == {"duge", "ca", "ft-l2sp", "esd-x", "uce", "uce-resolve"}
+
+
+def test_slot_last_token_finds_the_word_in_its_slot_and_the_token_before_an_empty_one(builtin_pipe):
+    from duge.backends.diffusers_backend import DiffusersBackend
+
+    backend = DiffusersBackend(builtin_pipe, device="cpu")
+    assert slot_last_token(backend, "a {} shape", "red") == 2  # BOS a red
+    assert slot_last_token(backend, "a {} shape", "") == 1  # the slot follows "a"
+    assert slot_last_token(backend, "{} orange crescent", "") == 0  # the slot opens the template: BOS
+    assert slot_last_token(backend, "a {} shape", "shape") == 2  # the slot's "shape", not the template's
+
+
+def test_each_baseline_runs_with_its_papers_settings_and_without_replay():
+    from duge.methods import method_config
+
+    esd = method_config("esd-x")
+    assert (esd.trainable, esd.learning_rate, esd.steps, esd.batch_size, esd.esd_eta) == ("attn2", 1e-5, 1000, 1, 1.0)
+    for name in ("esd-x", "ca", "ft-l2sp", "uce", "uce-resolve"):
+        assert method_config(name).replay_batch_size == 0, name
+    uce = method_config("uce")
+    assert (uce.uce_lambda, uce.uce_erase_scale, uce.uce_preserve_scale) == (0.5, 1.0, 0.1)
+    assert method_config("duge") == UnlearnConfig()  # DUGE's defaults are UnlearnConfig's
+    assert method_config("ca", learning_rate=1e-3).learning_rate == 1e-3  # what is given wins
+    with pytest.raises(Exception, match="unknown setting"):
+        method_config("ca", learning_rat=1e-3)

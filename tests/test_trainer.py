@@ -142,3 +142,71 @@ def test_sequential_batches_add_replayed_erasures_and_skip_attention_for_an_empt
     first, second = seen[:3], seen[3:]
     assert all(rows == (2, 2) for rows in first)  # circle alone: every sample has its anchor "shape"
     assert all(rows == (5, 3) for rows in second)  # 2 red + 3 replayed circle; red's anchor has no tokens
+
+
+def test_replayed_related_images_and_preserve_lists_drop_a_concept_from_the_request_that_erases_it(backend, monkeypatch):
+    """yellow preserves green; at request 3 (green) the replayed yellow cache holds no green image, and
+    request 3's own prior term never sees green; before that, green was replayed (request 2)."""
+    import duge.trainer as trainer
+
+    seen = []
+    real_step = trainer._request_step
+
+    def spy(backend_, edits, caches, config, *args, **kwargs):
+        seen.append([(c.request.target, list(c.related_concepts), list(c.request.preserve)) for c in caches])
+        return real_step(backend_, edits, caches, config, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "_request_step", spy)
+    concepts = parse_concept_set("""
+name: later
+requests:
+  - target: yellow
+    preserve: [orange, green]
+  - target: circle
+    preserve: [square]
+  - target: green
+    preserve: [cyan]
+""")
+    unlearn(backend, concepts, tiny_config(steps=1, replay_batch_size=2), builtin_world=True)
+    request2, request3 = seen[1], seen[2]
+    assert request2[0] == ("yellow", ["orange", "green"], ["orange", "green"])  # not erased yet: replayed
+    assert request3[0] == ("yellow", ["orange"], ["orange"])  # erased now: gone from the replayed cache
+    assert all("green" not in related and "green" not in kept for _, related, kept in request3)
+
+
+def test_uce_edits_with_its_own_request_and_uce_resolve_solves_every_request_from_theta0(backend, monkeypatch):
+    import duge.uce as uce
+
+    calls = []
+    real = uce.uce_delta
+
+    def spy(backend_, edits, requests, config, from_original=False):
+        calls.append(([(r.target, list(r.preserve)) for r in requests], from_original))
+        return real(backend_, edits, requests, config, from_original)
+
+    monkeypatch.setattr(uce, "uce_delta", spy)
+    concepts = parse_concept_set("""
+name: later
+requests:
+  - target: yellow
+    preserve: [orange, green]
+  - target: green
+    preserve: [cyan]
+""")
+    sequential = unlearn(backend, concepts, tiny_config(method="uce"), builtin_world=True)
+    assert calls == [([("yellow", ["orange", "green"])], False), ([("green", ["cyan"])], False)]
+    calls.clear()
+    resolved = unlearn(backend, concepts, tiny_config(method="uce-resolve"), builtin_world=True)
+    # request 2 solves both from θ0, and yellow's preserve set no longer holds green
+    assert calls == [([("yellow", ["orange", "green"])], True), ([("yellow", ["orange"]), ("green", ["cyan"])], True)]
+    assert set(resolved.total_delta) == set(sequential.total_delta)
+    with backend.edits(r"attn2\.to_[kv]$") as edits:  # the total is the closed form of both requests from θ0
+        from duge.concepts import resolve_concept_set
+
+        both = resolve_concept_set(concepts, builtin_world=True)
+        both[0].preserve = ["orange"]
+        expected = real(backend, edits, both, tiny_config(method="uce-resolve"), from_original=True)
+    for name, delta in expected.items():
+        torch.testing.assert_close(resolved.total_delta[name], delta, rtol=1e-5, atol=1e-6)
+    # the request's own delta is what it added to the model the first request left
+    torch.testing.assert_close(sum(r.delta[name] for r in resolved.requests), resolved.total_delta[name])
