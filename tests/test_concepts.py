@@ -31,7 +31,7 @@ from duge.world.scenes import CAPTION_TEMPLATES
 from duge.world.tokenizer import world_words
 from duge.world.vocabulary import CONCEPTS, CONCEPTS_BY_KIND, concept_by_name
 
-BUILTIN_EXAMPLES = ("demo", "objects", "sequence10")
+BUILTIN_EXAMPLES = ("demo", "objects", "sequence10", "sequence10b", "tuning")
 
 
 def valid_document(**top_level) -> dict:
@@ -612,7 +612,8 @@ def test_resolve_concept_set_names_source_and_request_index():
 
 
 def test_example_names_and_paths():
-    assert set(example_concept_set_names()) == {"demo", "objects", "sequence10", "van_gogh_example"}
+    assert set(example_concept_set_names()) == {"demo", "objects", "sequence10", "sequence10b", "tuning",
+                                                 "van_gogh_example"}
     assert example_concept_set_path("demo") == EXAMPLE_CONCEPT_SETS_DIR / "demo.yaml"
     assert example_concept_set_path("objects.json") == EXAMPLE_CONCEPT_SETS_DIR / "objects.json"
     with pytest.raises(ConceptSetError, match="no example concept set '../demo'; expected one of: demo, objects"):
@@ -646,8 +647,9 @@ def test_demo_erases_an_object_then_a_colour_then_a_style():
     assert all(request.preserve for request in resolved)
 
 
-def test_sequence10_has_ten_distinct_targets_and_keeps_concepts_of_every_kind():
-    resolved = resolve_concept_set(load_concept_set(example_concept_set_path("sequence10")), builtin_world=True)
+@pytest.mark.parametrize("name", ["sequence10", "sequence10b"])
+def test_reported_sequences_have_ten_distinct_targets_and_keep_concepts_of_every_kind(name):
+    resolved = resolve_concept_set(load_concept_set(example_concept_set_path(name)), builtin_world=True)
     assert len(resolved) == 10
     erased = {concept_by_name(request.target).name for request in resolved}
     assert len(erased) == 10
@@ -656,6 +658,19 @@ def test_sequence10_has_ten_distinct_targets_and_keeps_concepts_of_every_kind():
         kept = [concept for concept in concepts if concept.name not in erased]
         assert len(kept) >= 3, kind
     assert all(len(request.preserve) >= 2 for request in resolved)
+    general = load_concept_set(example_concept_set_path(name)).general_prompts
+    assert general and not any(n in p.split() for p in general for r in resolved for n in [r.target, *r.aliases])
+
+
+def test_the_second_sequence_mixes_kinds_otherwise_and_tuning_is_neither_reported_sequence():
+    kinds = {name: [r.kind for r in resolve_concept_set(load_concept_set(example_concept_set_path(name)), True)]
+             for name in ("sequence10", "sequence10b", "tuning")}
+    assert kinds["sequence10"] != kinds["sequence10b"]
+    assert [kinds[n].count("colour") for n in ("sequence10", "sequence10b")] == [4, 5]
+    targets = {name: {r.target for r in load_concept_set(example_concept_set_path(name)).requests}
+               for name in ("sequence10", "sequence10b", "tuning")}
+    assert not targets["tuning"] & targets["sequence10"]
+    assert targets["tuning"] != targets["sequence10b"] and len(targets["tuning"] & targets["sequence10b"]) <= 1
 
 
 def test_van_gogh_example_is_for_a_users_model():

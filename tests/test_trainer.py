@@ -150,13 +150,13 @@ def test_replayed_related_images_and_preserve_lists_drop_a_concept_from_the_requ
     import duge.trainer as trainer
 
     seen = []
-    real_step = trainer._request_step
+    real_step = trainer.step_terms
 
-    def spy(backend_, edits, caches, config, *args, **kwargs):
+    def spy(backend_, edits, caches, *args, **kwargs):
         seen.append([(c.request.target, list(c.related_concepts), list(c.request.preserve)) for c in caches])
-        return real_step(backend_, edits, caches, config, *args, **kwargs)
+        return real_step(backend_, edits, caches, *args, **kwargs)
 
-    monkeypatch.setattr(trainer, "_request_step", spy)
+    monkeypatch.setattr(trainer, "step_terms", spy)
     concepts = parse_concept_set("""
 name: later
 requests:
@@ -175,16 +175,16 @@ requests:
 
 
 def test_uce_edits_with_its_own_request_and_uce_resolve_solves_every_request_from_theta0(backend, monkeypatch):
-    import duge.uce as uce
+    import duge.trainer as trainer
 
     calls = []
-    real = uce.uce_delta
+    real = trainer.uce_delta
 
     def spy(backend_, edits, requests, config, from_original=False):
         calls.append(([(r.target, list(r.preserve)) for r in requests], from_original))
         return real(backend_, edits, requests, config, from_original)
 
-    monkeypatch.setattr(uce, "uce_delta", spy)
+    monkeypatch.setattr(trainer, "uce_delta", spy)
     concepts = parse_concept_set("""
 name: later
 requests:
