@@ -364,13 +364,16 @@ def image_features(classifier, images: torch.Tensor, batch_size: int = 256) -> t
     return torch.cat([embed(images[i : i + batch_size]).float().cpu() for i in range(0, len(images), batch_size)])
 
 
-def kernel_inception_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> float:
+def kernel_inception_distance(features_a: torch.Tensor, features_b: torch.Tensor, paired: bool = False) -> float:
     """KID (Bińkowski et al., ICLR 2018): the unbiased estimate of MMD² between two feature sets [m, D]
     and [n, D] (m, n ≥ 2) under the cubic polynomial kernel k(x, y) = (xᵀy / D + 1)³, in float64.
 
     Unbiased at any sample size (its expectation is the population MMD², 0 for equal distributions,
     so it can come out slightly negative), unlike the Fréchet distance, whose covariance from N images
-    has rank at most N − 1.
+    has rank at most N − 1. `paired`: row i of both sets comes from the same prompt and seed (the
+    edited and the unedited model's image i); the cross term then leaves out the pairs i = i, which
+    are not independent draws, so the estimate is the U-statistic over pairs (Gretton et al. 2012,
+    MMD²_u with m = n) and stays unbiased.
     """
     x = torch.as_tensor(features_a).detach().to("cpu", torch.float64).reshape(len(features_a), -1)
     y = torch.as_tensor(features_b).detach().to("cpu", torch.float64).reshape(len(features_b), -1)
@@ -378,11 +381,14 @@ def kernel_inception_distance(features_a: torch.Tensor, features_b: torch.Tensor
     if m < 2 or n < 2 or y.shape[1] != dim:
         raise ValueError(f"kernel_inception_distance: need two sets of at least 2 features of one size, got "
                          f"{tuple(x.shape)} and {tuple(y.shape)}")
+    if paired and m != n:
+        raise ValueError(f"kernel_inception_distance: paired sets must have as many rows, got {m} and {n}")
     kernel = lambda a, b: (a @ b.T / dim + 1) ** 3  # noqa: E731
     k_xx, k_yy, k_xy = kernel(x, x), kernel(y, y), kernel(x, y)
     within_x = (k_xx.sum() - k_xx.diagonal().sum()) / (m * (m - 1))
     within_y = (k_yy.sum() - k_yy.diagonal().sum()) / (n * (n - 1))
-    return float(within_x + within_y - 2 * k_xy.mean())
+    cross = (k_xy.sum() - k_xy.diagonal().sum()) / (m * (m - 1)) if paired else k_xy.mean()
+    return float(within_x + within_y - 2 * cross)
 
 
 def distance_prompts(general_prompts: Sequence[str], samples: int) -> list[str]:
@@ -528,7 +534,9 @@ class RunEvaluation:
                                    size.samples_per_prompt, size.retention_samples, s.seed, self.with_request_templates)
         metrics["compositional"] = self._compositional(size)
         if self._base_features.get(final) is not None:
-            metrics["distance"] = kernel_inception_distance(self._distance_features(size), self._base_features[final])
+            # the same prompts and seeds as the unedited model's images: paired rows
+            metrics["distance"] = kernel_inception_distance(self._distance_features(size), self._base_features[final],
+                                                            paired=True)
         base = self.base.get("final") if final else self.base
         if base and base.get("after_request"):
             metrics.update(retention_ratios(metrics, base["after_request"][len(requests_so_far) - 1]))

@@ -262,6 +262,10 @@ def test_kid_is_the_unbiased_mmd_with_the_cubic_kernel_computed_pair_by_pair():
     xy = sum(k(x[i], y[j]) for i in range(7) for j in range(9)) / (7 * 9)
     assert kernel_inception_distance(x, y) == pytest.approx(xx + yy - 2 * xy, rel=1e-10)
     assert kernel_inception_distance(x, y) == pytest.approx(kernel_inception_distance(y, x), rel=1e-10)
+    y = y[:7]  # paired rows: the cross term leaves out each row's own partner
+    yy = sum(k(y[i], y[j]) for i in range(7) for j in range(7) if i != j) / (7 * 6)
+    xy = sum(k(x[i], y[j]) for i in range(7) for j in range(7) if i != j) / (7 * 6)
+    assert kernel_inception_distance(x, y, paired=True) == pytest.approx(xx + yy - 2 * xy, rel=1e-10)
 
 
 def test_kid_is_unbiased_near_zero_for_one_distribution_and_positive_for_two():
@@ -276,3 +280,8 @@ def test_kid_is_unbiased_near_zero_for_one_distribution_and_positive_for_two():
     assert min(shifted) > max(abs(np.mean(same)), 0) and np.mean(shifted) > 5 * np.std(same)
     with pytest.raises(ValueError):
         kernel_inception_distance(torch.randn(1, 8), torch.randn(4, 8))
+    # pairs that share their noise (one seed, two nearly equal models) stay unbiased only when paired
+    base = [torch.randn(16, 8, generator=g) for _ in range(200)]
+    pairs = [(b, b + 0.05 * torch.randn(16, 8, generator=g)) for b in base]
+    assert abs(np.mean([kernel_inception_distance(a, b, paired=True) for a, b in pairs])) < 0.05 * np.std(same)
+    assert np.mean([kernel_inception_distance(a, b) for a, b in pairs]) < -2 * np.std(same) / np.sqrt(200)
