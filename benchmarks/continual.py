@@ -461,7 +461,7 @@ def summarize(result: dict) -> dict:
                 entry[key], entry[f"{key}_ci95"], _ = mean_ci([e.get(key) for e in done.values()])
             entry["total_seconds_per_seed"] = {s: e.get("total_seconds") for s, e in done.items()}
             entry["git_commits"] = sorted({e.get("git_commit") or "?" for e in done.values()})
-            entry["config"] = next(iter(done.values()))["config"]
+            entry["config"] = next(iter(done.values())).get("config")
         methods[name] = entry
     reference = methods.get("esd-x", {})
     for entry in methods.values():
