@@ -285,3 +285,20 @@ def test_kid_is_unbiased_near_zero_for_one_distribution_and_positive_for_two():
     pairs = [(b, b + 0.05 * torch.randn(16, 8, generator=g)) for b in base]
     assert abs(np.mean([kernel_inception_distance(a, b, paired=True) for a, b in pairs])) < 0.05 * np.std(same)
     assert np.mean([kernel_inception_distance(a, b) for a, b in pairs]) < -2 * np.std(same) / np.sqrt(200)
+
+
+def test_measurement_samples_in_batches_with_the_seeds_one_call_would_use():
+    from duge.evaluation import EvaluationSettings, RunEvaluation
+
+    class Backend:
+        calls = []
+
+        def generate(self, prompts, seed, steps, guidance):
+            self.calls.append((len(prompts), seed))
+            return torch.arange(seed, seed + len(prompts), dtype=torch.float32).view(-1, 1, 1, 1)
+
+    backend = Backend()
+    evaluation = RunEvaluation(backend, None, [], EvaluationSettings(batch=4))
+    images = evaluation.generate(["p"] * 10, 100)
+    assert images.view(-1).tolist() == list(range(100, 110))  # row i from seed 100 + i
+    assert backend.calls == [(4, 100), (4, 104), (2, 108)]
