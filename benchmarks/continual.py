@@ -487,10 +487,12 @@ def merge_results(results: list[dict]) -> dict:
     split over processes). The unedited model's numbers are the first part's (the same images);
     seconds_total is the longest part's. Raises SystemExit naming the first setting that differs."""
     same = ("benchmark", "model", "sequence", "requests", "setting", "profile", "evaluation")
+    # how many images one sampler call takes changes no image (the same per-row seeds)
+    comparable = lambda r, key: {k: v for k, v in r[key].items() if k != "batch"} if key == "evaluation" and r.get(key) else r.get(key)  # noqa: E731
     first = results[0]
     for other in results[1:]:
         for key in same:
-            if other.get(key) != first.get(key):
+            if comparable(other, key) != comparable(first, key):
                 raise SystemExit(f"--merge: the parts differ in {key!r}; only parts with the same settings combine")
     merged = dict(first, merged_from=len(results), git_commit=sorted({r.get("git_commit") or "?" for r in results}))
     if first.get("benchmark") == "tuning":
