@@ -310,7 +310,9 @@ def prepare(sequence: str, profile: Profile, model: str = "builtin", cache: Path
                                general_prompts=list(concept_set.general_prompts))
     requests = resolve_concept_set(concept_set, builtin_world=True)
     key = hashlib.sha256(json.dumps({"model": model, "sequence": sequence, "requests": [r.target for r in requests],
-                                     "general": list(concept_set.general_prompts), "evaluation": asdict(settings),
+                                     "general": list(concept_set.general_prompts),
+                                     # the sampler's batch size changes no image
+                                     "evaluation": {k: v for k, v in asdict(settings).items() if k != "batch"},
                                      "version": 2}, sort_keys=True).encode()).hexdigest()[:16]
     path = cache / f"base_{sequence}_{key}" if cache else None
     if path is not None and (path.with_suffix(".json")).exists():
