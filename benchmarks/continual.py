@@ -66,6 +66,7 @@ KEYS = ("UA", "IRA", "CRA", "H", "compositional", "distance", "IRA_ratio", "CRA_
 # ∈ {0.1, 1} (train_erase.py's and uce_sd_erase.py's defaults), erase scale 1.
 LR_FACTORS = (1.0, 10.0, 100.0)
 UCE_GRID = tuple({"uce_lambda": lamb, "uce_preserve_scale": scale} for lamb in (0.5, 0.1) for scale in (0.1, 1.0))
+GRID_RUNS = 4  # runs per method: len(LR_FACTORS) + 1 (the best at S/2), or len(UCE_GRID)
 
 
 @dataclass
@@ -145,8 +146,9 @@ def git_commit() -> str | None:
                                 check=True).stdout.strip()
         dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
+    except (OSError, subprocess.CalledProcessError):  # a `git archive` copy: the commit it was made from, if written
+        stamp = root / "SNAPSHOT_COMMIT"
+        return f"{stamp.read_text().strip()} (git archive)" if stamp.exists() else None
     return commit + ("+uncommitted" if dirty else "")
 
 
@@ -423,7 +425,7 @@ def choose(runs: dict) -> dict:
         best = max(scored, key=lambda e: (e["final"]["H"], -(e.get("total_seconds") or 0.0)))
         chosen[method] = {"settings": best["settings"], "H": best["final"]["H"],
                           **{k: best["final"].get(k) for k in ("UA", "IRA", "CRA")},
-                          "why": f"highest final H of {len(entries)} runs on the tuning sequence ("
+                          "why": f"highest final H of {len(entries)} of the protocol's {GRID_RUNS} runs on the tuning sequence ("
                                  + ", ".join(f"{_settings_text(e['settings'])}: H {_fmt((e.get('final') or {}).get('H'))}"
                                              + (" (failed)" if "error" in e else "") for e in entries) + ")"}
     return chosen
@@ -489,8 +491,14 @@ def merge_results(results: list[dict]) -> dict:
     split over processes). The unedited model's numbers are the first part's (the same images);
     seconds_total is the longest part's. Raises SystemExit naming the first setting that differs."""
     same = ("benchmark", "model", "sequence", "requests", "setting", "profile", "evaluation")
-    # how many images one sampler call takes changes no image (the same per-row seeds)
-    comparable = lambda r, key: {k: v for k, v in r[key].items() if k != "batch"} if key == "evaluation" and r.get(key) else r.get(key)  # noqa: E731
+    def comparable(result: dict, key: str):
+        value = result.get(key)
+        if key == "evaluation" and value:  # how many images one sampler call takes changes no image
+            return {k: v for k, v in value.items() if k != "batch"}
+        if key == "profile" and value:  # a size left unset (None: the method's own) under any name
+            return {k: v for k, v in value.items() if v is not None}
+        return value
+
     first = results[0]
     for other in results[1:]:
         for key in same:
@@ -530,7 +538,19 @@ def _pm(mean, half, digits: int = 3) -> str:
 def format_table(result: dict) -> str:
     """Markdown: final numbers per method (mean ± 95 % CI over seeds), cost ratios, significance, erosion."""
     if result.get("benchmark") == "tuning":
-        lines = ["| method | chosen | final H | why |", "|---|---|---|---|"]
+        lines = [f"tuning sequence ({', '.join(result['requests'])}), training seed {result.get('seed', 0)}; "
+                 "final numbers after the last request", "",
+                 "| method | settings | UA | IRA | CRA | H | compositional | s/request | s/step | code |",
+                 "|---|---|---|---|---|---|---|---|---|---|"]
+        for method, entries in result.get("runs", {}).items():
+            for e in entries:
+                f = e.get("final") or {}
+                lines.append(f"| {method} | {_settings_text(e['settings'])} | "
+                             + (f"failed: {e['error']} |||||||" if "error" in e else
+                                " | ".join(_fmt(f.get(k)) for k in ("UA", "IRA", "CRA", "H", "compositional"))
+                                + f" | {_fmt(e.get('mean_seconds_per_request'), 0)} | {_fmt(e.get('seconds_per_step'), 2)}"
+                                + f" | {(e.get('git_commit') or '?')[:7]} |"))
+        lines += ["", "| method | chosen | final H | why |", "|---|---|---|---|"]
         for method, c in result.get("chosen", {}).items():
             lines.append(f"| {method} | {_settings_text(c['settings']) if c.get('settings') else '—'} | "
                          f"{_fmt(c.get('H'))} | {c['why']} |")
@@ -678,7 +698,8 @@ def main(argv=None) -> int:
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = Path(args.json) if args.json else out_dir / ("tuning.json" if args.tune else "continual.json")
+    tuning = args.tune or (args.merge and json.loads(Path(args.merge[0]).read_text()).get("benchmark") == "tuning")
+    json_path = Path(args.json) if args.json else out_dir / ("tuning.json" if tuning else "continual.json")
     json_path.parent.mkdir(parents=True, exist_ok=True)
     cache = Path(args.cache) if args.cache else out_dir.parent / "base_cache"
     t0 = time.perf_counter()
