@@ -540,7 +540,7 @@ def format_table(result: dict) -> str:
     if result.get("benchmark") == "tuning":
         lines = [f"tuning sequence ({', '.join(result['requests'])}), training seed {result.get('seed', 0)}; "
                  "final numbers after the last request", "",
-                 "| method | settings | UA | IRA | CRA | H | compositional | s/request | s/step | code |",
+                 "| method | settings | UA | IRA | CRA | H | compositional | median s/request | s/step | code |",
                  "|---|---|---|---|---|---|---|---|---|---|"]
         for method, entries in result.get("runs", {}).items():
             for e in entries:
@@ -548,7 +548,7 @@ def format_table(result: dict) -> str:
                 lines.append(f"| {method} | {_settings_text(e['settings'])} | "
                              + (f"failed: {e['error']} |||||||" if "error" in e else
                                 " | ".join(_fmt(f.get(k)) for k in ("UA", "IRA", "CRA", "H", "compositional"))
-                                + f" | {_fmt(e.get('mean_seconds_per_request'), 0)} | {_fmt(e.get('seconds_per_step'), 2)}"
+                                + f" | {_fmt(_median(e.get('seconds_per_request') or []), 0)} | {_fmt(e.get('seconds_per_step'), 2)}"
                                 + f" | {(e.get('git_commit') or '?')[:7]} |"))
         lines += ["", "| method | chosen | final H | why |", "|---|---|---|---|"]
         for method, c in result.get("chosen", {}).items():

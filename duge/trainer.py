@@ -209,8 +209,9 @@ def unlearn(backend: Backend, requests: list[ResolvedRequest], config: UnlearnCo
             erased = {n.lower() for r in requests for n in (r.target, *r.aliases)}
             delta, losses = train_request(run, caches, steps, config.learning_rate, config.seed, "all requests",
                                           moments=moments, pools=[] if pooled else None, erased=erased)
+            seconds = time.time() - t0
             metrics = evaluate(backend, requests) if evaluate else {}
-            results.append(RequestResult(", ".join(r.target for r in requests), delta, time.time() - t0,
+            results.append(RequestResult(", ".join(r.target for r in requests), delta, seconds,
                                          steps, losses, metrics))
         else:
             caches: list[RequestCache] = list(resume.caches) if resume is not None else []
@@ -241,10 +242,10 @@ def unlearn(backend: Backend, requests: list[ResolvedRequest], config: UnlearnCo
                                               replay=bool(replayed), moments=moments,
                                               pools=(pools if sequential else []) if pooled else None, erased=erased)
                 caches.append(cache)
+                seconds = time.time() - t0  # caching and training; the measurement is not the request's cost
                 metrics = evaluate(backend, requests[: k + 1]) if evaluate else {}
                 metrics["dropped_anchor_images"] = cache.dropped_anchor_images
-                results.append(RequestResult(request.target, delta, time.time() - t0, request.steps or config.steps,
-                                             losses, metrics))
+                results.append(RequestResult(request.target, delta, seconds, request.steps or config.steps, losses, metrics))
                 if on_request_done is not None:
                     on_request_done(k, results[-1], cache)
             if config.setting == "independent":
