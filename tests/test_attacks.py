@@ -106,7 +106,7 @@ def test_concept_inversion_recovers_a_concept_from_the_unedited_model(base, eval
     assert inversion.ua <= 0.25, f"only {1 - inversion.ua:.2f} of the inverted token's images show red"
     assert "red" in inversion.nearest_tokens or "crimson" in inversion.nearest_tokens
     assert len(inversion.embedding) == base.token_embedding_table().shape[1]
-    assert inversion.prompt == "a <concept> shape"
+    assert inversion.prompt == concept.retention_prompt.replace("red", "<concept>")  # "an image of a <concept> shape"
 
 
 def test_judgement_seeds_must_be_held_out_from_the_objectives():
