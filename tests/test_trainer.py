@@ -157,7 +157,7 @@ def test_replayed_related_images_and_preserve_lists_drop_a_concept_from_the_requ
         return real_step(backend_, edits, caches, *args, **kwargs)
 
     monkeypatch.setattr(trainer, "step_terms", spy)
-    concepts = parse_concept_set("""
+    concepts = """
 name: later
 requests:
   - target: yellow
@@ -166,8 +166,8 @@ requests:
     preserve: [square]
   - target: green
     preserve: [cyan]
-""")
-    unlearn(backend, concepts, tiny_config(steps=1, replay_batch_size=2), builtin_world=True)
+"""
+    unlearn(backend, requests_of(concepts), tiny_config(steps=1, replay_batch_size=2))
     request2, request3 = seen[1], seen[2]
     assert request2[0] == ("yellow", ["orange", "green"], ["orange", "green"])  # not erased yet: replayed
     assert request3[0] == ("yellow", ["orange"], ["orange"])  # erased now: gone from the replayed cache
@@ -185,25 +185,23 @@ def test_uce_edits_with_its_own_request_and_uce_resolve_solves_every_request_fro
         return real(backend_, edits, requests, config, from_original)
 
     monkeypatch.setattr(trainer, "uce_delta", spy)
-    concepts = parse_concept_set("""
+    concepts = """
 name: later
 requests:
   - target: yellow
     preserve: [orange, green]
   - target: green
     preserve: [cyan]
-""")
-    sequential = unlearn(backend, concepts, tiny_config(method="uce"), builtin_world=True)
+"""
+    sequential = unlearn(backend, requests_of(concepts), tiny_config(method="uce"))
     assert calls == [([("yellow", ["orange", "green"])], False), ([("green", ["cyan"])], False)]
     calls.clear()
-    resolved = unlearn(backend, concepts, tiny_config(method="uce-resolve"), builtin_world=True)
+    resolved = unlearn(backend, requests_of(concepts), tiny_config(method="uce-resolve"))
     # request 2 solves both from θ0, and yellow's preserve set no longer holds green
     assert calls == [([("yellow", ["orange", "green"])], True), ([("yellow", ["orange"]), ("green", ["cyan"])], True)]
     assert set(resolved.total_delta) == set(sequential.total_delta)
     with backend.edits(r"attn2\.to_[kv]$") as edits:  # the total is the closed form of both requests from θ0
-        from duge.concepts import resolve_concept_set
-
-        both = resolve_concept_set(concepts, builtin_world=True)
+        both = requests_of(concepts)
         both[0].preserve = ["orange"]
         expected = real(backend, edits, both, tiny_config(method="uce-resolve"), from_original=True)
     for name, delta in expected.items():
