@@ -155,7 +155,7 @@ def git_commit() -> str | None:
 def _unlearn_config(method: str, profile: Profile, seed: int, tuned: dict | None = None):
     """The method's own config (duge.methods.method_config), the tuned choice, the profile's sizes,
     then `config_overrides` ("field" or "method:field")."""
-    from duge.methods import method_config
+    from duge.config import method_config
 
     config = method_config(method, seed=seed, **((tuned or {}).get(method) or {}))
     for name in ("steps", "anchor_images", "related_images", "sampler_steps", "batch_size"):

@@ -15,7 +15,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .concepts import example_concept_set_path, load_concept_set, resolve_concept_set
-from .config import AttackConfig, UnlearnConfig
+from .config import AttackConfig, UnlearnConfig, method_config
 from .errors import DugeError
 from .paths import atomic_write_text, check_writable
 from .report import write_report
@@ -66,8 +66,6 @@ def _cmd_sample(args) -> int:
 def _unlearn_config(args) -> UnlearnConfig:
     """The config of `duge unlearn` / `duge demo` / `duge plan`: UnlearnConfig's defaults, the method's own
     (duge.methods: a baseline's paper settings), and what was given."""
-    from .methods import method_config
-
     given = {f.name: getattr(args, f.name) for f in fields(UnlearnConfig) if hasattr(args, f.name)}
     return method_config(given.pop("method", "duge"), **given)
 

@@ -32,7 +32,7 @@ RELATED_IMAGES_SEED_OFFSET = 10_000  # a request's related-concept images: its s
 TARGET_IMAGES_SEED_OFFSET = 20_000  # a request's target images (esd-x): its seed + 20 000
 TEACHER_POOL_SEED_OFFSET = 30_000  # a request's teacher pool rows (duge.teachers): its seed + 30 000
 
-__all__ = ["UnlearnConfig", "METHODS", "SETTINGS", "TRAINABLE", "GROUPS", "request_seed", "AttackConfig"]
+__all__ = ["UnlearnConfig", "METHODS", "SETTINGS", "TRAINABLE", "GROUPS", "request_seed", "AttackConfig", "method_config"]
 
 
 def _setting(default, help: str, group: str, choices=None, **kwargs):
@@ -236,3 +236,13 @@ class AttackConfig:
         """The attacks to run, in order: ("prompt",), ("inversion",) or both."""
         return ("prompt", "inversion") if self.attack == "both" else (self.attack,)
 
+
+def method_config(method: str, **overrides) -> UnlearnConfig:
+    """An UnlearnConfig for `method`: UnlearnConfig's defaults, then the method's own (`duge.methods`: a
+    baseline's paper or tuned settings), then `overrides`."""
+    config = UnlearnConfig(method=method)
+    for name, value in {**get_method(method).defaults, **overrides}.items():
+        if name not in UnlearnConfig.__dataclass_fields__:
+            raise DugeError(f"unknown setting {name!r} for method {method!r}")
+        setattr(config, name, value)
+    return config

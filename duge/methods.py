@@ -1,7 +1,7 @@
 """DUGE and the baselines it is measured against, as data the one trainer reads (design doc §2).
 
 Each method says which loss terms the trainer sums, what the target prompt is steered to, and
-its own default settings (`Method.defaults`, applied by `method_config`) — a baseline runs as its
+its own default settings (`Method.defaults`, applied by `duge.config.method_config`) — a baseline runs as its
 paper or reference script runs it, not with DUGE's settings:
 
 - duge:    L_out + β·L_attn (target prompt → anchor's prediction on anchor images, optionally
@@ -97,15 +97,3 @@ def get_method(name: str) -> Method:
         return METHODS[name]
     except KeyError:
         raise DugeError(f"unknown method {name!r}; expected one of {', '.join(METHODS)}") from None
-
-
-def method_config(method: str, **overrides):
-    """An UnlearnConfig for `method`: UnlearnConfig's defaults, then the method's own, then `overrides`."""
-    from .config import UnlearnConfig  # deferred: duge.config imports this module
-
-    config = UnlearnConfig(method=method)
-    for name, value in {**get_method(method).defaults, **overrides}.items():
-        if name not in UnlearnConfig.__dataclass_fields__:
-            raise DugeError(f"unknown setting {name!r} for method {method!r}")
-        setattr(config, name, value)
-    return config

@@ -231,7 +231,7 @@ def test_slot_last_token_finds_the_word_in_its_slot_and_the_token_before_an_empt
 
 
 def test_each_baseline_runs_with_its_papers_settings_and_without_replay():
-    from duge.methods import method_config
+    from duge.config import method_config
 
     esd = method_config("esd-x")
     assert (esd.trainable, esd.learning_rate, esd.steps, esd.batch_size, esd.esd_eta) == ("attn2", 1e-4, 1000, 1, 1.0)
