@@ -5,11 +5,13 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from duge.config import METHODS, SETTINGS, TRAINABLE, UnlearnConfig, node_tooltip
+from duge.methods import get_method
 
 from .types import CATEGORY, ConceptSetType, UnlearningLoraType
 
 DEFAULTS = UnlearnConfig()  # every default below is the config's (tests/test_settings.py checks the node's)
-NODE_METHODS = [m for m in METHODS if m != "uce"]  # UCE's closed form is not offered in ComfyUI (untested there)
+# UCE's closed forms (uce, uce-resolve) are not offered in ComfyUI (untested there)
+NODE_METHODS = [m for m in METHODS if get_method(m).objective != "closed_form"]
 
 
 class DugeUnlearn(io.ComfyNode):
