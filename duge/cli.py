@@ -72,21 +72,17 @@ def _unlearn_config(args) -> UnlearnConfig:
 
 def _run_unlearn_job(model: str, concepts: str, out: str, config, overwrite: bool, lora_rank, resume: bool = False,
                      allow_pickle: bool = False, config_dir: str | None = None, attack=None) -> int:
-    from .methods import get_method
-    from .run import run_unlearn  # deferred: torch, diffusers
+    from .phases import TqdmPhases
 
-    concept_set = load_concept_set(concepts)
-    closed_form = get_method(config.method).objective == "closed_form"
-    total = 0 if closed_form else sum(r.steps or config.steps for r in concept_set.requests)
-    with tqdm(total=total, desc="unlearning", unit="step") as bar:
-        def progress(info):
-            if "attack" not in info:  # attack steps (--attack) only update the postfix
-                bar.update(1)
-            bar.set_postfix(request=info["request"], loss=f"{info['losses'].get('total', 0):.4f}")
+    phases = TqdmPhases()  # one bar per phase: loading, each request's images and training, measuring, writing
+    run_unlearn = import_run_unlearn(phases)
 
-        report = run_unlearn(model, concepts, out, config, overwrite=overwrite, lora_rank=lora_rank,
-                             progress=progress, log=tqdm.write, resume=resume, allow_pickle=allow_pickle,
-                             config_dir=config_dir, attack=attack)
+    def progress(info):
+        phases.set_postfix(loss=f"{info['losses'].get('total', 0):.4f}")
+
+    report = run_unlearn(model, concepts, out, config, overwrite=overwrite, lora_rank=lora_rank, progress=progress,
+                         log=phases.write, resume=resume, allow_pickle=allow_pickle, config_dir=config_dir,
+                         attack=attack, phases=phases)
     if not report:  # a non-main process of `accelerate launch`: the main process writes
         return 0
     print(f"wrote {out}: model/, model.safetensors, loras/, before_after.png, report.json, report.html")
@@ -97,7 +93,18 @@ def _run_unlearn_job(model: str, concepts: str, out: str, config, overwrite: boo
     if robustness:
         print(f"robustness: UA of the plain prompts {robustness['UA_plain']:.3f}, post-attack "
               f"{robustness['post_attack_UA']:.3f} (report.html, robustness/attacks.png)")
+    seconds = ", ".join(f"{kind} {t:.0f} s" for kind, t in phases.seconds.items())
+    print(f"time per phase: {seconds}; open {Path(out) / 'report.html'} to see the run")
     return 0
+
+
+def import_run_unlearn(phases):
+    """`duge.run.run_unlearn`, imported as the first phase (torch and diffusers take seconds to import)."""
+    with phases.phase("loading torch and diffusers", 1, "part", "loading"):
+        from .run import run_unlearn
+
+        phases.advance(1)
+    return run_unlearn
 
 
 def torch_cuda_available() -> bool:
@@ -144,7 +151,10 @@ def _cmd_unlearn(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    return _run_unlearn_job("builtin", str(example_concept_set_path("demo")), args.out, _unlearn_config(args),
+    config = _unlearn_config(args)
+    if config.eval == "auto":  # the demo measures the unedited model, then the result of the last request
+        config.eval = "final"
+    return _run_unlearn_job("builtin", str(example_concept_set_path("demo")), args.out, config,
                             args.overwrite, args.lora_rank, resume=args.resume)
 
 

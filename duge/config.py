@@ -22,6 +22,7 @@ TRAINABLE_MODES = ("full", "lora")
 # soft null space; none: nothing.
 REGULARIZERS = ("l2sp", "fisher", "penalty", "projection", "none")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+EVAL_MODES = ("auto", "each", "final", "none")  # when a run measures UA/IRA/CRA (duge.run.measuring_mode)
 
 # Seeds derived from `UnlearnConfig.seed` (or a request's own seed), one offset per use, so that no
 # two uses draw the same random numbers.
@@ -119,6 +120,11 @@ class UnlearnConfig:
                                               "(2^30 bytes); unset: the device's free memory when the run starts",
                                               "memory")
 
+    # ---- measuring (duge.run): the unedited model first, then after each request or after the last
+    eval: str = _setting("auto", "measure UA/IRA/CRA after each request, only after the last (and the unedited "
+                         "model before), or not at all; auto: each on the built-in model or with a classifier, "
+                         "none otherwise", "measuring", choices=EVAL_MODES)
+
     # ---- the baselines' own settings
     esd_eta: float = _setting(1.0, "negative-guidance strength of the esd-x baseline", "baselines")
     # The uce baseline's closed form (duge.uce): λ, erase and preserve scales of the authors' script.
@@ -128,7 +134,7 @@ class UnlearnConfig:
 
     def validate(self) -> None:
         for name, allowed in (("setting", SETTINGS), ("trainable", TRAINABLE), ("trainable_mode", TRAINABLE_MODES),
-                              ("regularizer", REGULARIZERS), ("dtype", DTYPES)):
+                              ("regularizer", REGULARIZERS), ("dtype", DTYPES), ("eval", EVAL_MODES)):
             if getattr(self, name) not in allowed:
                 raise DugeError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.teacher_pool < 0:

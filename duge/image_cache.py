@@ -1,10 +1,10 @@
 """The images the frozen model generates for a request (`RequestCache`), kept on disk between runs.
 
 `build_request_cache` generates them: the anchor images (devoid of the target), the related
-concepts' images to preserve, and for esd-x the target's own images. Generating them takes
-`anchor_images + related_images · preserved` sampler runs — on a large model the most expensive
-part of a short request. With `image_cache_dir` set, the latents are stored as
-`<key>.safetensors` and reused by a later run with the same key, in either host.
+concepts' images to preserve, and for esd-x the target's own images. Generating a request's anchor
+and related images takes `anchor_images + related_images · preserved` sampler runs — on a large
+model the most expensive part of a short request. With `image_cache_dir` set, the latents are stored
+as `<key>.safetensors` and reused by a later run with the same key, in either host.
 
 The key is a SHA-256 of everything the images depend on: the request (target, aliases, anchor,
 preserve, templates), the image settings (counts, sampler steps, guidance, seed, method objective,
@@ -32,8 +32,10 @@ from .distributed import is_main_process
 from .errors import DugeError
 from .methods import get_method
 from .paths import atomic_write
+from .phases import Phases, current_phases
 
 logger = logging.getLogger(__name__)
+SAMPLE_BATCH_SIZE = 16  # images per sampler call (classifier-free guidance doubles the UNet's batch)
 
 
 @dataclass
@@ -65,11 +67,13 @@ def without_related(cache: RequestCache, kept: list[str]) -> RequestCache:
 
 
 def build_request_cache(backend: Backend, request: ResolvedRequest, config: UnlearnConfig, seed: int,
-                        image_filter=None) -> RequestCache:
+                        image_filter=None, phases: Phases | None = None) -> RequestCache:
     """Generate the anchor and related images with the reference model (the caller chooses it).
 
     `image_filter(latents, request) -> keep mask [N] bool` may drop anchor images that still show
-    the target (the built-in evaluator does this); at least a quarter are always kept.
+    the target (the built-in evaluator does this); at least a quarter are always kept. The
+    anchor, related (and, for esd-x, target) images are generated in one batch, each from its own
+    seed, and counted on `phases` (a phase "images for '<target>'") sampler step by sampler step.
     """
     objective = get_method(config.method).objective
     if objective == "closed_form":  # UCE needs no images
@@ -77,27 +81,46 @@ def build_request_cache(backend: Backend, request: ResolvedRequest, config: Unle
     n = config.anchor_images
     template_ids = [i % len(request.templates) for i in range(n)]
     prompts = [render_prompt(request.templates[i], request.anchor) for i in template_ids]
-    latents = backend.sample_latents(prompts, seed, config.sampler_steps, config.sampler_guidance)
-    dropped = 0
-    if image_filter is not None:
-        keep = image_filter(latents, request)
-        if int(keep.sum()) >= max(1, n // 4):
-            dropped = int((~keep).sum())
-            latents = latents[keep]
-            template_ids = [t for t, k in zip(template_ids, keep.tolist()) if k]
+    seeds = [seed + i for i in range(n)]
     related_prompts, related_concepts = [], []
     for j, concept in enumerate(request.preserve):
         for i in range(config.related_images):
             related_prompts.append(render_prompt(request.templates[(i + j) % len(request.templates)], concept))
             related_concepts.append(concept)
-    related = (backend.sample_latents(related_prompts, seed + RELATED_IMAGES_SEED_OFFSET, config.sampler_steps,
-                                      config.sampler_guidance) if related_prompts else latents[:0])
-    target = None
+    prompts += related_prompts
+    seeds += [seed + RELATED_IMAGES_SEED_OFFSET + i for i in range(len(related_prompts))]
     if objective == "negative_guidance":
-        target_prompts = [render_prompt(request.templates[i % len(request.templates)], request.target) for i in range(n)]
-        target = backend.sample_latents(target_prompts, seed + TARGET_IMAGES_SEED_OFFSET, config.sampler_steps,
-                                        config.sampler_guidance)
-    return RequestCache(request, latents, template_ids, related, related_prompts, dropped, target, related_concepts)
+        prompts += [render_prompt(request.templates[i % len(request.templates)], request.target) for i in range(n)]
+        seeds += [seed + TARGET_IMAGES_SEED_OFFSET + i for i in range(n)]
+    phases = current_phases(phases)
+    with phases.phase(f"images for '{request.target}'", len(prompts), "image", "images", target=request.target):
+        latents = sample_with_progress(backend, prompts, seeds, config.sampler_steps, config.sampler_guidance, phases)
+    anchor, related = latents[:n], latents[n : n + len(related_prompts)]
+    target = latents[n + len(related_prompts):] if objective == "negative_guidance" else None
+    dropped = 0
+    if image_filter is not None:
+        keep = image_filter(anchor, request)
+        if int(keep.sum()) >= max(1, n // 4):
+            dropped = int((~keep).sum())
+            anchor = anchor[keep]
+            template_ids = [t for t, k in zip(template_ids, keep.tolist()) if k]
+    return RequestCache(request, anchor, template_ids, related, related_prompts, dropped, target, related_concepts)
+
+
+def sample_with_progress(backend, prompts: list[str], seeds: list[int], steps: int, guidance: float,
+                         phases: Phases, decode: bool = False, batch_size: int = SAMPLE_BATCH_SIZE) -> torch.Tensor:
+    """Latents [N, C, h, w] of `prompts` (image i from `seeds[i]`), or with `decode` images [N, 3, H, W], in
+    batches of `batch_size`; each sampler step is counted on `phases` as its share of the batch's images,
+    and each batch's first latent (or image) is passed on as a preview."""
+    out = []
+    make = backend.generate if decode else backend.sample_latents
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start : start + batch_size]
+        made = make(batch, seeds[start : start + batch_size], steps, guidance,
+                    on_step=lambda n=len(batch): phases.advance(n / steps))
+        phases.advance(0, **({"image": made[0]} if decode else {"latents": made[:1]}))
+        out.append(made)
+    return torch.cat(out) if out else torch.zeros(0)
 
 
 def cache_key(backend: Backend, request: ResolvedRequest, config: UnlearnConfig, seed: int, filtered: bool) -> str:
@@ -113,10 +136,10 @@ def cache_key(backend: Backend, request: ResolvedRequest, config: UnlearnConfig,
 
 
 def load_or_build_request_cache(backend: Backend, request: ResolvedRequest, config: UnlearnConfig, seed: int,
-                                image_filter=None) -> RequestCache:
+                                image_filter=None, phases: Phases | None = None) -> RequestCache:
     """`build_request_cache`, through the on-disk cache when `config.image_cache_dir` is set."""
     if not config.image_cache_dir:
-        return build_request_cache(backend, request, config, seed, image_filter)
+        return build_request_cache(backend, request, config, seed, image_filter, phases)
     path = Path(config.image_cache_dir).expanduser() / f"{cache_key(backend, request, config, seed, image_filter is not None)}.safetensors"
     if path.exists():
         tensors = load_file(str(path), device=str(backend.device))
@@ -126,7 +149,7 @@ def load_or_build_request_cache(backend: Backend, request: ResolvedRequest, conf
         return RequestCache(request, tensors["anchor"], meta["anchor_templates"], tensors["related"],
                             meta["related_prompts"], meta["dropped_anchor_images"], tensors.get("target"),
                             meta.get("related_concepts", []))
-    cache = build_request_cache(backend, request, config, seed, image_filter)
+    cache = build_request_cache(backend, request, config, seed, image_filter, phases)
     if is_main_process():
         tensors = {"anchor": cache.anchor_latents.contiguous().cpu(), "related": cache.related_latents.contiguous().cpu()}
         if cache.target_latents is not None:

@@ -42,7 +42,8 @@ FORMAT = "duge-progress"
 METADATA_KEY = "duge_progress"
 DELTA_PREFIX = "delta/"
 CACHE_TENSORS = ("anchor_latents", "related_latents", "target_latents")
-SETTINGS_NOT_IN_INPUTS = ("image_cache_dir",)  # where generated images are kept between runs, not what they are
+# Where generated images are kept between runs, and when the run is measured: not what the weights become.
+SETTINGS_NOT_IN_INPUTS = ("image_cache_dir", "eval")
 
 
 class ResumeError(DugeError):

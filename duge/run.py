@@ -20,17 +20,23 @@ from .config import EVALUATION_SEED_OFFSET
 from .distributed import launched_distributed
 from .distributed import start as start_distributed
 from .errors import DugeError, OutputExistsError
-from .evaluation import retention_ratios
+from .evaluation import concepts_for, retention_ratios
 from .grids import labelled_grid, to_pil
+from .image_cache import sample_with_progress
 from .io import make_manifest, model_hash, save_diffusers_folder, save_lora, save_single_file
 from .model_metadata import base_model_of_pipeline
 from .models import load_pipeline
 from .paths import temporary_folder
+from .phases import Phases, current_phases
 from .progress import PROGRESS_FOLDER, ProgressCheckpoint, progress_folder, require_progress, run_inputs
 from .report import write_report
 from .results import manifest_rows
 from .trainer import unlearn
-from .world.callbacks import anchor_filter, builtin_evaluator, uses_builtin_world, world_evaluate
+from .measuring import measuring, measuring_mode
+from .world.callbacks import anchor_filter, builtin_evaluator, uses_builtin_world
+
+GRID_IMAGES = 4  # images per prompt, before and after, in before_after.png
+GRID_STEPS = 25  # sampler steps of those images
 
 
 def comparison_prompts(requests: list[ResolvedRequest]) -> list[str]:
@@ -42,15 +48,18 @@ def comparison_prompts(requests: list[ResolvedRequest]) -> list[str]:
     return list(dict.fromkeys(prompts))
 
 
-def before_after_grid(before_pipe_generate, after_generate, prompts, n: int, seed: int):
-    rows, labels = [], []
-    for prompt in prompts:
-        before = before_pipe_generate([prompt] * n, seed)
-        after = after_generate([prompt] * n, seed)
-        rows.append([to_pil(x) for x in before] + [to_pil(x) for x in after])
-        labels.append(prompt)
+def before_after_grid(before_generate, after_generate, prompts, n: int, seed: int):
+    """A grid of each prompt's `n` images before and after (image i from seed `seed + i`, the same for both).
+
+    `before_generate(prompts, seeds)` / `after_generate(prompts, seeds)` -> images [N, 3, H, W]: all
+    prompts' images are asked for at once, one seed per image."""
+    every_prompt = [prompt for prompt in prompts for _ in range(n)]
+    seeds = [seed + i for _ in prompts for i in range(n)]
+    before, after = before_generate(every_prompt, seeds), after_generate(every_prompt, seeds)
+    rows = [[to_pil(x) for x in before[k * n : (k + 1) * n]] + [to_pil(x) for x in after[k * n : (k + 1) * n]]
+            for k in range(len(prompts))]
     columns = [f"before {i}" for i in range(n)] + [f"after {i}" for i in range(n)]
-    return labelled_grid(rows, labels, column_labels=columns)
+    return labelled_grid(rows, list(prompts), column_labels=columns)
 
 
 def prepare_output_folder(out: Path, overwrite: bool, resume: bool = False) -> Path:
@@ -90,13 +99,20 @@ def publish_output_folder(tmp: Path, out: Path) -> None:
 
 def run_unlearn(model: str, concepts_path: str, out: str | Path, config, overwrite: bool = False,
                 lora_rank: int | None = None, progress=None, cancel=None, log=print, resume: bool = False,
-                allow_pickle: bool = False, config_dir: str | Path | None = None, attack=None) -> dict:
+                allow_pickle: bool = False, config_dir: str | Path | None = None, attack=None,
+                phases: Phases | None = None, classifier=None) -> dict:
     """Unlearn a concept set from `model` and write model/, model.safetensors, loras/, grids, report.json and report.html.
 
     After each request the progress is checkpointed in `out/progress/` (`duge.progress`); an
     interrupted run leaves only that, and `resume=True` continues it from the next request,
     ending with the same weights as an uninterrupted run. The finished outputs replace `out`
     (progress included) in one rename. `allow_pickle`, `config_dir`: see `duge.models.load_pipeline`.
+
+    Measuring follows `config.eval` (`measuring_mode`): the unedited model first, then after each
+    request or after the last, with the built-in evaluator on the built-in world or `classifier`
+    (a `duge.evaluation.ConceptClassifier` with `concepts()`) on another model. Every phase —
+    loading, each request's images, training, measuring, the grid, writing — is reported to
+    `phases` (`duge.phases`) as its work is done.
 
     `attack` (an AttackConfig): also attack every erased concept of the result (`duge.attacks`) and add a
     robustness section to report.json and report.html, with the attacks' images beside the plain prompt's
@@ -106,6 +122,7 @@ def run_unlearn(model: str, concepts_path: str, out: str | Path, config, overwri
     its share of each batch and only the main process measures and writes; the others return {}.
     """
     out = Path(out)
+    phases = current_phases(phases)
     concept_set = load_concept_set(concepts_path)
     device = state = None
     if launched_distributed():
@@ -121,21 +138,31 @@ def run_unlearn(model: str, concepts_path: str, out: str | Path, config, overwri
     tmp = prepare_output_folder(out, overwrite, resume)
     checkpoint = None
     try:
-        pipe = load_pipeline(model, torch_dtype=storage_dtype(config.dtype), config_dir=config_dir,
-                             allow_pickle=allow_pickle)
-        builtin_world = uses_builtin_world(pipe)
-        if attack is not None and not builtin_world:
-            raise DugeError(f"--attack judges the attacks' images with the built-in evaluator, and '{model}' is not a "
-                            "model of the built-in world; attack it with duge.attacks.attack_models and a classifier "
-                            "for its concepts")
-        backend = DiffusersBackend(pipe, device=device, dtype=config.dtype,
-                                   gradient_checkpointing=config.gradient_checkpointing)
-        requests = resolve_concept_set(concept_set, builtin_world, config.setting)
-        evaluator = builtin_evaluator() if builtin_world else None
-        evaluate = world_evaluate(backend, evaluator, config.seed + EVALUATION_SEED_OFFSET) if evaluator else None
-        base_hash = model_hash(pipe)
+        with phases.phase("loading the model", 3, "part", "loading"):
+            pipe = load_pipeline(model, torch_dtype=storage_dtype(config.dtype), config_dir=config_dir,
+                                 allow_pickle=allow_pickle)
+            phases.advance(1)
+            builtin_world = uses_builtin_world(pipe)
+            if attack is not None and not builtin_world:
+                raise DugeError(f"--attack judges the attacks' images with the built-in evaluator, and '{model}' is "
+                                "not a model of the built-in world; attack it with duge.attacks.attack_models and a "
+                                "classifier for its concepts")
+            backend = DiffusersBackend(pipe, device=device, dtype=config.dtype,
+                                       gradient_checkpointing=config.gradient_checkpointing)
+            requests = resolve_concept_set(concept_set, builtin_world, config.setting)
+            evaluator = builtin_evaluator() if builtin_world else None
+            phases.advance(1)
+            base_hash = model_hash(pipe)
+            phases.advance(1)
+        reader = classifier if classifier is not None else evaluator
+        mode = measuring_mode(config.eval, reader is not None, str(model))
+        evaluate = None
+        if mode != "none":
+            evaluate = measuring(backend, reader, concepts_for(reader, builtin_world),
+                                 config.seed + EVALUATION_SEED_OFFSET, phases,
+                                 with_request_templates=not builtin_world)
         report: dict = {"model": str(model), "concept_set": concept_set.name, "method": config.method,
-                        "setting": config.setting, "config": asdict(config), "requests": [],
+                        "setting": config.setting, "config": asdict(config), "eval": mode, "requests": [],
                         "processes": state.world if state is not None else 1}
         t_start = time.time()
         inputs = run_inputs(str(model), base_hash, config, concept_set)
@@ -150,12 +177,14 @@ def run_unlearn(model: str, concepts_path: str, out: str | Path, config, overwri
             checkpoint = ProgressCheckpoint(progress_folder(out), inputs)
             checkpoint.clear()
         if evaluate and "before" not in report:
-            log("measuring the unedited model ...")
-            report["before"] = evaluate(backend, requests)
+            report["before"] = evaluate(backend, requests, "measuring the unedited model")
         peak_before = _peak_memory_mb()
+        after_request = evaluate
+        if mode == "final":  # only once every request is done
+            after_request = lambda b, done: evaluate(b, done) if len(done) == len(requests) else {}  # noqa: E731
         result = unlearn(backend, requests, config, concept_set.general_prompts,
                          image_filter=anchor_filter(backend, evaluator) if evaluator else None,
-                         evaluate=evaluate, progress=progress, cancel=cancel, resume=resumed,
+                         evaluate=after_request, progress=progress, cancel=cancel, resume=resumed, phases=phases,
                          on_request_done=lambda k, r, cache: checkpoint.save(k, r, cache, {"before": report.get("before")}))
         for r in result.requests:
             entry = {"target": r.target, "seconds": round(r.seconds, 2), "steps": r.steps,
@@ -164,7 +193,7 @@ def run_unlearn(model: str, concepts_path: str, out: str | Path, config, overwri
                 entry[key] = r.metrics.get(key)
             entry["details"] = {k: v for k, v in r.metrics.items() if k not in ("UA", "IRA", "CRA")}
             report["requests"].append(entry)
-        if result.requests:
+        if result.requests and evaluate:
             last = result.requests[-1].metrics
             report["final"] = {k: last.get(k) for k in ("UA", "IRA", "CRA")}
             if "before" in report:
@@ -173,29 +202,38 @@ def run_unlearn(model: str, concepts_path: str, out: str | Path, config, overwri
         report["peak_memory_mb"] = max(peak_before, _peak_memory_mb())
 
         edited = backend.edited_pipeline(result.total_delta)
+        prompts = comparison_prompts(requests)
+        after_backend = DiffusersBackend(edited, device=backend.device, dtype=config.dtype)
+        with phases.phase("before/after grid", 2 * GRID_IMAGES * len(prompts), "image", "grid"):
+            grid = before_after_grid(
+                lambda p, seeds: sample_with_progress(backend, p, seeds, GRID_STEPS, 7.5, phases, decode=True),
+                lambda p, seeds: sample_with_progress(after_backend, p, seeds, GRID_STEPS, 7.5, phases, decode=True),
+                prompts, GRID_IMAGES, config.seed)
         manifest = make_manifest(config.method, manifest_rows(result, requests),
                                  base_model_hash=base_hash, base_model=str(model),
                                  extra={"config": asdict(config), "concept_set": concept_set.name})
-        log("saving model/, model.safetensors and loras/ ...")
-        save_diffusers_folder(edited, tmp / "model", manifest)
-        save_single_file(edited, tmp / "model.safetensors", manifest)
-        for k, r in enumerate(result.requests, start=1):
-            name = "".join(ch if ch.isalnum() else "_" for ch in r.target)[:60]
-            request_manifest = dict(manifest, request_index=k)
-            save_lora(r.delta, tmp / "loras" / f"{k:02d}_{name}.safetensors", request_manifest, rank=lora_rank,
-                      base_model=base_model_of_pipeline(edited))
-        log("drawing before/after grids ...")
-        prompts = comparison_prompts(requests)
-        after_backend = DiffusersBackend(edited, device=backend.device, dtype=config.dtype)
-        grid = before_after_grid(lambda p, s: backend.generate(p, s, 25, 7.5),
-                                 lambda p, s: after_backend.generate(p, s, 25, 7.5), prompts, 4, config.seed)
-        grid.save(tmp / "before_after.png")
         if attack is not None:
-            log("attacking the erased concepts (prompt search, concept inversion) ...")
-            report["robustness"] = robustness_section(after_backend, backend, evaluator, requests, attack,
-                                                      tmp / ROBUSTNESS_FOLDER, progress=progress)
-        (tmp / "report.json").write_text(json.dumps(report, indent=2))
-        write_report(tmp)  # report.html: the grids, the table and the chart in one self-contained page
+            with phases.phase("attacking the erased concepts", attack.budget * len(attack.attacks) * len(requests),
+                              "UNet pass", "attacking"):
+                report["robustness"] = robustness_section(after_backend, backend, evaluator, requests, attack,
+                                                          tmp / ROBUSTNESS_FOLDER, progress=progress, phases=phases)
+        with phases.phase("writing outputs", 5 + len(result.requests), "file", "writing"):
+            save_diffusers_folder(edited, tmp / "model", manifest)
+            phases.advance(1)
+            save_single_file(edited, tmp / "model.safetensors", manifest)
+            phases.advance(1)
+            for k, r in enumerate(result.requests, start=1):
+                name = "".join(ch if ch.isalnum() else "_" for ch in r.target)[:60]
+                request_manifest = dict(manifest, request_index=k)
+                save_lora(r.delta, tmp / "loras" / f"{k:02d}_{name}.safetensors", request_manifest, rank=lora_rank,
+                          base_model=base_model_of_pipeline(edited))
+                phases.advance(1)
+            grid.save(tmp / "before_after.png")
+            phases.advance(1)
+            (tmp / "report.json").write_text(json.dumps(report, indent=2))
+            phases.advance(1)
+            write_report(tmp)  # report.html: the grids, the table and the charts in one self-contained page
+            phases.advance(1)
         publish_output_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -210,14 +248,16 @@ ROBUSTNESS_FOLDER = "robustness"
 ROBUSTNESS_IMAGES = 4  # images per row of robustness/attacks.png
 
 
-def robustness_section(edited, base, evaluator, requests, attack, folder: Path, progress=None) -> dict:
+def robustness_section(edited, base, evaluator, requests, attack, folder: Path, progress=None,
+                       phases: Phases | None = None) -> dict:
     """Attack every erased concept of `edited` (`duge.attacks.attack_concepts`, `base` drawing the objectives'
     images); write FOLDER/attacks.png (per concept: the plain prompt's images, then each attack's, the same
     held-out seeds) and return the report's robustness entry."""
     from .attacks import attack_concepts, erased_concepts
 
     concepts = erased_concepts(requests, evaluator, builtin_world=True)
-    robustness = attack_concepts(edited, base, evaluator, concepts, attack, progress=_attack_progress(progress))
+    robustness = attack_concepts(edited, base, evaluator, concepts, attack,
+                                 progress=_attack_progress(progress, current_phases(phases)))
     rows, labels = [], []
     for concept in robustness.concepts:
         found = {a.attack: a for a in concept.attacks}
@@ -234,13 +274,18 @@ def robustness_section(edited, base, evaluator, requests, attack, folder: Path, 
     return entry
 
 
-def _attack_progress(progress):
-    """The attacks' progress as the unlearning progress callback receives it (one call per attack step)."""
-    if progress is None:
-        return None
+def _attack_progress(progress, phases: Phases):
+    """The attacks' progress: the UNet passes each attack step spent, counted on `phases`, and each step as the
+    unlearning progress callback receives it."""
+    spent: dict = {}  # UNet passes counted so far per (concept, attack)
 
     def report(info):
-        if "total" not in info:
+        if "total" in info:
+            return
+        key = (info["concept"], info["attack"])
+        phases.advance(max(0, info["spent"] - spent.get(key, 0)))
+        spent[key] = max(spent.get(key, 0), info["spent"])
+        if progress is not None:
             progress({"request": f"attack {info['concept']}", "losses": {"total": info["loss"]}, "attack": info})
 
     return report

@@ -41,6 +41,7 @@ from .methods import Method, get_method
 from .objective import pooled_step_terms, step_terms
 from .preservation import layer_moments, null_space_projector, preservation_second_moment, project_update, \
     run_preserved_prompts
+from .phases import Phases, current_phases
 from .results import ProgressFn, RequestDoneFn, RequestResult, ResumeState, UnlearnResult
 from .teachers import TeacherPool, build_teacher_pool, merge_pools, without_erased_related
 from .uce import uce_delta
@@ -60,6 +61,7 @@ class Run:
     memory: RunMemory
     cancel: Callable[[], bool] | None
     progress: ProgressFn | None
+    phases: Phases
 
 
 def train_request(run: Run, caches: list[RequestCache], steps: int, learning_rate: float, seed: int, label: str,
@@ -75,14 +77,17 @@ def train_request(run: Run, caches: list[RequestCache], steps: int, learning_rat
     edits, config, method = run.edits, run.config, run.method
     rollback = RequestRollback(edits, label)
     if method.objective == "closed_form":
-        before = rollback.before
-        if method.resolve_from_original:  # uce-resolve: every request so far, solved again from θ0
-            total = uce_delta(run.backend, edits, [c.request for c in caches], config, from_original=True)
-            edits.load_committed({name: total[name].to(before[name]) for name in before})
-            return {name: total[name].to(before[name]) - before[name] for name in before}, {}
-        # uce: the current weights, with this request's own erase and preserve sets only
-        delta = uce_delta(run.backend, edits, [caches[-1].request], config)
-        edits.load_committed({name: before[name] + delta[name].to(before[name]) for name in before})
+        with run.phases.phase(f"closed form for '{label}'", 1, "edit", "training", target=label):
+            before = rollback.before
+            if method.resolve_from_original:  # uce-resolve: every request so far, solved again from θ0
+                total = uce_delta(run.backend, edits, [c.request for c in caches], config, from_original=True)
+                edits.load_committed({name: total[name].to(before[name]) for name in before})
+                run.phases.advance(1)
+                return {name: total[name].to(before[name]) - before[name] for name in before}, {}
+            # uce: the current weights, with this request's own erase and preserve sets only
+            delta = uce_delta(run.backend, edits, [caches[-1].request], config)
+            edits.load_committed({name: before[name] + delta[name].to(before[name]) for name in before})
+            run.phases.advance(1)
         return delta, {}
     rng, generator = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
     params = edits.start_request(seed)
@@ -99,22 +104,24 @@ def train_request(run: Run, caches: list[RequestCache], steps: int, learning_rat
         replayed_pools = [without_erased_related(p, erased) for p in (pools if replay else pools[-1:])]
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
     losses = {}
-    for step in range(steps):
-        check_cancel(run.cancel)
-        optimizer.zero_grad(set_to_none=True)
-        if pools is not None:
-            losses = pooled_step_terms(run.backend, edits, replayed_pools, method, config, rng,
-                                       run.fisher, replay_rows, micro_batch_size, step, moments)
-        else:
-            losses = step_terms(run.backend, edits, caches, method, config, rng, generator, run.fisher,
-                                replay=replay_rows, micro_batch_size=micro_batch_size, step=step, moments=moments)
-        before = [p.detach().clone() for p, _ in projected]
-        rollback.step(optimizer, params, losses["total"], step)
-        with torch.no_grad():  # each update onto the soft null space of the preserved inputs
-            for (param, projector), previous in zip(projected, before):
-                param.copy_(previous + project_update(param - previous, projector))
-        if run.progress:
-            run.progress({"request": label, "step": step + 1, "steps": steps, "losses": losses})
+    with run.phases.phase(f"training '{label}'", steps, "step", "training", target=label):
+        for step in range(steps):
+            check_cancel(run.cancel)
+            optimizer.zero_grad(set_to_none=True)
+            if pools is not None:
+                losses = pooled_step_terms(run.backend, edits, replayed_pools, method, config, rng,
+                                           run.fisher, replay_rows, micro_batch_size, step, moments)
+            else:
+                losses = step_terms(run.backend, edits, caches, method, config, rng, generator, run.fisher,
+                                    replay=replay_rows, micro_batch_size=micro_batch_size, step=step, moments=moments)
+            before = [p.detach().clone() for p, _ in projected]
+            rollback.step(optimizer, params, losses["total"], step)
+            with torch.no_grad():  # each update onto the soft null space of the preserved inputs
+                for (param, projector), previous in zip(projected, before):
+                    param.copy_(previous + project_update(param - previous, projector))
+            run.phases.advance(1)
+            if run.progress:
+                run.progress({"request": label, "step": step + 1, "steps": steps, "losses": losses})
     return rollback.commit(), losses
 
 
@@ -158,14 +165,15 @@ def unlearn(backend: Backend, requests: list[ResolvedRequest], config: UnlearnCo
             image_filter=None, evaluate=None, progress: ProgressFn | None = None,
             cancel: Callable[[], bool] | None = None, start_deltas: dict[str, torch.Tensor] | None = None,
             start_index: int = 0, resume: ResumeState | None = None,
-            on_request_done: RequestDoneFn | None = None) -> UnlearnResult:
+            on_request_done: RequestDoneFn | None = None, phases: Phases | None = None) -> UnlearnResult:
     """Erase `requests` from the backend's model, in order.
 
     `requests` are resolved once by the caller (`duge.concepts.resolve_concept_set` with the run's
     setting, which applies the continual rule); `general_prompts` are the concept set's, for the
     Fisher estimate and the preserved inputs (default: each request's first anchor prompt).
     `evaluate(backend, requests_so_far) -> dict` is called after each request with the edits
-    enabled (the current model). `progress(info)` receives step-level information. Raises
+    enabled (the current model). `progress(info)` receives step-level information; `phases`
+    (`duge.phases`) each request's image generation and training, counted as the work is done. Raises
     UnlearnCancelled if `cancel()` returns True or on KeyboardInterrupt; the host is unchanged.
     `start_deltas` are deltas already on the model before request 0 (a continued ComfyUI session);
     `start_index` skips the first requests. `on_request_done(k, result, cache)` is called after
@@ -196,13 +204,14 @@ def unlearn(backend: Backend, requests: list[ResolvedRequest], config: UnlearnCo
             if config.setting == "sequential":
                 for done in resume.results:  # the same float32 additions as commit_request made
                     edits.add_committed(done.delta)
-        run = Run(backend, edits, method, config, fisher, memory, cancel, progress)
+        phases = current_phases(phases)
+        run = Run(backend, edits, method, config, fisher, memory, cancel, progress, phases)
         pooled = method.pooled_teachers and config.teacher_pool > 0
 
         if config.setting == "simultaneous":
             t0 = time.time()
             with edits.reference():
-                caches = [load_or_build_request_cache(backend, r, config, request_seed(config, k), image_filter)
+                caches = [load_or_build_request_cache(backend, r, config, request_seed(config, k), image_filter, phases)
                           for k, r in enumerate(requests)]
             steps = sum(r.steps or config.steps for r in requests)
             moments = preservation_moments(backend, edits, requests, [], requests, general_prompts, kind)
@@ -225,7 +234,7 @@ def unlearn(backend: Backend, requests: list[ResolvedRequest], config: UnlearnCo
                     edits.reset()
                 seed = request_seed(config, k, request.seed)
                 with edits.reference():
-                    cache = load_or_build_request_cache(backend, request, config, seed, image_filter)
+                    cache = load_or_build_request_cache(backend, request, config, seed, image_filter, phases)
                 sequential = config.setting == "sequential"
                 replayed = []
                 if sequential and (config.replay_batch_size > 0 or method.resolve_from_original):

@@ -45,6 +45,7 @@ import folder_paths  # noqa: E402
 from comfyui_server import ComfyServer, status_messages  # noqa: E402
 
 torch.set_num_threads(1)
+SCALE = 100  # duge.backends.comfy_run.ComfyPhases.SCALE: ComfyUI's bar counts hundredths of an image or step
 
 
 @pytest.fixture(scope="module")
@@ -232,8 +233,8 @@ def test_cancel_mid_run_returns_nothing_and_leaves_the_model_unchanged(nodes, de
     calls = []
 
     def hook(value, total, preview, node_id=None):  # what ComfyUI's server installs: it checks Cancel
-        calls.append(value)
-        if value == 2:
+        calls.append((value, total))
+        if total == 10 * SCALE and value == 2 * SCALE:  # the second of the ten training steps
             mm.interrupt_current_processing(True)
         mm.throw_exception_if_processing_interrupted()
 
@@ -244,13 +245,25 @@ def test_cancel_mid_run_returns_nothing_and_leaves_the_model_unchanged(nodes, de
     finally:
         comfy.utils.set_progress_bar_global_hook(None)
         mm.interrupt_current_processing(False)
-    assert calls and max(calls) <= 3, "the run went on after Cancel"
+    assert calls and max(v for v, t in calls if t == 10 * SCALE) <= 3 * SCALE, "the run went on after Cancel"
     _assert_untouched(model, before)
     assert not [m for m in mm.current_loaded_models if m.model is not None and m.model.weight_wrapper_patches]
     assert not list(output_dir.rglob("*"))
 
 
-def test_progress_bar_counts_every_step_and_shows_a_preview_now_and_then(nodes, demo):
+def _phases(updates):
+    """The progress bar's updates split where it restarts (value 0): [(total, [values], previews)]."""
+    phases = []
+    for value, total, preview, _ in updates:
+        if value == 0 or not phases:
+            phases.append((total, [], 0))
+        if value:
+            phases[-1][1].append(value)
+        phases[-1] = (total, phases[-1][1], phases[-1][2] + (preview is not None))
+    return phases
+
+
+def test_progress_bar_moves_through_images_training_and_measuring_with_previews(nodes, demo):
     from PIL import Image
 
     model, clip, vae = demo
@@ -270,13 +283,19 @@ def test_progress_bar_counts_every_step_and_shows_a_preview_now_and_then(nodes, 
         hidden = HiddenHolder.from_dict({io.Hidden.unique_id: "7"})
         unlearn = type("DugeUnlearnRun", (nodes["DugeUnlearn"],), {"hidden": hidden})
         with torch.inference_mode():
-            unlearn.execute(model, clip, concept_set, vae=vae, **dict(UNLEARN_ARGS, steps=8))
+            unlearn.execute(model, clip, concept_set, vae=vae, evaluate=True, **dict(UNLEARN_ARGS, steps=8))
     finally:
         comfy.utils.set_progress_bar_global_hook(None)
-    assert [(v, t) for v, t, _, _ in updates] == [(k, 8) for k in range(1, 9)]
     assert {n for _, _, _, n in updates} == {"7"}
-    previews = [v for v, _, p, _ in updates if p is not None]
-    assert previews == [2, 4, 6, 8]  # every quarter of the run
+    (images_total, images, images_previews), (train_total, train, train_previews), \
+        (measure_total, measured, measure_previews) = _phases(updates)
+    # 2 anchor + 4 related images, 3 sampler steps: the bar moves at every step, not only per batch
+    assert images_total == 6 * SCALE and images[-1] == images_total and len(set(images)) == 3 and images_previews == 1
+    assert train_total == 8 * SCALE and sorted(set(train)) == [k * SCALE for k in range(1, 9)]
+    assert train_previews == 4  # every quarter of the steps
+    # after the request: UA of circle (3 paraphrases x 2 names x 4 images) and 8 images of each of 20 kept concepts
+    assert measure_total == (24 + 20 * 8) * SCALE and measured[-1] == measure_total
+    assert len(set(measured)) >= 20 * 2 and measure_previews >= 21  # sampler steps of every batch; its first image
     kind, image, size = next(p for _, _, p, _ in updates if p is not None)  # what latent_preview sends
     assert kind == "JPEG" and isinstance(image, Image.Image) and image.width >= 128 and size >= 128
 

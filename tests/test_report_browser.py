@@ -3,6 +3,10 @@
 Drives Debian's chromium (`apt-get install -y chromium`, or $DUGE_CHROMIUM) through the `playwright`
 Python package's `executable_path` — never `playwright install`. Without that browser the test is
 skipped and says why. The page's screenshot goes to test-artifacts/report.png.
+
+By default the report is built from the demo's prompts with random images in the grid; with
+DUGE_REPORT_DIR set to a `duge demo` output folder the test checks that folder's report.html
+instead (README's picture, docs/report.png, is a crop of that screenshot).
 """
 
 from __future__ import annotations
@@ -89,7 +93,8 @@ def test_report_labels_are_readable_and_every_image_loads_in_chromium(tmp_path):
                                    "(pip install -e '.[dev]'; never `playwright install`)")
     from duge.report import write_report
 
-    page_path = write_report(_demo_like_report_folder(tmp_path))
+    real = os.environ.get("DUGE_REPORT_DIR")
+    page_path = Path(real) / "report.html" if real else write_report(_demo_like_report_folder(tmp_path))
     with sync_api.sync_playwright() as playwright:
         browser = _launch(playwright)
         try:

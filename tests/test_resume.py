@@ -152,8 +152,8 @@ def test_exploding_learning_rate_is_caught_and_rolled_back(backend, monkeypatch,
 @pytest.fixture
 def quick_run(monkeypatch):
     """`run_unlearn` with its measurements and grids stubbed (tested elsewhere): only training and saving."""
-    monkeypatch.setattr(run, "world_evaluate", lambda backend, evaluator, seed, steps=20: (
-        lambda b, requests: {"UA": 1.0, "IRA": 1.0, "CRA": 1.0}))
+    monkeypatch.setattr(run, "measuring", lambda *args, **kwargs: (
+        lambda b, requests, name=None: {"UA": 1.0, "IRA": 1.0, "CRA": 1.0}))
     from PIL import Image
 
     monkeypatch.setattr(run, "before_after_grid", lambda *args, **kwargs: Image.new("RGB", (4, 4)))

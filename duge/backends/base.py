@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from contextlib import AbstractContextManager
-from typing import Mapping, Protocol
+from typing import Callable, Mapping, Protocol, Sequence
 
 import torch
 
@@ -36,6 +36,19 @@ def module_fingerprint(module: torch.nn.Module, extra: Mapping[str, torch.Tensor
         digest.update(f"{key}\0{list(value.shape)}\0".encode())
         digest.update(sample.numpy().tobytes())
     return digest.hexdigest()
+def image_seeds(seed: int | Sequence[int], n: int) -> list[int]:
+    """The seed of each of `n` images: `seed + i` for one seed, else the list itself (of length n)."""
+    if isinstance(seed, int):
+        return [seed + i for i in range(n)]
+    seeds = [int(s) for s in seed]
+    if len(seeds) != n:
+        raise ValueError(f"{len(seeds)} seeds for {n} prompts; expected one seed per prompt")
+    return seeds
+
+
+def text_hidden_states(conditioning: torch.Tensor | TextConditioning) -> torch.Tensor:
+    """The cross-attention context [B, tokens, dim] of either kind of conditioning."""
+    return conditioning.hidden if isinstance(conditioning, TextConditioning) else conditioning
 
 
 class Backend(Protocol):
@@ -69,8 +82,10 @@ class Backend(Protocol):
     def predict_noise(self, noisy: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | TextConditioning) -> torch.Tensor:
         """The UNet's output (epsilon or v, per `prediction_type`) [B, C, h, w]."""
 
-    def sample_latents(self, prompts: list[str], seed: int, steps: int, guidance: float) -> torch.Tensor:
-        """Clean latents [B, C, h, w] (scaled as the UNet sees them) generated from `prompts`."""
+    def sample_latents(self, prompts: list[str], seed: int | Sequence[int], steps: int, guidance: float,
+                       on_step: Callable[[], None] | None = None) -> torch.Tensor:
+        """Clean latents [B, C, h, w] (scaled as the UNet sees them) generated from `prompts`: image i from
+        seed `seed + i`, or `seed[i]` given a list (`image_seeds`); `on_step()` after each sampler step."""
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, H, W] in [0, 1] from scaled latents."""

@@ -49,7 +49,7 @@ import comfy.utils
 from ..attention import CrossAttentionStore, selected_token_probabilities, token_indices_for
 from ..edits import DeltaWeight, LayerEdits
 from ..errors import DugeError
-from .base import module_fingerprint
+from .base import image_seeds, module_fingerprint
 from .diffusers_backend import choose_dtype
 
 logger = logging.getLogger(__name__)
@@ -322,24 +322,28 @@ class ComfyBackend:
         return [[cond.cpu(), {k: v.cpu() for k, v in extra.items()}]]
 
     @torch.no_grad()
-    def sample_latents(self, prompts, seed, steps, guidance, negative_prompt: str = ""):
+    def sample_latents(self, prompts, seed, steps, guidance, on_step=None, negative_prompt: str = ""):
         """Clean latents [B, C, h, w] as the UNet sees them (`process_latent_in` applied), from the
-        KSampler machinery; image i uses the noise KSampler draws for seed `seed + i`."""
+        KSampler machinery; image i uses the noise KSampler draws for seed `seed + i` (or `seed[i]` given a
+        list of seeds); `on_step()` after each sampler step."""
+        seeds = image_seeds(seed, len(prompts))
         # inference_mode(False) switches grad mode back on: no_grad after it (no graph while sampling)
         with torch.inference_mode(False), torch.no_grad():
             height, width = self.latent_size
             empty = torch.zeros(1, self.latent_channels, height, width)
-            noise = torch.cat([comfy.sample.prepare_noise(empty, seed + i) for i in range(len(prompts))])
+            noise = torch.cat([comfy.sample.prepare_noise(empty, s) for s in seeds])
             latent_image = torch.zeros_like(noise)
             positive = self._conditioning(list(prompts))
             negative = self._conditioning([negative_prompt] * len(prompts))
 
             def callback(step, x0, x, total_steps):
                 self._check_interrupt()
+                if on_step is not None:
+                    on_step()
 
             samples = comfy.sample.sample(self.patcher, noise, steps, guidance, self.sampler_name, self.scheduler,
                                           positive, negative, latent_image, callback=callback, disable_pbar=True,
-                                          seed=seed)
+                                          seed=seeds[0] if seeds else 0)
             latents = self.patcher.model.process_latent_in(samples.to(self.device, torch.float32))
         return latents.clone()
 
@@ -354,9 +358,9 @@ class ComfyBackend:
         return images.reshape(-1, *images.shape[-3:]).movedim(-1, 1).float().clamp(0, 1).cpu()
 
     @torch.no_grad()
-    def generate(self, prompts, seed, steps, guidance):
-        """Images [B, 3, H, W] in [0, 1]."""
-        return self.decode(self.sample_latents(prompts, seed, steps, guidance))
+    def generate(self, prompts, seed, steps, guidance, on_step=None):
+        """Images [B, 3, H, W] in [0, 1] (seeds as in `sample_latents`)."""
+        return self.decode(self.sample_latents(prompts, seed, steps, guidance, on_step=on_step))
 
     # ---------------------------------------------------------------- structure
     def set_gradient_checkpointing(self, enabled: bool) -> bool:

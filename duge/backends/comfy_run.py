@@ -33,6 +33,7 @@ from ..grids import to_pil
 from ..io import MANIFEST_KEY, make_manifest, save_lora
 from ..model_metadata import BaseModel, base_model_from_context_dim, checkpoint_metadata
 from ..paths import atomic_write, contained_path
+from ..phases import Phases
 from ..probe import heatmap_panel, panel_layout, probe_attention
 from ..results import manifest_rows
 from ..trainer import unlearn
@@ -86,34 +87,83 @@ def base_model_of(model):
     return base_model_from_context_dim(context_dim, v_prediction)
 
 
-def _preview_image(backend, prompt: str, seed: int, guidance: float):
-    """A small sample of `prompt` from the model as it is now, for the progress bar (PIL or None)."""
-    try:
-        latents = backend.sample_latents([prompt], seed, PREVIEW_SAMPLER_STEPS, guidance)
-        if backend.vae is not None:
-            image = to_pil(backend.decode(latents)[0])
-        else:  # ComfyUI's latent2rgb projection, as its own previews do without TAESD
-            factors = getattr(backend.latent_format, "latent_rgb_factors", None)
-            if factors is None:
-                return None
-            raw = backend.patcher.model.process_latent_out(latents[0].float()).cpu()
-            rgb = torch.einsum("chw,cr->rhw", raw, torch.tensor(factors, dtype=raw.dtype))
-            image = to_pil(((rgb + 1) / 2).clamp(0, 1))
-        size = max(128, image.width)
-        return image.resize((size, size * image.height // image.width), Image.NEAREST)
-    except mm.InterruptProcessingException:
-        raise
-    except Exception as err:  # a preview must never stop the run
-        logger.debug("DUGE preview failed: %s", err)
+def _latent_image(backend, latents):
+    """An image [3, H, W] in [0, 1] of latents [1, C, h, w]: decoded with the VAE, else ComfyUI's latent2rgb
+    projection (as its own previews do without TAESD); None if neither is available."""
+    if backend.vae is not None:
+        return backend.decode(latents)[0]
+    factors = getattr(backend.latent_format, "latent_rgb_factors", None)
+    if factors is None:
         return None
+    raw = backend.patcher.model.process_latent_out(latents[0].float()).cpu()
+    rgb = torch.einsum("chw,cr->rhw", raw, torch.tensor(factors, dtype=raw.dtype))
+    return ((rgb + 1) / 2).clamp(0, 1)
+
+
+def _preview(image):
+    """ComfyUI's preview tuple for an image [3, H, W] in [0, 1], enlarged to at least 128 px."""
+    picture = to_pil(image)
+    size = max(128, picture.width)
+    picture = picture.resize((size, size * picture.height // picture.width), Image.NEAREST)
+    return ("JPEG", picture, size)
+
+
+class ComfyPhases(Phases):
+    """DUGE Unlearn's progress bar in ComfyUI: restarted at each phase (each request's images, its
+    training, each measurement), counting its work as it is done, with previews — the images just
+    generated or measured, and during training a small sample of the request's target from the model
+    as it is now, every quarter of the steps."""
+
+    SCALE = 100  # ComfyUI's bar takes whole numbers; image counts advance by fractions (sampler steps)
+
+    def __init__(self, backend, resolved, config, node_id=None):
+        super().__init__()
+        self.backend, self.config = backend, config
+        self.prompts = {r.target: render_prompt(r.templates[0], r.target) for r in resolved}
+        self.bar = comfy.utils.ProgressBar(1, node_id=node_id)
+        self.total, self.done, self.next_preview = 1, 0.0, 0.0
+
+    def started(self, name, total, unit, kind):
+        logger.info("DUGE Unlearn: %s (%g %s)", name, total, unit)
+        self.total, self.done = max(total, 1e-9), 0.0
+        self.next_preview = self.total / 4 if kind == "training" else 0.0
+        self.bar.update_absolute(0, self._scaled(self.total))
+
+    def advanced(self, n, latents, image):
+        self.done += n
+        preview = None
+        try:
+            if image is None and latents is not None:
+                image = _latent_image(self.backend, latents)
+            elif image is None and self.kind == "training" and self.done >= self.next_preview:
+                self.next_preview += self.total / 4
+                image = self._target_sample()
+            preview = _preview(image) if image is not None else None
+        except mm.InterruptProcessingException:
+            raise
+        except Exception as err:  # a preview must never stop the run
+            logger.debug("DUGE preview failed: %s", err)
+        self.bar.update_absolute(self._scaled(self.done), self._scaled(self.total), preview)
+
+    def _target_sample(self):
+        prompt = self.prompts.get(self.info.get("target"))
+        if prompt is None:
+            return None
+        latents = self.backend.sample_latents([prompt], self.config.seed, PREVIEW_SAMPLER_STEPS,
+                                              self.config.sampler_guidance)
+        return _latent_image(self.backend, latents)
+
+    def _scaled(self, value: float) -> int:
+        return int(round(value * self.SCALE))
 
 
 def run_unlearn(model, clip, concept_set, config, vae=None, evaluate: bool = False, node_id=None) -> UnlearnOutput:
     """Unlearn `concept_set` from `model` (a ComfyUI MODEL); returns the edited MODEL, the LoRA and a report.
 
-    The incoming MODEL is never changed. Progress, previews (every quarter of the steps) and
-    Cancel go through `comfy.utils.ProgressBar` and `throw_exception_if_processing_interrupted`:
-    a Cancel raises `InterruptProcessingException` from inside the step and nothing is returned.
+    The incoming MODEL is never changed. Progress with previews (`ComfyPhases`: each request's
+    images, its training and each measurement) and Cancel go through `comfy.utils.ProgressBar` and
+    `throw_exception_if_processing_interrupted`: a Cancel raises `InterruptProcessingException` from
+    inside the step or the sampler and nothing is returned.
     """
     builtin_world = is_demo_model(model)
     notes = []
@@ -129,25 +179,11 @@ def run_unlearn(model, clip, concept_set, config, vae=None, evaluate: bool = Fal
 
     resolved = resolve_concept_set(concept_set, builtin_world, config.setting)
     backend = ComfyBackend(model, clip, vae, dtype=config.dtype)
+    phases = ComfyPhases(backend, resolved, config, node_id)
     evaluator = None
     if builtin_world and vae is not None:
 
         evaluator = builtin_evaluator()
-    total_steps = sum(r.steps or config.steps for r in resolved)
-    bar = comfy.utils.ProgressBar(total_steps, node_id=node_id)
-    done = {"steps": 0}
-    preview_every = max(1, total_steps // 4)
-
-    def progress(info):
-        done["steps"] += 1
-        preview = None
-        if done["steps"] % preview_every == 0 or done["steps"] == total_steps:
-            target = next((r for r in resolved if r.target == info.get("request")), resolved[0])
-            image = _preview_image(backend, render_prompt(target.templates[0], target.target), config.seed,
-                                   config.sampler_guidance)
-            if image is not None:
-                preview = ("JPEG", image, max(image.width, 128))
-        bar.update_absolute(done["steps"], total_steps, preview)
 
     def cancel() -> bool:
         mm.throw_exception_if_processing_interrupted()
@@ -155,12 +191,11 @@ def run_unlearn(model, clip, concept_set, config, vae=None, evaluate: bool = Fal
 
     kwargs = {}
     if evaluator is not None:
-
         kwargs["image_filter"] = anchor_filter(backend, evaluator)
         if evaluate:
-            kwargs["evaluate"] = world_evaluate(backend, evaluator, config.seed + EVALUATION_SEED_OFFSET)
+            kwargs["evaluate"] = world_evaluate(backend, evaluator, config.seed + EVALUATION_SEED_OFFSET, phases=phases)
     with training_mode():
-        result = unlearn(backend, resolved, config, concept_set.general_prompts, progress=progress,
+        result = unlearn(backend, resolved, config, concept_set.general_prompts, phases=phases,
                          cancel=cancel, start_deltas=start_deltas, **kwargs)
         total = {name: delta.detach().float().cpu() for name, delta in result.total_delta.items()}
         edited = backend.edited_model(total)

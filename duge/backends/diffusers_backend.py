@@ -24,7 +24,7 @@ from ..attention import capture_cross_attention, list_cross_attention_layers, to
 from ..conditioning import TextConditioning
 from ..edits import DeltaWeight, LayerEdits
 from ..plan import unet_activation_elements
-from .base import module_fingerprint
+from .base import image_seeds, module_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -260,12 +260,34 @@ class DiffusersBackend:
         return out.float()
 
     @torch.no_grad()
-    def sample_latents(self, prompts, seed, steps, guidance):
-        generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(len(prompts))]
+    def sample_latents(self, prompts, seed, steps, guidance, on_step=None):
+        """Latents [B, C, h, w] for `prompts`: image i from seed `seed + i`, or `seed[i]` for a list of seeds.
+
+        Each prompt is encoded once per backend (`encode_prompts`' cache, the empty negative prompt
+        included). `on_step()` is called after every sampler step of the batch."""
+        generators = [torch.Generator("cpu").manual_seed(s) for s in image_seeds(seed, len(prompts))]
         size = {"height": self.resolution, "width": self.resolution} if self.resolution else {}
-        out = self.pipe(prompt=list(prompts), num_inference_steps=steps, guidance_scale=guidance,
-                        generator=generators, output_type="latent", **size)
+        callback = {}
+        if on_step is not None:
+            def step_end(pipe, step, timestep, tensors):
+                on_step()
+                return tensors
+
+            callback["callback_on_step_end"] = step_end
+        out = self.pipe(num_inference_steps=steps, guidance_scale=guidance, generator=generators,
+                        output_type="latent", **self._pipeline_text(list(prompts), guidance), **size, **callback)
         return out.images.float()
+
+    def _pipeline_text(self, prompts: list[str], guidance: float) -> dict:
+        """The pipeline's text arguments: SD 1.x/2.x embeddings from `encode_prompts`' cache (the empty
+        negative prompt's too, as the pipeline would encode it); SDXL's prompts as they are (its pipeline
+        zeroes the empty negative prompt's embedding instead of encoding it)."""
+        if self.text_encoder_2 is not None:
+            return {"prompt": prompts}
+        text = {"prompt_embeds": self.encode_prompts(prompts).to(self.unet.dtype)}
+        if guidance > 1:
+            text["negative_prompt_embeds"] = self.encode_prompts([""] * len(prompts)).to(self.unet.dtype)
+        return text
 
     @torch.no_grad()
     def decode(self, latents):
@@ -273,9 +295,9 @@ class DiffusersBackend:
         return ((images.float() + 1) / 2).clamp(0, 1).cpu()
 
     @torch.no_grad()
-    def generate(self, prompts, seed, steps, guidance):
-        """Images [B, 3, H, W] in [0, 1]."""
-        return self.decode(self.sample_latents(prompts, seed, steps, guidance))
+    def generate(self, prompts, seed, steps, guidance, on_step=None):
+        """Images [B, 3, H, W] in [0, 1] (seeds as in `sample_latents`)."""
+        return self.decode(self.sample_latents(prompts, seed, steps, guidance, on_step=on_step))
 
     # ---------------------------------------------------------------- structure
     def fingerprint(self) -> str:

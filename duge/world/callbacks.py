@@ -6,7 +6,9 @@ from __future__ import annotations
 import torch
 
 from ..backends.base import Backend
-from ..evaluation import unlearning_metrics
+from ..evaluation import world_measured_concepts
+from ..measuring import measuring
+from ..phases import Phases
 from .evaluator import load_evaluator
 from .model import EVALUATOR_PATH
 from .tokenizer import world_words
@@ -35,11 +37,7 @@ def anchor_filter(backend: Backend, evaluator):
     return keep
 
 
-def world_evaluate(backend: Backend, evaluator, seed: int, steps: int = 20):
-    """`evaluate` for the trainer: UA / IRA / CRA of the model as it is now, on images of `seed`."""
-
-    def evaluate(_backend, requests_so_far):
-        return unlearning_metrics(lambda prompts, s: backend.generate(prompts, s, steps, 7.5), evaluator,
-                                  requests_so_far, seed=seed)
-
-    return evaluate
+def world_evaluate(backend: Backend, evaluator, seed: int, steps: int = 20, phases: Phases | None = None):
+    """`evaluate` for the trainer: UA / IRA / CRA of the model as it is now, on images of `seed`, with the
+    built-in evaluator (`duge.measuring.measuring`; its images counted on `phases`)."""
+    return measuring(backend, evaluator, world_measured_concepts(), seed, phases, steps)

@@ -1,0 +1,141 @@
+"""`duge unlearn`'s phases and `--eval`: every phase reports its work as it is done, and measuring
+happens when asked (each request, the last, or never)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from duge import run
+from duge.phases import Phases
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # helper modules beside the tests
+from trainer_helpers import tiny_config  # noqa: E402
+
+ONE_REQUEST = """
+name: one
+requests:
+  - target: circle
+    preserve: [square]
+"""
+TWO_REQUESTS = ONE_REQUEST + """  - target: red
+    preserve: [orange]
+"""
+
+
+class RecordedPhases(Phases):
+    """Every phase with what it announced and each advance it received."""
+
+    def __init__(self):
+        super().__init__()
+        self.log: list[dict] = []
+
+    def started(self, name, total, unit, kind):
+        self.log.append({"name": name, "total": total, "unit": unit, "kind": kind, "advances": [], "previews": 0})
+
+    def advanced(self, n, latents, image):
+        self.log[-1]["advances"].append(n)
+        self.log[-1]["previews"] += latents is not None or image is not None
+
+
+def _concepts(tmp_path, text) -> str:
+    path = tmp_path / "set.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def _short_measuring(monkeypatch, calls=None):
+    """The real measurement with 2 sampler steps per image (the same prompts, seeds and counts)."""
+    measuring = run.measuring
+
+    def short(*args, **kwargs):
+        evaluate = measuring(*args, **kwargs, steps=2)
+
+        def counted(backend, requests, name=None):
+            if calls is not None:
+                calls.append(len(requests))
+            return evaluate(backend, requests, name)
+
+        return counted
+
+    monkeypatch.setattr(run, "measuring", short)
+
+
+def test_every_phase_advances_step_by_step_while_it_works(tmp_path, monkeypatch):
+    _short_measuring(monkeypatch)
+    phases = RecordedPhases()
+    report = run.run_unlearn("builtin", _concepts(tmp_path, ONE_REQUEST), tmp_path / "out",
+                             tiny_config(eval="final", sampler_steps=4), phases=phases, log=lambda *a: None)
+    names = [p["name"] for p in phases.log]
+    assert names == ["loading the model", "measuring the unedited model", "images for 'circle'", "training 'circle'",
+                     "measuring after 'circle'", "before/after grid", "writing outputs"]
+    for phase in phases.log:
+        assert sum(phase["advances"]) == pytest.approx(phase["total"]), phase["name"]  # the count reaches its total
+        assert phase["total"] > 0
+    by_name = {p["name"]: p for p in phases.log}
+    images = by_name["images for 'circle'"]  # 2 anchor + 1 related image, 4 sampler steps, one batch
+    assert images["total"] == 3 and len([n for n in images["advances"] if n > 0]) == 4 and images["previews"] == 1
+    measured = by_name["measuring after 'circle'"]
+    # UA: 3 paraphrases x 2 names x 4 images; acc(c): 8 images of each of the 20 kept concepts; each
+    # generate call advances once per sampler step (2 here), so the bar moves 2x per call, never only at the end.
+    assert measured["total"] == 24 + 20 * 8
+    assert len([n for n in measured["advances"] if n > 0]) == 2 * 21 and measured["previews"] == 21
+    assert by_name["training 'circle'"]["advances"] == [1, 1, 1]
+    assert set(phases.seconds) == {"loading", "images", "training", "measuring", "grid", "writing"}
+    assert report["eval"] == "final" and report["final"]["UA"] is not None
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["before"]["UA"] is not None
+
+
+@pytest.mark.parametrize("mode, measured_after", [("each", [2, 1, 2]), ("final", [2, 2]), ("none", [])])
+def test_eval_measures_each_request_only_the_last_or_never(tmp_path, monkeypatch, mode, measured_after):
+    """[2, 1, 2]: the unedited model on both requests, then after request 1 (1 request), after request 2."""
+    calls = []
+    monkeypatch.setattr(run, "measuring", lambda *a, **k: (
+        lambda backend, requests, name=None: calls.append(len(requests)) or {"UA": 0.5, "IRA": 0.9, "CRA": 0.9}))
+    monkeypatch.setattr(run, "before_after_grid", lambda *a, **k: __import__("PIL.Image").Image.new("RGB", (4, 4)))
+    report = run.run_unlearn("builtin", _concepts(tmp_path, TWO_REQUESTS), tmp_path / "out", tiny_config(eval=mode),
+                             log=lambda *a: None)
+    assert calls == measured_after
+    assert report["eval"] == mode
+    if mode == "none":
+        assert "final" not in report and "before" not in report
+    else:
+        assert report["final"]["UA"] == 0.5 and report["before"]["UA"] == 0.5
+    if mode == "final":
+        assert report["requests"][0]["UA"] is None
+
+
+def test_auto_measures_the_builtin_world_and_refuses_each_without_a_classifier():
+    from duge.evaluation import MissingClassifierError
+
+    assert run.measuring_mode("auto", True) == "each"
+    assert run.measuring_mode("auto", False) == "none"
+    assert run.measuring_mode("final", True) == "final"
+    with pytest.raises(MissingClassifierError, match="--eval each.*classifier"):
+        run.measuring_mode("each", False, "my-model.safetensors")
+
+
+def test_count_images_counts_what_the_measurement_generates():
+    from duge.concepts import ConceptRequest, resolve_request
+    from duge.evaluation import measure_requests, world_measured_concepts
+
+    requests = [resolve_request(ConceptRequest("red"), builtin_world=True)]
+    generated = []
+
+    def measure(generate, reader):
+        return measure_requests(lambda p, s: generated.append(len(p)) or generate(p, s), reader, requests,
+                                world_measured_concepts(), samples_per_prompt=2, retention_samples=3)
+
+    assert run.count_images(measure) == sum(generated) == 3 * 2 * 2 + 20 * 3  # red/crimson, 3 paraphrases; 20 kept
+
+
+def test_demo_measures_before_and_after_the_last_request(monkeypatch):
+    from duge import cli
+
+    seen = {}
+    monkeypatch.setattr(cli, "_run_unlearn_job", lambda model, concepts, out, config, *a, **k: seen.update(
+        model=model, eval=config.eval) or 0)
+    assert cli.main(["demo", "--out", "x"]) == 0
+    assert seen == {"model": "builtin", "eval": "final"}
+    assert cli.main(["demo", "--out", "x", "--eval", "each"]) == 0 and seen["eval"] == "each"
