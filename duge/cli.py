@@ -406,7 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="also write the plan here")
     p.set_defaults(func=_cmd_plan)
 
-    p = sub.add_parser("demo", help="erase an object, a colour and a style from the built-in model")
+    p = sub.add_parser("demo", help="erase an object, a colour and a style from the built-in model (measuring the "
+                                        "unedited model and the result of the last request: --eval final)")
     _add_unlearn_options(p, default_out="duge-demo")
     p.set_defaults(func=_cmd_demo)
 
