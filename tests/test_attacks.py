@@ -190,8 +190,8 @@ def test_unlearn_with_attack_adds_a_robustness_section_to_the_report(tmp_path, m
     from duge import run
 
     # The run's own measurements and before/after grid are tested elsewhere; only the attack is measured here.
-    monkeypatch.setattr(run, "world_evaluate", lambda backend, evaluator, seed, steps=20: (
-        lambda b, requests: {"UA": 1.0, "IRA": 1.0, "CRA": 1.0}))
+    monkeypatch.setattr(run, "measuring", lambda *args, **kwargs: (
+        lambda b, requests, name=None: {"UA": 1.0, "IRA": 1.0, "CRA": 1.0}))
     monkeypatch.setattr(run, "before_after_grid", lambda *args, **kwargs: Image.new("RGB", (4, 4)))
     out = tmp_path / "run"
     assert main(["unlearn", "--method", "uce", "--concepts", str(_concepts_file(tmp_path)), "--out", str(out),
