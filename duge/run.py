@@ -196,6 +196,8 @@ def run_unlearn(model: str, concepts_path: str, out: str | Path, config, overwri
         if result.requests and evaluate:
             last = result.requests[-1].metrics
             report["final"] = {k: last.get(k) for k in ("UA", "IRA", "CRA")}
+            if last.get("H") is not None:  # their harmonic mean, where the measurement gives it
+                report["final"]["H"] = last["H"]
             if "before" in report:
                 report["final"].update(retention_ratios(last, report["before"]))
         report["seconds_total"] = round(time.time() - t_start, 2)
