@@ -40,7 +40,7 @@ def main(argv=None) -> int:
                         help="final: what `duge demo` does; each: measure after every request as `duge unlearn` does")
     args = parser.parse_args(argv)
 
-    from duge.cli import import_run_unlearn
+    from duge.cli import load_libraries
     from duge.concepts import example_concept_set_path
     from duge.config import UnlearnConfig
 
@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="duge-demo-time-") as scratch:
         out = Path(args.out) if args.out else Path(scratch) / "duge-demo"
         t0 = time.perf_counter()
-        run_unlearn = import_run_unlearn(phases)  # as `duge demo` does: torch and diffusers are imported first
+        run_unlearn = load_libraries(phases).run_unlearn  # as `duge demo` does: torch and diffusers first
         report = run_unlearn("builtin", str(example_concept_set_path("demo")), out, config, overwrite=True,
                              phases=phases, log=lambda *a: None)
         total = time.perf_counter() - t0

@@ -75,7 +75,7 @@ def _run_unlearn_job(model: str, concepts: str, out: str, config, overwrite: boo
     from .phases import TqdmPhases
 
     phases = TqdmPhases()  # one bar per phase: loading, each request's images and training, measuring, writing
-    run_unlearn = import_run_unlearn(phases)
+    run_unlearn = load_libraries(phases).run_unlearn
 
     def progress(info):
         phases.set_postfix(loss=f"{info['losses'].get('total', 0):.4f}")
@@ -98,13 +98,13 @@ def _run_unlearn_job(model: str, concepts: str, out: str, config, overwrite: boo
     return 0
 
 
-def import_run_unlearn(phases):
-    """`duge.run.run_unlearn`, imported as the first phase (torch and diffusers take seconds to import)."""
+def load_libraries(phases):
+    """The `duge.run` module, imported as a run's first phase (it imports torch and diffusers: seconds)."""
     with phases.phase("loading torch and diffusers", 1, "part", "loading"):
-        from .run import run_unlearn
+        from . import run
 
         phases.advance(1)
-    return run_unlearn
+    return run
 
 
 def torch_cuda_available() -> bool:
@@ -159,21 +159,27 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_eval(args) -> int:
+    from .phases import TqdmPhases
+
+    phases = TqdmPhases()
+    load_libraries(phases)
     # deferred: the model libraries (torch, diffusers) load only for commands that need them
-    from .evaluation import unlearning_metrics
+    from .backends.diffusers_backend import DiffusersBackend
     from .models import load_pipeline
-    from .world.callbacks import builtin_evaluator, uses_builtin_world
-    from .world.model import generate
+    from .world.callbacks import builtin_evaluator, uses_builtin_world, world_evaluate
 
     concept_set = load_concept_set(args.concepts)
-    pipe = load_pipeline(args.model, allow_pickle=args.allow_pickle)
+    with phases.phase("loading the model", 1, "part", "loading"):
+        pipe = load_pipeline(args.model, allow_pickle=args.allow_pickle)
+        phases.advance(1)
     if not uses_builtin_world(pipe):
         raise DugeError(f"'{args.model}' is not a model of the built-in world, and `duge eval` has no classifier "
                         "for it; score it with a classifier of your own (duge.evaluation.ConceptClassifier)")
     requests = resolve_concept_set(concept_set, builtin_world=True)
-    metrics = unlearning_metrics(lambda p, s: generate(pipe, p, s, steps=20), builtin_evaluator(), requests,
-                                 seed=args.seed)
-    metrics = {"model": args.model, "concept_set": concept_set.name, **metrics}
+    evaluate = world_evaluate(DiffusersBackend(pipe), builtin_evaluator(), args.seed, phases=phases)
+    measured = evaluate(None, requests, f"measuring '{args.model}'")
+    metrics = {"model": args.model, "concept_set": concept_set.name,
+               **{k: measured[k] for k in ("UA", "IRA", "CRA", "UA_per_concept", "accuracy_per_concept")}}
     text = json.dumps(metrics, indent=2)
     if args.json:
         atomic_write_text(args.json, text, overwrite=True)

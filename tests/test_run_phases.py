@@ -139,3 +139,19 @@ def test_demo_measures_before_and_after_the_last_request(monkeypatch):
     assert cli.main(["demo", "--out", "x"]) == 0
     assert seen == {"model": "builtin", "eval": "final"}
     assert cli.main(["demo", "--out", "x", "--eval", "each"]) == 0 and seen["eval"] == "each"
+
+
+def test_eval_command_measures_through_the_phases_and_writes_the_metrics(tmp_path, monkeypatch):
+    from duge.cli import main
+
+    seen = {}
+
+    def world_evaluate(backend, evaluator, seed, steps=20, phases=None):
+        seen["phases"] = type(phases).__name__
+        return lambda b, requests, name=None: {"UA": 0.25, "IRA": 1.0, "CRA": 0.5, "H": 0.4, "UA_per_concept": {},
+                                               "accuracy_per_concept": {}}
+
+    monkeypatch.setattr(run, "world_evaluate", world_evaluate)
+    out = tmp_path / "m.json"
+    assert main(["eval", "--concepts", _concepts(tmp_path, ONE_REQUEST), "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["UA"] == 0.25 and seen["phases"] == "TqdmPhases"
