@@ -9,6 +9,8 @@ import pytest
 
 from duge import run
 from duge.phases import Phases
+from duge import measuring
+from duge.world import callbacks
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # helper modules beside the tests
 from trainer_helpers import tiny_config  # noqa: E402
@@ -109,11 +111,11 @@ def test_eval_measures_each_request_only_the_last_or_never(tmp_path, monkeypatch
 def test_auto_measures_the_builtin_world_and_refuses_each_without_a_classifier():
     from duge.evaluation import MissingClassifierError
 
-    assert run.measuring_mode("auto", True) == "each"
-    assert run.measuring_mode("auto", False) == "none"
-    assert run.measuring_mode("final", True) == "final"
+    assert measuring.measuring_mode("auto", True) == "each"
+    assert measuring.measuring_mode("auto", False) == "none"
+    assert measuring.measuring_mode("final", True) == "final"
     with pytest.raises(MissingClassifierError, match="--eval each.*classifier"):
-        run.measuring_mode("each", False, "my-model.safetensors")
+        measuring.measuring_mode("each", False, "my-model.safetensors")
 
 
 def test_count_images_counts_what_the_measurement_generates():
@@ -127,7 +129,7 @@ def test_count_images_counts_what_the_measurement_generates():
         return measure_requests(lambda p, s: generated.append(len(p)) or generate(p, s), reader, requests,
                                 world_measured_concepts(), samples_per_prompt=2, retention_samples=3)
 
-    assert run.count_images(measure) == sum(generated) == 3 * 2 * 2 + 20 * 3  # red/crimson, 3 paraphrases; 20 kept
+    assert measuring.count_images(measure) == sum(generated) == 3 * 2 * 2 + 20 * 3  # red/crimson, 3 paraphrases; 20 kept
 
 
 def test_demo_measures_before_and_after_the_last_request(monkeypatch):
@@ -151,7 +153,7 @@ def test_eval_command_measures_through_the_phases_and_writes_the_metrics(tmp_pat
         return lambda b, requests, name=None: {"UA": 0.25, "IRA": 1.0, "CRA": 0.5, "H": 0.4, "UA_per_concept": {},
                                                "accuracy_per_concept": {}}
 
-    monkeypatch.setattr(run, "world_evaluate", world_evaluate)
+    monkeypatch.setattr(callbacks, "world_evaluate", world_evaluate)
     out = tmp_path / "m.json"
     assert main(["eval", "--concepts", _concepts(tmp_path, ONE_REQUEST), "--json", str(out)]) == 0
     assert json.loads(out.read_text())["UA"] == 0.25 and seen["phases"] == "TqdmPhases"
