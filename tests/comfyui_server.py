@@ -10,7 +10,7 @@ The pack is linked into `<workdir>/custom_nodes/ComfyUI-DUGE` and found through
 and temp folders live under `workdir`. The server is stopped by the PID it was started with.
 
 Environment: COMFYUI_FRONTEND_ROOT, when set, is served with --front-end-root (the test matrix's
-"newest frontend" entry: `<folder>/comfyui_frontend_package/static`, see tools/comfyui_env.sh);
+"newest frontend" entry: `<folder>/comfyui_frontend_package/static`, made by hand: `pip install --target DIR comfyui-frontend-package`);
 otherwise ComfyUI serves the frontend package it pins. The server runs with OMP_NUM_THREADS and
 MKL_NUM_THREADS as this process has them, 1 when unset (a shared CPU).
 """

@@ -4,16 +4,16 @@
 #
 #   tools/comfyui_matrix.sh [--root DIR] [--only ENTRY] [PYTEST ARGS...]
 #
-#   --root DIR    where tools/comfyui_env.sh put the installs (default: $COMFYUI_MATRIX_ROOT or
+#   --root DIR    where the installs are (default: $COMFYUI_MATRIX_ROOT or
 #                 /work/comfyui): DIR/<version>/{ComfyUI,venv}, DIR/0.8.0/frontend-newest
 #   --only ENTRY  run one entry: 0.3.64 | 0.8.0 | 0.8.0+newest-frontend
 #   PYTEST ARGS   passed on, e.g. -k browser; the default marker is 'comfyui and not slow' (-m 'comfyui and slow'
 #                 runs the slow SD 1.5 checkpoint test)
 #
 # Entries (set each up first):
-#   0.3.64                  tools/comfyui_env.sh 0.3.64 DIR/0.3.64           its pinned frontend 1.27.10
-#   0.8.0                   tools/comfyui_env.sh 0.8.0 DIR/0.8.0             its pinned frontend 1.35.9
-#   0.8.0+newest-frontend   tools/comfyui_env.sh 0.8.0 DIR/0.8.0 --newest-frontend
+#   0.3.64                  DIR/0.3.64: ComfyUI 0.3.64 and its venv          its pinned frontend 1.27.10
+#   0.8.0                   DIR/0.8.0: ComfyUI 0.8.0 and its venv            its pinned frontend 1.35.9
+#   0.8.0+newest-frontend   DIR/0.8.0 plus DIR/0.8.0/frontend-newest (pip install --target)
 #                           the same ComfyUI serving the newest comfyui-frontend-package from PyPI
 #                           (COMFYUI_FRONTEND_ROOT); only the browser tests run here: every other
 #                           test talks to the same server code and never loads the frontend, so it
@@ -43,10 +43,10 @@ run_entry() {  # name, version, frontend root ("" = pinned), test files...
     [ -z "$ONLY" ] || [ "$ONLY" = "$name" ] || return 0
     local install="$ROOT/$version"
     if [ ! -x "$install/venv/bin/python" ] || [ ! -d "$install/ComfyUI/comfy" ]; then
-        summaries+=("$name: NOT RUN, no install at $install (tools/comfyui_env.sh $version $install)"); return 0
+        summaries+=("$name: NOT RUN, no install at $install (ComfyUI $version and its venv expected there)"); return 0
     fi
     if [ -n "$frontend" ] && [ ! -f "$frontend/index.html" ]; then
-        summaries+=("$name: NOT RUN, no frontend at $frontend (tools/comfyui_env.sh $version $install --newest-frontend)")
+        summaries+=("$name: NOT RUN, no frontend at $frontend (pip install --target $install/frontend-newest comfyui-frontend-package)")
         return 0
     fi
     mkdir -p "$PROJECT/test-artifacts"

@@ -4,7 +4,7 @@ the LoRAs (and checkpoints) they save: the same edit on every version, to float3
     python tools/compare_comfyui_versions.py /work/comfyui/0.3.64 /work/comfyui/0.8.0 \
         [--json benchmarks/results/comfyui_versions.json] [--tolerance 1e-5]
 
-Each argument is a folder made by tools/comfyui_env.sh (<dir>/ComfyUI, <dir>/venv). Every install
+Each argument is an install folder laid out as <dir>/ComfyUI and <dir>/venv. Every install
 runs the workflow in its own server (tests/comfyui_server.py) with this checkout loaded; the first
 install is the reference. Prints, per install, the largest absolute difference of any LoRA tensor
 from the reference's and of any checkpoint tensor, and exits 1 when a LoRA differs by more than
@@ -52,7 +52,7 @@ def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("installs", nargs="+", type=Path, help="folders made by tools/comfyui_env.sh")
+    parser.add_argument("installs", nargs="+", type=Path, help="install folders (<dir>/ComfyUI, <dir>/venv)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--tolerance", type=float, default=1e-5)
     args = parser.parse_args(argv)
