@@ -378,8 +378,11 @@ def run_benchmark(methods, seeds, profile: Profile = FULL, sequence: str = "sequ
 
 
 def run_tuning(methods, profile: Profile = TUNING, seed: int = 0, model: str = "builtin", cache: Path | None = None,
-               log=print, checkpoint=None) -> dict:
-    """The tuning protocol (module doc) on the tuning sequence: every method's four runs and its choice."""
+               log=print, checkpoint=None, done: dict | None = None) -> dict:
+    """The tuning protocol (module doc) on the tuning sequence: every method's four runs and its choice.
+
+    done: an earlier tuning.json's "runs" (--resume); a run whose method and settings it already holds
+    with a final H is taken from there (it keeps its own git_commit) instead of being trained again."""
     backend, concept_set, evaluation, base = prepare(TUNING_SEQUENCE, profile, model, cache, log)
     memory = PeakMemory()
     out: dict = {"benchmark": "tuning", "model": model, "sequence": TUNING_SEQUENCE,
@@ -388,6 +391,12 @@ def run_tuning(methods, profile: Profile = TUNING, seed: int = 0, model: str = "
                  "git_commit": git_commit(), "base": base, "runs": {}, "complete": False}
 
     def run(method, settings):
+        earlier = [e for e in (done or {}).get(method, [])
+                   if e.get("settings") == settings and (e.get("final") or {}).get("H") is not None]
+        if earlier:
+            log(f"{method} {settings}: taken from --resume (code {earlier[0].get('git_commit')})")
+            out["runs"].setdefault(method, []).append(earlier[0])
+            return earlier[0]["final"]["H"]
         config = _unlearn_config(method, profile, seed, {method: settings})
         log(f"{method} {settings} ...")
         entry = run_method(config, backend, concept_set, evaluation, memory, measure_every_request=False, log=log)
@@ -669,6 +678,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: cost measured per core)")
     parser.add_argument("--set", action="append", default=[], metavar="[METHOD:]FIELD=VALUE",
                         help="override an UnlearnConfig field for every method or one (repeatable)")
+    parser.add_argument("--resume", default=None, metavar="JSON",
+                        help="with --tune: an earlier tuning.json whose finished runs are kept, not trained again")
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
 
@@ -717,7 +728,8 @@ def main(argv=None) -> int:
         result = merge_results([json.loads(Path(p).read_text()) for p in args.merge])
         t0 -= result["seconds_total"]
     elif args.tune:
-        result = run_tuning(methods, profile, seed=seeds[0], model=args.model, cache=cache, checkpoint=save)
+        done = json.loads(Path(args.resume).read_text()).get("runs") if args.resume else None
+        result = run_tuning(methods, profile, seed=seeds[0], model=args.model, cache=cache, checkpoint=save, done=done)
     else:
         result = run_benchmark(methods, seeds, profile, sequence=args.sequence, model=args.model, tuned=tuned,
                                cache=cache, checkpoint=save)
