@@ -15,6 +15,9 @@ Every step then draws its rows from the pools, and only the trainable pass runs.
 an earlier request keeps the target its own request trained against (its pool is kept, frozen).
 The earlier requests share the replay rows in a cycle (`duge.batches.replay_requests`), so each
 gets the same number of rows over the sequence, however many there are.
+
+`request_pool` builds a request's pool from its own seed; `rebuild_pools` builds the finished
+requests' pools again, as they were, when a sequential run resumes.
 """
 
 from __future__ import annotations
@@ -25,8 +28,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .backends.base import Backend
 from .batches import Batch, draw_batch, replay_requests
-from .config import UnlearnConfig
+from .concepts import ResolvedRequest
+from .config import TEACHER_POOL_SEED_OFFSET, UnlearnConfig, request_seed
+from .edits import LayerEdits
 from .harness import micro_batches
 from .image_cache import RequestCache
 from .methods import Method
@@ -68,7 +74,7 @@ def without_erased_related(pool: TeacherPool, erased: set[str]) -> TeacherPool:
                                related_target=None if pool.related_target is None else pool.related_target[index])
 
 
-def build_teacher_pool(backend, edits, cache: RequestCache, method: Method, config: UnlearnConfig, size: int,
+def build_teacher_pool(backend: Backend, edits: LayerEdits, cache: RequestCache, method: Method, config: UnlearnConfig, size: int,
                        rng: np.random.Generator, generator: torch.Generator, erased: set[str],
                        micro_batch_size: int = 0) -> TeacherPool:
     """`size` rows drawn from `cache` as a step draws them, with the teachers' outputs (module doc).
@@ -103,6 +109,36 @@ def build_teacher_pool(backend, edits, cache: RequestCache, method: Method, conf
                     from_theta0 = torch.where(kept.to(from_theta0.device)[:, None, None, None], from_theta0, from_reference)
                 related_target[part] = from_theta0.float().cpu()
     return TeacherPool(_to_cpu(rows), torch.cat(targets), anchor_maps, related_target)
+
+
+def request_pool(backend: Backend, edits: LayerEdits, cache: RequestCache, method: Method, config: UnlearnConfig,
+                 seed: int, erased: set[str], micro_batch_size: int = 0) -> TeacherPool:
+    """A request's teacher pool of `config.teacher_pool` rows, drawn with its own seed (the request's seed
+    plus `TEACHER_POOL_SEED_OFFSET`)."""
+    pool_seed = seed + TEACHER_POOL_SEED_OFFSET
+    return build_teacher_pool(backend, edits, cache, method, config, config.teacher_pool,
+                              np.random.default_rng(pool_seed), torch.Generator().manual_seed(pool_seed), erased,
+                              micro_batch_size)
+
+
+def rebuild_pools(backend: Backend, edits: LayerEdits, method: Method, config: UnlearnConfig,
+                  requests: list[ResolvedRequest], caches: list[RequestCache], deltas: list[dict],
+                  micro_batch_size: int = 0) -> list[TeacherPool]:
+    """The teacher pools of the requests a resumed sequential run had finished (one per cache), as they were
+    built: request j's from the model θ0 + Σ_{i<j} ΔW_i (`deltas`: each request's ΔW per layer), with its own
+    seed. The committed deltas are restored afterwards."""
+    final = edits.committed()
+    pools = []
+    try:
+        for j, cache in enumerate(caches):
+            edits.load_committed({name: sum((d[name] for d in deltas[:j]), torch.zeros_like(final[name]))
+                                  for name in final})
+            seed = request_seed(config, j, requests[j].seed)
+            erased = {n.lower() for r in requests[: j + 1] for n in (r.target, *r.aliases)}
+            pools.append(request_pool(backend, edits, cache, method, config, seed, erased, micro_batch_size))
+    finally:
+        edits.load_committed(final)
+    return pools
 
 
 def merge_pools(pools: list[TeacherPool]) -> TeacherPool:

@@ -29,7 +29,7 @@ import torch
 
 from .backends.base import Backend
 from .concepts import ResolvedRequest, preserved_at, render_prompt
-from .config import FISHER_SEED_OFFSET, TEACHER_POOL_SEED_OFFSET, UnlearnConfig, request_seed
+from .config import FISHER_SEED_OFFSET, UnlearnConfig, request_seed
 from .distributed import check_batch, shard_rows
 from .edits import LayerEdits, trainable_pattern
 from .errors import DugeError
@@ -43,7 +43,7 @@ from .preservation import layer_moments, null_space_projector, preservation_seco
     run_preserved_prompts
 from .phases import Phases, current_phases
 from .results import ProgressFn, RequestDoneFn, RequestResult, ResumeState, UnlearnResult
-from .teachers import TeacherPool, build_teacher_pool, merge_pools, without_erased_related
+from .teachers import TeacherPool, merge_pools, rebuild_pools, request_pool, without_erased_related
 from .uce import uce_delta
 
 __all__ = ["unlearn", "train_request", "UnlearnConfig", "UnlearnCancelled", "TrainingDiverged"]
@@ -97,7 +97,7 @@ def train_request(run: Run, caches: list[RequestCache], steps: int, learning_rat
     projected = _projected_parameters(edits, moments or {}, config) \
         if method.regularizer_kind(config.regularizer) == "projection" else []
     if pools is not None:
-        new = [request_pool(run, cache, seed, erased, micro_batch_size)
+        new = [request_pool(run.backend, edits, cache, method, config, seed, erased, micro_batch_size)
                for cache in (caches if config.setting == "simultaneous" else caches[-1:])]
         pools.append(merge_pools(new) if len(new) > 1 else new[0])
     if pools is not None:  # the continual rule: related rows of a concept erased since are not replayed
@@ -123,14 +123,6 @@ def train_request(run: Run, caches: list[RequestCache], steps: int, learning_rat
             if run.progress:
                 run.progress({"request": label, "step": step + 1, "steps": steps, "losses": losses})
     return rollback.commit(), losses
-
-
-def request_pool(run: Run, cache: RequestCache, seed: int, erased: set[str], micro_batch_size: int) -> TeacherPool:
-    """A request's teacher pool (`duge.teachers`) of `config.teacher_pool` rows, from its own seed."""
-    pool_seed = seed + TEACHER_POOL_SEED_OFFSET
-    return build_teacher_pool(run.backend, run.edits, cache, run.method, run.config, run.config.teacher_pool,
-                              np.random.default_rng(pool_seed), torch.Generator().manual_seed(pool_seed), erased,
-                              micro_batch_size)
 
 
 def _projected_parameters(edits: LayerEdits, moments: dict, config: UnlearnConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -243,7 +235,8 @@ def unlearn(backend: Backend, requests: list[ResolvedRequest], config: UnlearnCo
                     replayed = [without_related(c, kept[j]) for j, c in enumerate(caches)]
                 earlier = requests[:k] if sequential else []
                 if pooled and len(pools) < k and sequential:  # resumed: the earlier requests' pools, as they were
-                    pools = rebuild_pools(run, requests, caches, [r.delta for r in results])
+                    pools = rebuild_pools(backend, edits, method, config, requests, caches, [r.delta for r in results],
+                                          memory.micro_batch_size([], caches[0], config.batch_size))
                 moments = preservation_moments(backend, edits, [request], earlier, requests, general_prompts, kind)
                 erased = {n.lower() for r in [*earlier, request] for n in (r.target, *r.aliases)}
                 delta, losses = train_request(run, replayed + [cache], request.steps or config.steps,
@@ -261,22 +254,3 @@ def unlearn(backend: Backend, requests: list[ResolvedRequest], config: UnlearnCo
                 edits.load_committed({name: sum(r.delta[name] for r in results) for name in edits.deltas})
         total = edits.committed()
     return UnlearnResult(config, results, total)
-
-
-def rebuild_pools(run: Run, requests: list[ResolvedRequest], caches: list[RequestCache],
-                  deltas: list[dict]) -> list[TeacherPool]:
-    """The teacher pools of the requests a resumed sequential run had finished, as they were built: request j's
-    from the model θ0 + Σ_{i<j} ΔW_i, with its own seed. The committed deltas are restored afterwards."""
-    edits, config = run.edits, run.config
-    final = edits.committed()
-    pools = []
-    try:
-        for j, cache in enumerate(caches):
-            edits.load_committed({name: sum((d[name] for d in deltas[:j]), torch.zeros_like(final[name]))
-                                  for name in final})
-            seed = request_seed(config, j, requests[j].seed)
-            erased = {n.lower() for r in requests[: j + 1] for n in (r.target, *r.aliases)}
-            pools.append(request_pool(run, cache, seed, erased, run.memory.micro_batch_size([], cache, config.batch_size)))
-    finally:
-        edits.load_committed(final)
-    return pools
