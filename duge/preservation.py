@@ -11,9 +11,11 @@ request's templates and anchor, its preserved concepts, concepts never erased, g
 and the targets of earlier requests (their outputs are already edited and must stay edited). The
 scale makes C = I the identity of L2-SP, so weights and μ keep their meaning across models.
 
-C is used in one of two ways (`duge.trainer`):
-- a penalty `tr(ΔW C ΔWᵀ)` = the mean squared change of the protected outputs, gradient `2 ΔW C`;
-- a projection of each optimiser update onto C's soft null space,
+C (`preservation_moments`, per request) is used in one of two ways:
+- a penalty `tr(ΔW C ΔWᵀ)` = the mean squared change of the protected outputs, gradient `2 ΔW C`
+  (the regulariser of `duge.objective`);
+- a projection of each optimiser update onto C's soft null space (`projected_parameters`, and
+  `projected_updates` around the trainer's optimiser step),
   `ΔW ← ΔW (I − C (C + μI)⁻¹) = ΔW · μ (C + μI)⁻¹`: a direction of C with eigenvalue λ keeps the
   share μ / (λ + μ) of the update (AlphaEdit, ICLR 2025, projects onto the eigenvectors whose
   eigenvalue is below a threshold; SPEED and CUIG's gradient projection do the same). μ = 0 gives
@@ -25,12 +27,15 @@ C costs one text-encoder pass over the prompts and no UNet pass; it is [in, in] 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
+from .backends.base import Backend
 from .conditioning import text_hidden_states
 from .concepts import ResolvedRequest, render_prompt
+from .edits import LayerEdits
 
 # General vocabulary on a user's model (the built-in world uses its own words, `world_vocabulary`):
 # common caption words, each encoded alone, so that their states' outputs stay.
@@ -187,3 +192,44 @@ def null_space_projector(moment: torch.Tensor, mu: float) -> torch.Tensor:
 def project_update(update: torch.Tensor, projector: torch.Tensor) -> torch.Tensor:
     """ΔW P for an update ΔW [out, in] and a projector P [in, in], in the update's dtype and device."""
     return update @ projector.to(device=update.device, dtype=update.dtype)
+
+
+def preservation_moments(backend: Backend, edits: LayerEdits, requests: list[ResolvedRequest],
+                         earlier: list[ResolvedRequest], all_requests: list[ResolvedRequest],
+                         general_prompts: list[str], kind: str) -> dict[str, torch.Tensor]:
+    """Layer name → C for the penalty and projection regularisers (`run_preserved_prompts` of the request(s)
+    being trained); {} for the other regularisers."""
+    if kind not in ("penalty", "projection"):
+        return {}
+    prompts = run_preserved_prompts(requests, earlier, all_requests, general_prompts)
+    moment = preservation_second_moment(backend.encode_prompts, prompts)
+    return layer_moments({name: d.committed.shape[1] for name, d in edits.deltas.items()}, moment)
+
+
+def projected_parameters(edits: LayerEdits, moments: dict[str, torch.Tensor],
+                         mu: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(trainable tensor whose rows live in a layer's input space, that layer's null-space projector) for the
+    projection regulariser: a full delta ΔW [out, in], or a LoRA's `down` [rank, in] (projected once here,
+    so that ΔW = up·down starts and stays in the soft null space)."""
+    out = []
+    for name, moment in moments.items():
+        d = edits.deltas[name]
+        projector = null_space_projector(moment, mu).float()
+        param = d.delta if d.mode == "full" else d.down
+        projector = projector.to(param.device)
+        if d.mode == "lora":
+            with torch.no_grad():
+                param.copy_(project_update(param, projector))
+        out.append((param, projector))
+    return out
+
+
+@contextmanager
+def projected_updates(projected: list[tuple[torch.Tensor, torch.Tensor]]):
+    """Around an optimiser step: afterwards each tensor of `projected` (`projected_parameters`) has moved by
+    its update times its projector only, i.e. onto the soft null space of the preserved inputs."""
+    before = [param.detach().clone() for param, _ in projected]
+    yield
+    with torch.no_grad():
+        for (param, projector), previous in zip(projected, before):
+            param.copy_(previous + project_update(param - previous, projector))

@@ -39,8 +39,7 @@ from .image_cache import RequestCache, load_or_build_request_cache, without_rela
 from .memory import RunMemory
 from .methods import Method, get_method
 from .objective import pooled_step_terms, step_terms
-from .preservation import layer_moments, null_space_projector, preservation_second_moment, project_update, \
-    run_preserved_prompts
+from .preservation import preservation_moments, projected_parameters, projected_updates
 from .phases import Phases, current_phases
 from .results import ProgressFn, RequestDoneFn, RequestResult, ResumeState, UnlearnResult
 from .teachers import TeacherPool, merge_pools, rebuild_pools, request_pool, without_erased_related
@@ -94,7 +93,7 @@ def train_request(run: Run, caches: list[RequestCache], steps: int, learning_rat
     replay_rows = config.replay_batch_size if len(caches) > 1 and replay else 0
     rows = shard_rows(config.batch_size + (config.replay_batch_size if config.setting == "sequential" else 0))
     micro_batch_size = run.memory.micro_batch_size(params, caches[-1], rows.stop - rows.start)
-    projected = _projected_parameters(edits, moments or {}, config) \
+    projected = projected_parameters(edits, moments or {}, config.projection_mu) \
         if method.regularizer_kind(config.regularizer) == "projection" else []
     if pools is not None:
         new = [request_pool(run.backend, edits, cache, method, config, seed, erased, micro_batch_size)
@@ -114,43 +113,12 @@ def train_request(run: Run, caches: list[RequestCache], steps: int, learning_rat
             else:
                 losses = step_terms(run.backend, edits, caches, method, config, rng, generator, run.fisher,
                                     replay=replay_rows, micro_batch_size=micro_batch_size, step=step, moments=moments)
-            before = [p.detach().clone() for p, _ in projected]
-            rollback.step(optimizer, params, losses["total"], step)
-            with torch.no_grad():  # each update onto the soft null space of the preserved inputs
-                for (param, projector), previous in zip(projected, before):
-                    param.copy_(previous + project_update(param - previous, projector))
+            with projected_updates(projected):  # each update onto the soft null space of the preserved inputs
+                rollback.step(optimizer, params, losses["total"], step)
             run.phases.advance(1)
             if run.progress:
                 run.progress({"request": label, "step": step + 1, "steps": steps, "losses": losses})
     return rollback.commit(), losses
-
-
-def _projected_parameters(edits: LayerEdits, moments: dict, config: UnlearnConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(trainable tensor whose rows live in a layer's input space, that layer's null-space projector) for the
-    projection regulariser: a full delta ΔW [out, in], or a LoRA's `down` [rank, in] (projected once here,
-    so that ΔW = up·down starts and stays in the soft null space)."""
-    out = []
-    for name, moment in moments.items():
-        d = edits.deltas[name]
-        projector = null_space_projector(moment, config.projection_mu).float()
-        param = d.delta if d.mode == "full" else d.down
-        projector = projector.to(param.device)
-        if d.mode == "lora":
-            with torch.no_grad():
-                param.copy_(project_update(param, projector))
-        out.append((param, projector))
-    return out
-
-
-def preservation_moments(backend: Backend, edits: LayerEdits, requests: list[ResolvedRequest],
-                         earlier: list[ResolvedRequest], all_requests: list[ResolvedRequest],
-                         general_prompts: list[str], kind: str) -> dict:
-    """Layer name → C for the penalty and projection regularisers (`duge.preservation`); {} for the others."""
-    if kind not in ("penalty", "projection"):
-        return {}
-    prompts = run_preserved_prompts(requests, earlier, all_requests, general_prompts)
-    moment = preservation_second_moment(backend.encode_prompts, prompts)
-    return layer_moments({name: d.committed.shape[1] for name, d in edits.deltas.items()}, moment)
 
 
 def unlearn(backend: Backend, requests: list[ResolvedRequest], config: UnlearnConfig, general_prompts: list[str] = (),

@@ -129,12 +129,12 @@ def test_pooled_teachers_and_preservation_train_in_every_setting(backend, settin
 def test_trainer_projects_every_update_onto_the_null_space_of_c(backend, monkeypatch):
     """With a known C of rank 64 on every K/V layer and μ = 0 (the hard projector), each request's trained
     delta leaves the outputs of C's span unchanged (to 1e-6) while it moves those of the other directions."""
-    import duge.trainer as trainer
+    import duge.preservation as preservation
 
     basis = torch.linalg.qr(torch.randn(128, 128, generator=torch.Generator().manual_seed(3), dtype=torch.float64))[0]
     kept, free = basis[:, :64], basis[:, 64:]  # C's span, its null space
     moment = kept @ kept.T * 2.0
-    monkeypatch.setattr(trainer, "layer_moments", lambda widths, _: {n: moment for n, w in widths.items() if w == 128})
+    monkeypatch.setattr(preservation, "layer_moments", lambda widths, _: {n: moment for n, w in widths.items() if w == 128})
     config = tiny_config(regularizer="projection", projection_mu=0.0, learning_rate=5e-2)
     result = unlearn(backend, requests_of(CONCEPTS), config)
     for request in result.requests:
