@@ -43,7 +43,7 @@ from .preservation import preservation_moments, projected_parameters, projected_
 from .phases import Phases, current_phases
 from .results import ProgressFn, RequestDoneFn, RequestResult, ResumeState, UnlearnResult
 from .teachers import TeacherPool, merge_pools, rebuild_pools, request_pool, without_erased_related
-from .uce import uce_delta
+from .uce import commit_uce_request
 
 __all__ = ["unlearn", "train_request", "UnlearnConfig", "UnlearnCancelled", "TrainingDiverged"]
 
@@ -74,20 +74,13 @@ def train_request(run: Run, caches: list[RequestCache], steps: int, learning_rat
     its teachers (`duge.teachers`); this request's pool(s) are built here and appended. `erased`: every name
     of every concept erased so far, this request's included (the related rows' teacher rule)."""
     edits, config, method = run.edits, run.config, run.method
-    rollback = RequestRollback(edits, label)
-    if method.objective == "closed_form":
+    if method.objective == "closed_form":  # no optimisation: UCE's edit (`duge.uce`)
         with run.phases.phase(f"closed form for '{label}'", 1, "edit", "training", target=label):
-            before = rollback.before
-            if method.resolve_from_original:  # uce-resolve: every request so far, solved again from θ0
-                total = uce_delta(run.backend, edits, [c.request for c in caches], config, from_original=True)
-                edits.load_committed({name: total[name].to(before[name]) for name in before})
-                run.phases.advance(1)
-                return {name: total[name].to(before[name]) - before[name] for name in before}, {}
-            # uce: the current weights, with this request's own erase and preserve sets only
-            delta = uce_delta(run.backend, edits, [caches[-1].request], config)
-            edits.load_committed({name: before[name] + delta[name].to(before[name]) for name in before})
+            delta = commit_uce_request(run.backend, edits, [c.request for c in caches], config,
+                                       from_original=method.resolve_from_original)
             run.phases.advance(1)
         return delta, {}
+    rollback = RequestRollback(edits, label)
     rng, generator = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
     params = edits.start_request(seed)
     replay_rows = config.replay_batch_size if len(caches) > 1 and replay else 0

@@ -23,17 +23,21 @@ request and per template T of the request:
   kept whole), and of T(anchor), so that the template and the anchor keep their meaning.
 
 `uce_delta` solves against the current weights (`uce`: each request edits the model the earlier
-requests left, with its own sets only) or against θ0 with every request so far (`uce-resolve`).
-Which concepts may be preserved at request k comes from `duge.concepts.preserved_at`. Solved in
-float64 on the CPU.
+requests left, with its own sets only) or against θ0 with every request so far (`uce-resolve`);
+`commit_uce_request` solves and commits one request for the trainer. Which concepts may be
+preserved at request k comes from `duge.concepts.preserved_at`. Solved in float64 on the CPU.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .conditioning import text_hidden_states
+from .backends.base import Backend
 from .concepts import ResolvedRequest, render_prompt
+from .conditioning import text_hidden_states
+from .config import UnlearnConfig
+from .edits import LayerEdits
+from .preservation import is_text_projection
 
 # train_erase.py: edit_model(..., lamb=0.5, erase_scale=1, preserve_scale=0.1 (the --preserve_scale default))
 DEFAULT_LAMBDA = 0.5
@@ -66,7 +70,7 @@ def uce_closed_form(weight: torch.Tensor, erase: torch.Tensor, guide: torch.Tens
     return torch.linalg.solve(gram, lhs.T).T
 
 
-def _token_count(backend, text: str) -> int:
+def _token_count(backend: Backend, text: str) -> int:
     """How many tokens `text` has (without BOS/EOS): the positions of the text in its own tokens."""
     if not text.strip():
         return 0
@@ -74,7 +78,7 @@ def _token_count(backend, text: str) -> int:
     return int(mask[0].sum())
 
 
-def slot_last_token(backend, template: str, word: str) -> int:
+def slot_last_token(backend: Backend, template: str, word: str) -> int:
     """Position (BOS = 0) of the last token of `word` in render_prompt(template, word); for an empty
     word, of the last token before the slot (0, BOS, when the slot opens the template)."""
     prefix = render_prompt(template.split("{}", 1)[0] + "{}", "")
@@ -88,7 +92,7 @@ def slot_last_token(backend, template: str, word: str) -> int:
     return position
 
 
-def uce_embeddings(backend, requests: list[ResolvedRequest]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def uce_embeddings(backend: Backend, requests: list[ResolvedRequest]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(erase [N, dim], guide [N, dim], preserve [M, dim]) text embeddings, float32 on the CPU (module doc).
 
     Each request's `preserve` is used as given: the caller passes the lists `preserved_at` allows.
@@ -119,7 +123,8 @@ def uce_embeddings(backend, requests: list[ResolvedRequest]) -> tuple[torch.Tens
     return stack(erase), stack(guide), stack(preserve)
 
 
-def uce_delta(backend, edits, requests: list[ResolvedRequest], config, from_original: bool = False) -> dict[str, torch.Tensor]:
+def uce_delta(backend: Backend, edits: LayerEdits, requests: list[ResolvedRequest], config: UnlearnConfig,
+              from_original: bool = False) -> dict[str, torch.Tensor]:
     """The edit of every edited layer for `requests` at once (float32, on the layer's device).
 
     `from_original=False`: ΔW = W_new − W against the current weights W (θ0 plus the committed deltas),
@@ -135,11 +140,25 @@ def uce_delta(backend, edits, requests: list[ResolvedRequest], config, from_orig
         for name, delta in edits.deltas.items():
             original = edits.originals[name].detach().float()
             current = original if from_original else original + delta.committed.detach().float()
-            is_text_projection = name.split(".")[-1] in ("to_k", "to_v") and ".attn2." in f".{name}"
-            if not is_text_projection or current.shape[1] != erase.shape[1]:
+            if not is_text_projection(name) or current.shape[1] != erase.shape[1]:
                 deltas[name] = delta.committed.detach().clone() if from_original else torch.zeros_like(delta.committed)
                 continue
             w = current.cpu().to(torch.float64)
             w_new = uce_closed_form(w, erase, guide, preserve, lamb, erase_scale, preserve_scale)
             deltas[name] = (w_new - w).float().to(delta.committed.device)
     return deltas
+
+
+def commit_uce_request(backend: Backend, edits: LayerEdits, requests: list[ResolvedRequest], config: UnlearnConfig,
+                       from_original: bool) -> dict[str, torch.Tensor]:
+    """Solve and commit the last of `requests`: with its own erase and preserve sets against the current
+    weights (`uce`), or, `from_original`, every request of `requests` again from θ0 (`uce-resolve`).
+    Returns the request's ΔW per layer (the change of the committed deltas)."""
+    before = edits.committed()
+    if from_original:
+        total = uce_delta(backend, edits, requests, config, from_original=True)
+        edits.load_committed({name: total[name].to(before[name]) for name in before})
+        return {name: total[name].to(before[name]) - before[name] for name in before}
+    delta = uce_delta(backend, edits, requests[-1:], config)
+    edits.load_committed({name: before[name] + delta[name].to(before[name]) for name in before})
+    return delta

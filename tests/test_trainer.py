@@ -175,16 +175,16 @@ requests:
 
 
 def test_uce_edits_with_its_own_request_and_uce_resolve_solves_every_request_from_theta0(backend, monkeypatch):
-    import duge.trainer as trainer
+    import duge.uce as uce
 
     calls = []
-    real = trainer.uce_delta
+    real = uce.uce_delta
 
     def spy(backend_, edits, requests, config, from_original=False):
         calls.append(([(r.target, list(r.preserve)) for r in requests], from_original))
         return real(backend_, edits, requests, config, from_original)
 
-    monkeypatch.setattr(trainer, "uce_delta", spy)
+    monkeypatch.setattr(uce, "uce_delta", spy)
     concepts = """
 name: later
 requests:
