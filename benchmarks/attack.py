@@ -46,15 +46,43 @@ def attacked_row(name: str, report) -> dict:
     return row
 
 
-def attack_after_last_request(name: str, base, total_delta: dict, evaluator, concepts, config) -> dict:
-    """`attacked_row` for a method's model after its last request: `base` (a DiffusersBackend of the unedited
-    model) with `total_delta` (`UnlearnResult.total_delta`) added, attacked with `config` on `concepts`.
-    This is the hook a continual benchmark calls after each method."""
-    from duge.attacks import attack_concepts
-    from duge.backends.diffusers_backend import DiffusersBackend
+def sanity_of(row: dict) -> dict:
+    """The sanity check of an `attacked_row` of the never-edited model: per attack, the share of its held-out
+    images that show the concept (mean over concepts), and whether every attack reaches SANITY_SHARE."""
+    shown = {attack: 1.0 - row[f"UA_{attack}"] for attack in ("prompt", "inversion") if f"UA_{attack}" in row}
+    return {"shown": shown, "needs": SANITY_SHARE, "met": bool(shown) and all(v >= SANITY_SHARE for v in shown.values())}
 
-    edited = DiffusersBackend(base.edited_pipeline(total_delta), dtype="float32")
-    return attacked_row(name, attack_concepts(edited, base, evaluator, concepts, config))
+
+class SharedAttacks:
+    """The same attacks for every model of one benchmark run: one AttackConfig (budget, seeds), the erased
+    concepts, and the unedited model's images of each concept (the objectives' targets), drawn once here."""
+
+    def __init__(self, base, evaluator, concepts, config):
+        from duge.attacks import target_latents
+
+        config.validate()
+        self.base, self.evaluator, self.concepts, self.config = base, evaluator, list(concepts), config
+        self.latents = {c.name: target_latents(base, c.retention_prompt, config) for c in self.concepts}
+
+    def attack(self, name: str, edited) -> dict:
+        """`attacked_row` of `edited` (a backend with the token calls of duge.attacks.TokenBackend)."""
+        from duge.attacks import RobustnessReport, attack_concept
+
+        t0 = time.perf_counter()
+        results = [attack_concept(edited, self.latents[c.name], self.evaluator, c, self.config) for c in self.concepts]
+        return attacked_row(name, RobustnessReport(asdict(self.config), results, time.perf_counter() - t0))
+
+    def after_last_request(self, name: str, total_delta: dict) -> dict:
+        """`attacked_row` of a method's model after its last request: the unedited model with `total_delta`
+        (`UnlearnResult.total_delta`) added. This is the hook a continual benchmark calls after each method."""
+        from duge.backends.diffusers_backend import DiffusersBackend
+
+        return self.attack(name, DiffusersBackend(self.base.edited_pipeline(total_delta), dtype="float32"))
+
+    def sanity(self) -> dict:
+        """`attacked_row` of the never-edited model, with its `sanity_of` under "sanity"."""
+        row = self.attack("unedited", self.base)
+        return {**row, "sanity": sanity_of(row)}
 
 
 def format_table(result: dict) -> str:
@@ -90,7 +118,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from duge.attacks import attack_concepts, erased_concepts
+    from duge.attacks import erased_concepts
     from duge.backends.diffusers_backend import DiffusersBackend
     from duge.concepts import example_concept_set_path, load_concept_set, resolve_concept_set, resolve_request
     from duge.config import AttackConfig, UnlearnConfig
@@ -123,19 +151,17 @@ def main(argv=None) -> int:
         print(format_table(result), flush=True)
         save()
 
+    attacks = SharedAttacks(base, evaluator, concepts, attack_config)
     print(f"unedited: attacking {', '.join(c.name for c in concepts)} ...", flush=True)
-    add(attacked_row("unedited", attack_concepts(base, base, evaluator, concepts, attack_config)))
-    unedited = result["rows"][0]["concepts"]
-    shown = {a["attack"]: 1 - sum(c_a["ua"] for c in unedited for c_a in c["attacks"] if c_a["attack"] == a["attack"])
-             / len(unedited) for a in unedited[0]["attacks"]}
-    result["sanity"] = {"shown": shown, "needs": SANITY_SHARE, "met": all(v >= SANITY_SHARE for v in shown.values())}
-    save()
+    unedited = attacks.sanity()
+    result["sanity"] = unedited.pop("sanity")
+    add(unedited)
 
     models = dict(item.split("=", 1) for item in args.models)
     for name, folder in models.items():
         print(f"{name}: attacking ...", flush=True)
         edited = DiffusersBackend(load_pipeline(folder), dtype="float32")
-        add(attacked_row(name, attack_concepts(edited, base, evaluator, concepts, attack_config)))
+        add(attacks.attack(name, edited))
     if not models:
         for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
             config = UnlearnConfig(method=method, seed=args.seed, **({"steps": args.steps} if args.steps else {}))
@@ -145,7 +171,7 @@ def main(argv=None) -> int:
                              concept_set.general_prompts, image_filter=anchor_filter(base, evaluator))
             result["training"][method] = {"seconds": time.perf_counter() - t1, "config": asdict(config)}
             print(f"{method}: attacking ...", flush=True)
-            add(attack_after_last_request(method, base, edited.total_delta, evaluator, concepts, attack_config))
+            add(attacks.after_last_request(method, edited.total_delta))
     result["complete"] = True
     save()
     print(format_table(result))

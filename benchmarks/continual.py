@@ -23,10 +23,25 @@ to ESD-x's from the same run — run one method at a time, or each process with 
 Tuning (`--tune`): on the `tuning` sequence (not a reported one), every method gets four runs
 (LR_FACTORS and UCE_GRID below); the highest final H decides.
 
+Attacks (`--attack prompt|inversion|both`, off unless asked): after each method's last request, in the
+same process, its model is attacked on every erased concept (`duge.attacks`: the prompt search and/or
+the concept inversion) with one AttackConfig for every method and seed — duge/config.py's defaults
+(--quick: QUICK_ATTACK), --attack-budget the only override, all fixed before any result is seen —
+and the objectives' images drawn once by the unedited model. As a sanity row the unedited model is
+attacked the same way (kept in --cache); its attacks' images must show the concept (share >= 0.9).
+The post-attack UA (per concept the lowest of the plain prompt's and each attack's) is reported per
+method, mean ± 95 % CI over seeds. Cost: ~1-2 min of one core per concept and attack at the default
+budget, for every method and seed, i.e. sequence10's ten concepts add ~30 min per run.
+`--save-deltas` keeps each run's final edit (θ − θ0 of the edited layers, safetensors, < 1 MB) in
+OUT/deltas, and `--attach continual.json --attack both` attacks those saved edits later and writes the
+result with the attacks attached (for runs made without --attack).
+
     python benchmarks/continual.py [--quick] [--sequence sequence10] [--methods duge,uce] [--seeds 0,1,2]
                                    [--tuned benchmarks/results/tuning/tuning.json] [--out DIR] [--set [METHOD:]FIELD=VALUE]
     python benchmarks/continual.py --tune [--methods ...] --out benchmarks/results/tuning
     python benchmarks/continual.py --merge a/continual.json b/continual.json --out DIR
+    python benchmarks/continual.py [...] --attack both [--attack-budget N] [--save-deltas]
+    python benchmarks/continual.py --attach DIR/continual.json [--deltas DIR/deltas] --attack both --out DIR2
 
 Writes DIR/continual.json (or tuning.json), DIR/table.md, DIR/erosion.png and DIR/cost.png.
 --quick: the first 3 requests of the sequence, few steps and samples (CI).
@@ -46,6 +61,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.attack import SANITY_SHARE, SharedAttacks  # noqa: E402
 from benchmarks.peak_memory import PeakMemory  # noqa: E402
 from duge.methods import METHODS as METHOD_TABLE  # noqa: E402
 from duge.paths import atomic_write_text  # noqa: E402
@@ -67,6 +83,9 @@ KEYS = ("UA", "IRA", "CRA", "H", "compositional", "distance", "IRA_ratio", "CRA_
 LR_FACTORS = (1.0, 10.0, 100.0)
 UCE_GRID = tuple({"uce_lambda": lamb, "uce_preserve_scale": scale} for lamb in (0.5, 0.1) for scale in (0.1, 1.0))
 GRID_RUNS = 4  # runs per method: len(LR_FACTORS) + 1 (the best at S/2), or len(UCE_GRID)
+# --quick --attack: AttackConfig fields for a CI-sized attack (every other field AttackConfig's default).
+QUICK_ATTACK = {"budget": 300, "objective_images": 2, "eval_images": 4, "sample_steps": 8}
+ATTACK_KEYS = ("UA_plain", "UA_prompt", "UA_inversion", "post_attack_UA")
 
 
 @dataclass
@@ -199,9 +218,10 @@ def _median(values):
 
 
 def run_method(config, backend, concept_set, evaluation, memory: PeakMemory, measure_every_request: bool = True,
-               log=print, on_request=None) -> dict:
+               log=print, on_request=None, after_last=None) -> dict:
     """One method and seed through every request: its metrics after each (or after the last), its cost,
-    or the error that stopped it. `on_request(partial_entry)` sees what is known after each measurement."""
+    or the error that stopped it. `on_request(partial_entry)` sees what is known after each measurement;
+    `after_last(result, entry)` the finished run (`UnlearnResult`) and its entry, to add to it."""
     from duge.concepts import resolve_concept_set
     from duge.errors import DugeError
     from duge.trainer import unlearn
@@ -263,6 +283,8 @@ def run_method(config, backend, concept_set, evaluation, memory: PeakMemory, mea
         entry["peak_memory_mb"] = max((row["peak_memory_mb"] for row in rows if row["peak_memory_mb"]), default=None)
         entry["peak_increase_mb"] = max((row["peak_increase_mb"] for row in rows
                                          if row["peak_increase_mb"] is not None), default=None)
+    if after_last:
+        after_last(result, entry)
     return entry
 
 
@@ -344,8 +366,12 @@ def prepare(sequence: str, profile: Profile, model: str = "builtin", cache: Path
 
 
 def run_benchmark(methods, seeds, profile: Profile = FULL, sequence: str = "sequence10", model: str = "builtin",
-                  tuned: dict | None = None, cache: Path | None = None, log=print, checkpoint=None) -> dict:
-    """One sequence, the given methods and training seeds (one after another), as a JSON-ready dict."""
+                  tuned: dict | None = None, cache: Path | None = None, log=print, checkpoint=None,
+                  attack=None, deltas_dir: Path | None = None) -> dict:
+    """One sequence, the given methods and training seeds (one after another), as a JSON-ready dict.
+
+    attack: an AttackConfig — each run's model after its last request is attacked (run["attack"]), and the
+    unedited model as the sanity row (result["attack"]). deltas_dir: each run's final edit is saved there."""
     import torch
 
     backend, concept_set, evaluation, base = prepare(sequence, profile, model, cache, log)
@@ -357,6 +383,11 @@ def run_benchmark(methods, seeds, profile: Profile = FULL, sequence: str = "sequ
         "memory_measure": memory.method, "torch_threads": torch.get_num_threads(), "device": str(backend.device),
         "tuned": tuned, "git_commit": git_commit(), "base": base, "runs": {}, "complete": False,
     }
+    attacks = None
+    if attack is not None:
+        attacks, out["attack"] = prepare_attacks(backend, concept_set.requests, attack, model, cache, log)
+        if checkpoint:
+            checkpoint(out)
     for method in methods:
         for seed in seeds:
             config = _unlearn_config(method, profile, seed, tuned)
@@ -368,13 +399,156 @@ def run_benchmark(methods, seeds, profile: Profile = FULL, sequence: str = "sequ
                 if checkpoint:
                     checkpoint(out)
 
+            def after_last(result, entry, config=config):
+                if deltas_dir is not None:
+                    entry["delta_file"] = save_final_delta(deltas_dir, result.total_delta, config, out).name
+                if attacks is not None:
+                    runs[str(config.seed)] = entry  # the training's numbers are kept while the attacks run
+                    if checkpoint:
+                        checkpoint(out)
+                    entry["attack"] = attack_run(attacks, config.method, config.seed, result.total_delta, log)
+
             runs[str(seed)] = run_method(config, backend, concept_set, evaluation, memory,
-                                         profile.measure_every_request, log=log, on_request=on_request)
+                                         profile.measure_every_request, log=log, on_request=on_request,
+                                         after_last=after_last)
             if checkpoint:
                 checkpoint(out)
     memory.close()
     out["complete"] = True
     return out
+
+
+def attack_config(attack: str, quick: bool = False, budget: int | None = None):
+    """The benchmark's AttackConfig: duge/config.py's defaults (QUICK_ATTACK's sizes with --quick), `budget` if given."""
+    from duge.config import AttackConfig
+
+    config = AttackConfig(attack=attack, **(QUICK_ATTACK if quick else {}))
+    if budget is not None:
+        config.budget = budget
+    config.validate()
+    return config
+
+
+def prepare_attacks(backend, requests, config, model: str, cache: Path | None = None, log=print):
+    """(SharedAttacks for the requests' erased concepts, result["attack"]: the config, the concepts and the
+    sanity row — the unedited model attacked the same way, read from `cache` when it was measured before)."""
+    from duge.attacks import erased_concepts
+    from duge.concepts import resolve_request
+    from duge.world.callbacks import builtin_evaluator
+
+    evaluator = builtin_evaluator()
+    concepts = erased_concepts([resolve_request(r, builtin_world=True) for r in requests], evaluator, True)
+    section = {"config": asdict(config), "concepts": [c.name for c in concepts], "sanity_share": SANITY_SHARE}
+    key = hashlib.sha256(json.dumps({"model": model, "concepts": section["concepts"], "config": section["config"],
+                                     "version": 1}, sort_keys=True).encode()).hexdigest()[:16]
+    path = cache / f"attack_unedited_{key}.json" if cache else None
+    log(f"attacks: {', '.join(section['concepts'])}: drawing the unedited model's images for the objectives ...")
+    attacks = SharedAttacks(backend, evaluator, concepts, config)
+    if path is not None and path.exists():
+        unedited = json.loads(path.read_text())
+        log(f"attacks: the unedited model's sanity row read from {path}")
+    else:
+        log("attacks: the unedited model (sanity row) ...")
+        unedited = attacks.sanity()
+        if path is not None:
+            atomic_write_text(path, json.dumps(unedited, indent=1), overwrite=True)
+    section["unedited"] = unedited
+    section["sanity"] = unedited["sanity"]
+    log(f"attacks: sanity — images showing the concept: "
+        + ", ".join(f"{k} {v:.3f}" for k, v in section["sanity"]["shown"].items())
+        + f" (needs >= {SANITY_SHARE}: {'met' if section['sanity']['met'] else 'NOT met'})")
+    return attacks, section
+
+
+def attack_run(attacks: SharedAttacks, method: str, seed: int, total_delta: dict, log=print) -> dict:
+    """The attacks on one run's model after its last request (`SharedAttacks.after_last_request`), or the error."""
+    from duge.errors import DugeError
+
+    log(f"  {method} seed {seed}: attacking {len(attacks.concepts)} erased concept(s) ...")
+    try:
+        row = attacks.after_last_request(method, total_delta)
+    except DugeError as err:
+        return {"error": f"{type(err).__name__}: {err}"}
+    log(f"  {method} seed {seed}: " + " ".join(f"{k} {_fmt(row.get(k))}" for k in ATTACK_KEYS))
+    return row
+
+
+def _delta_identity(result: dict, method: str, seed: int) -> dict:
+    return {"benchmark": "continual", "model": result["model"], "sequence": result["sequence"],
+            "requests": json.dumps(result["requests"]), "method": method, "seed": str(seed)}
+
+
+def save_final_delta(folder: Path, total_delta: dict, config, result: dict) -> Path:
+    """Write one run's final edit (θ − θ0 per edited layer) as FOLDER/METHOD_seedSEED.safetensors, with the run's
+    identity (model, sequence, requests, method, seed), config and code in its metadata; refuses to overwrite."""
+    from safetensors.torch import save_file
+
+    from duge.paths import atomic_write
+
+    metadata = {**_delta_identity(result, config.method, config.seed), "config": json.dumps(asdict(config)),
+                "git_commit": str(git_commit())}
+    tensors = {name: t.detach().float().cpu().contiguous() for name, t in total_delta.items()}
+    path = Path(folder) / f"{config.method}_seed{config.seed}.safetensors"
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def load_final_delta(path: Path, backend, result: dict, method: str, seed: int) -> dict:
+    """A run's final edit saved by `save_final_delta`, checked (safetensors only, finite, the run it claims
+    to be, layers and shapes of `backend`'s UNet); raises ModelLoadError otherwise."""
+    import torch
+
+    from duge.errors import ModelLoadError
+    from duge.io import read_safetensors_metadata
+    from duge.safe_weights import check_fits, load_tensors
+
+    tensors = load_tensors(path)
+    metadata = read_safetensors_metadata(path)
+    expected = _delta_identity(result, method, seed)
+    wrong = [k for k, v in expected.items() if metadata.get(k) != v]
+    if wrong:
+        raise ModelLoadError(f"'{path}' is not the final edit of {method} seed {seed} of this result: its "
+                             + ", ".join(f"{k} {metadata.get(k)!r} (expected {expected[k]!r})" for k in wrong))
+    weights = {f"{name}.weight": module.weight for name, module in backend.unet.named_modules()
+               if isinstance(getattr(module, "weight", None), torch.Tensor)}
+    unknown = [name for name in tensors if f"{name}.weight" not in weights]
+    if unknown:
+        raise ModelLoadError(f"'{path}': layer '{unknown[0]}' is not a layer of the model's UNet")
+    check_fits({f"{k}.weight": v for k, v in tensors.items()}, weights, path, "saved edit")
+    return tensors
+
+
+def attach_attacks(result: dict, deltas_dir: Path, attack, cache: Path | None = None, log=print,
+                   checkpoint=None) -> dict:
+    """`result` (a continual.json) with every run whose final edit was saved in `deltas_dir` attacked as a
+    run with --attack would have been (run["attack"]), and the sanity row (result["attack"]). Runs that
+    already hold attacks with another config, or whose edit was not saved, are named and left as they are."""
+    from duge.backends.diffusers_backend import DiffusersBackend
+    from duge.concepts import example_concept_set_path, load_concept_set
+    from duge.models import load_pipeline
+
+    earlier = result.get("attack")
+    if earlier and earlier.get("config") != asdict(attack):
+        raise SystemExit("--attach: the result already holds attacks with other settings; attach with the same "
+                         "--attack and --attack-budget, or to a result made without --attack")
+    requests = load_concept_set(example_concept_set_path(result["sequence"])).requests[: len(result["requests"])]
+    if [r.target for r in requests] != result["requests"]:
+        raise SystemExit(f"--attach: the result's requests {result['requests']} are not the start of "
+                         f"{result['sequence']}'s")
+    backend = DiffusersBackend(load_pipeline(result["model"]), dtype="float32")
+    attacks, result["attack"] = prepare_attacks(backend, requests, attack, result["model"], cache, log)
+    for method, runs in result.get("runs", {}).items():
+        for seed, entry in runs.items():
+            path = Path(deltas_dir) / f"{method}_seed{seed}.safetensors"
+            if "attack" in entry or not entry.get("final"):
+                continue
+            if not path.exists():
+                log(f"  {method} seed {seed}: no saved edit ({path}); not attacked")
+                continue
+            delta = load_final_delta(path, backend, result, method, int(seed))
+            entry["attack"] = attack_run(attacks, method, int(seed), delta, log)
+            if checkpoint:
+                checkpoint(result)
+    return result
 
 
 def run_tuning(methods, profile: Profile = TUNING, seed: int = 0, model: str = "builtin", cache: Path | None = None,
@@ -475,6 +649,15 @@ def summarize(result: dict) -> dict:
             entry["total_seconds_per_seed"] = {s: e.get("total_seconds") for s, e in done.items()}
             entry["git_commits"] = sorted({e.get("git_commit") or "?" for e in done.values()})
             entry["config"] = next(iter(done.values())).get("config")
+            attacked = {s: e["attack"] for s, e in done.items() if e.get("attack") and "error" not in e["attack"]}
+            if attacked:  # --attack: the post-attack numbers after the last request, over the seeds attacked
+                entry["attack"] = {"seeds": sorted(attacked, key=int),
+                                   "per_seed_post_attack_UA": {s: a.get("post_attack_UA") for s, a in attacked.items()}}
+                for key in ATTACK_KEYS + ("seconds",):
+                    entry["attack"][key], entry["attack"][f"{key}_ci95"], _ = mean_ci([a.get(key) for a in attacked.values()])
+            attack_errors = {s: e["attack"]["error"] for s, e in done.items() if "error" in (e.get("attack") or {})}
+            if attack_errors:
+                entry["attack_errors"] = attack_errors
         methods[name] = entry
     reference = methods.get("esd-x", {})
     for entry in methods.values():
@@ -491,6 +674,11 @@ def summarize(result: dict) -> dict:
         significance[name] = {key: paired_difference({s: f.get(key) for s, f in finals.items()},
                                                      {s: f.get(key) for s, f in duge_runs.items()})
                               for key in ("H", "UA", "IRA", "CRA", "compositional")}
+        post_attack = {n: {s: e["attack"].get("post_attack_UA") for s, e in r.items() if e.get("final")
+                           and "post_attack_UA" in (e.get("attack") or {})}
+                       for n, r in (("method", runs), ("duge", result["runs"]["duge"]))}
+        if post_attack["method"] and post_attack["duge"]:
+            significance[name]["post_attack_UA"] = paired_difference(post_attack["method"], post_attack["duge"])
     result["significance_vs_duge"] = significance
     return result
 
@@ -514,6 +702,14 @@ def merge_results(results: list[dict]) -> dict:
             if comparable(other, key) != comparable(first, key):
                 raise SystemExit(f"--merge: the parts differ in {key!r}; only parts with the same settings combine")
     merged = dict(first, merged_from=len(results), git_commit=sorted({r.get("git_commit") or "?" for r in results}))
+    attacks = [r["attack"] for r in results if r.get("attack")]  # parts run without --attack hold none
+    for other in attacks[1:]:
+        for key in ("config", "concepts"):
+            if other.get(key) != attacks[0].get(key):
+                raise SystemExit(f"--merge: the parts' attacks differ in {key!r}; only attacks with the same "
+                                 "settings combine")
+    if attacks:
+        merged["attack"] = attacks[0]
     if first.get("benchmark") == "tuning":
         merged["runs"] = {}
         for result in results:
@@ -592,6 +788,8 @@ def format_table(result: dict) -> str:
             lines.append(f"- {name}: " + ("—" if d is None else f"{d['mean']:+.3f}"
                                           + ("" if d['ci95'] is None else f" ± {d['ci95']:.3f}")
                                           + (" *" if d["significant"] else "") + f" (n {d['n']})"))
+    if result.get("attack"):
+        lines += ["", *format_attacks(result)]
     lines += ["", "after each request, mean over seeds: UA / IRA / CRA / compositional", ""]
     lines.append("| method | " + " | ".join(f"{k + 1}:{t}" for k, t in enumerate(result["requests"])) + " |")
     lines.append("|---|" + "---|" * len(result["requests"]))
@@ -600,6 +798,39 @@ def format_table(result: dict) -> str:
                  for r in entry.get("requests", [])]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def format_attacks(result: dict) -> list[str]:
+    """Markdown lines: the post-attack UA per method after the last request, the sanity row first."""
+    section = result["attack"]
+    config = section["config"]
+    lines = [f"post-attack UA after the last request: {config['attack']} attack(s) on each erased concept "
+             f"({', '.join(section['concepts'])}), {config['budget']} UNet passes per attack and concept, "
+             f"{config['eval_images']} held-out images each; UA = share NOT showing the concept, mean over concepts, "
+             "then mean ± 95 % CI over seeds; post-attack = per concept the lowest of the plain prompt's and each attack's",
+             "", "| method | n | UA plain prompt | UA prompt search | UA inversion | post-attack UA | attack s |",
+             "|---|---|---|---|---|---|---|"]
+    unedited = section.get("unedited") or {}
+    lines.append("| unedited (sanity) | — | " + " | ".join(_fmt(unedited.get(k)) for k in ATTACK_KEYS)
+                 + f" | {_fmt(unedited.get('seconds'), 0)} |")
+    for name, entry in result.get("methods", {}).items():
+        a = entry.get("attack")
+        if not a:
+            errors = entry.get("attack_errors")
+            lines.append(f"| {name} | 0 | " + (f"failed: {errors} |||||" if errors else "not attacked |||||"))
+            continue
+        lines.append(f"| {name} | {len(a['seeds'])} | " + " | ".join(_pm(a.get(k), a.get(f"{k}_ci95")) for k in ATTACK_KEYS)
+                     + f" | {_fmt(a.get('seconds'), 0)} |")
+    sanity = section.get("sanity") or {}
+    lines += ["", "sanity: the attacks' images of the never-edited model that show the concept: "
+              + ", ".join(f"{k} {v:.3f}" for k, v in (sanity.get("shown") or {}).items())
+              + f" (needs >= {section.get('sanity_share', SANITY_SHARE)}: {'met' if sanity.get('met') else 'NOT met'})"]
+    sig = {n: d["post_attack_UA"] for n, d in (result.get("significance_vs_duge") or {}).items() if d.get("post_attack_UA")}
+    if sig:
+        lines.append("post-attack UA of each baseline minus DUGE's, paired over seeds: " + "; ".join(
+            f"{n} {d['mean']:+.3f}" + ("" if d["ci95"] is None else f" ± {d['ci95']:.3f}")
+            + (" *" if d["significant"] else "") + f" (n {d['n']})" for n, d in sig.items()))
+    return lines
 
 
 def write_plots(result: dict, out_dir: Path) -> list[Path]:
@@ -680,8 +911,24 @@ def main(argv=None) -> int:
                         help="override an UnlearnConfig field for every method or one (repeatable)")
     parser.add_argument("--resume", default=None, metavar="JSON",
                         help="with --tune: an earlier tuning.json whose finished runs are kept, not trained again")
+    parser.add_argument("--attack", choices=("prompt", "inversion", "both"), default=None,
+                        help="after each run's last request, attack its model (and the unedited one, the sanity row) "
+                             "with duge/config.py's AttackConfig; off by default")
+    parser.add_argument("--attack-budget", type=int, default=None,
+                        help="UNet passes per attack and concept (default: AttackConfig's; the same for every method)")
+    parser.add_argument("--save-deltas", action="store_true",
+                        help="keep each run's final edit in OUT/deltas (safetensors) so --attach can attack it later")
+    parser.add_argument("--attach", default=None, metavar="JSON",
+                        help="instead of running: attack the saved final edits of this continual.json's runs "
+                             "(with --attack) and write it with the attacks attached")
+    parser.add_argument("--deltas", default=None, help="with --attach: the folder of saved edits (default: JSON's "
+                                                        "folder/deltas)")
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
+    if args.attach and not args.attack:
+        parser.error("--attach needs --attack prompt|inversion|both")
+    if args.attack and args.tune:
+        parser.error("--attack is for reported runs, not the tuning protocol")
 
     import torch
 
@@ -724,15 +971,26 @@ def main(argv=None) -> int:
         atomic_write_text(json_path, json.dumps(result, indent=1), overwrite=True)
         atomic_write_text(json_path.with_name(json_path.stem + "_table.md"), format_table(result) + "\n", overwrite=True)
 
+    attack = attack_config(args.attack, args.quick, args.attack_budget) if args.attack else None
     if args.merge:
         result = merge_results([json.loads(Path(p).read_text()) for p in args.merge])
         t0 -= result["seconds_total"]
+    elif args.attach:
+        result = json.loads(Path(args.attach).read_text())
+        if result.get("benchmark") != "continual":
+            parser.error(f"--attach: {args.attach} is not a continual.json")
+        if json_path.resolve() == Path(args.attach).resolve():
+            parser.error("--attach: the output would overwrite the input JSON; give another --out or --json")
+        t0 -= result.get("seconds_total") or 0.0
+        deltas = Path(args.deltas) if args.deltas else Path(args.attach).parent / "deltas"
+        result = attach_attacks(result, deltas, attack, cache, checkpoint=save)
     elif args.tune:
         done = json.loads(Path(args.resume).read_text()).get("runs") if args.resume else None
         result = run_tuning(methods, profile, seed=seeds[0], model=args.model, cache=cache, checkpoint=save, done=done)
     else:
         result = run_benchmark(methods, seeds, profile, sequence=args.sequence, model=args.model, tuned=tuned,
-                               cache=cache, checkpoint=save)
+                               cache=cache, checkpoint=save, attack=attack,
+                               deltas_dir=out_dir / "deltas" if args.save_deltas else None)
     save(result)
     print(format_table(result))
     print(f"\nwrote {json_path} in {result['seconds_total']:.0f} s")

@@ -181,3 +181,72 @@ def test_parts_merge_into_one_result_only_when_their_settings_match():
     assert merged["methods"]["duge"]["final"]["UA"] == pytest.approx(0.9) and merged["methods"]["duge"]["seeds"] == ["0", "1"]
     with pytest.raises(SystemExit, match="evaluation"):
         bench.merge_results([a, dict(b, evaluation={"steps": 20})])
+
+
+def _without_attacks(result: dict) -> dict:
+    """`result` as a run without --attack writes it (what the benchmark's JSON held before attacks existed)."""
+    stripped = json.loads(json.dumps(result))
+    stripped.pop("attack", None)
+    for runs in stripped["runs"].values():
+        for entry in runs.values():
+            entry.pop("attack", None)
+    stripped.pop("methods", None)
+    return stripped
+
+
+def test_benchmark_attacks_each_runs_last_model_and_attaches_attacks_to_saved_edits_alike(tmp_path, capsys, builtin_pipe):
+    from dataclasses import asdict
+
+    from duge.errors import ModelLoadError
+
+    bench = _benchmark()
+    run = tmp_path / "run"
+    assert bench.main(["--quick", "--requests", "1", "--steps", "2", "--methods", "uce", "--out", str(run),
+                       "--threads", "1", "--no-plots", "--attack", "both", "--save-deltas"]) == 0
+    result = json.loads((run / "continual.json").read_text())
+    section = result["attack"]
+    assert section["config"] == asdict(bench.attack_config("both", quick=True)) and section["concepts"] == ["circle"]
+    assert set(section["sanity"]["shown"]) == {"prompt", "inversion"} and section["sanity"]["needs"] == 0.9
+    assert section["sanity"]["met"] == all(v >= 0.9 for v in section["sanity"]["shown"].values())
+    attack = result["runs"]["uce"]["0"]["attack"]
+    (circle,) = attack["concepts"]
+    assert [a["attack"] for a in circle["attacks"]] == ["prompt", "inversion"]
+    assert all(a["unet_passes"] <= section["config"]["budget"] for a in circle["attacks"])
+    assert attack["post_attack_UA"] == min([circle["ua_plain"]] + [a["ua"] for a in circle["attacks"]])
+    assert result["methods"]["uce"]["attack"]["post_attack_UA"] == attack["post_attack_UA"]
+    table = capsys.readouterr().out
+    assert "| unedited (sanity) |" in table and "post-attack UA" in table and "sanity:" in table
+
+    # The same run without attacks (as the benchmark wrote it before), attacked afterwards from its saved edit:
+    # the same numbers as attacking in the run's process; the unedited model's row comes from the cache.
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps(_without_attacks(result)))
+    assert "post-attack" not in bench.format_table(bench.summarize(_without_attacks(result)))
+    assert bench.main(["--attach", str(plain), "--deltas", str(run / "deltas"), "--attack", "both", "--quick",
+                       "--out", str(tmp_path / "attached"), "--no-plots"]) == 0
+    assert "sanity row read from" in capsys.readouterr().out
+    attached = json.loads((tmp_path / "attached" / "continual.json").read_text())
+    assert attached["attack"]["sanity"] == section["sanity"]
+    later = attached["runs"]["uce"]["0"]["attack"]
+    assert later["post_attack_UA"] == attack["post_attack_UA"]
+    assert [a["prompt"] for a in later["concepts"][0]["attacks"]] == [a["prompt"] for a in circle["attacks"]]
+
+    # Parts without attacks (an older run) merge with attacked ones and keep their attacks, in either order.
+    other = _without_attacks(result)
+    other["runs"] = {"uce": {"1": dict(result["runs"]["uce"]["0"], config=dict(result["runs"]["uce"]["0"]["config"],
+                                                                                seed=1))}}
+    other["runs"]["uce"]["1"].pop("attack")
+    for parts in ([other, attached], [attached, other]):
+        merged = bench.merge_results(parts)
+        assert merged["attack"] == attached["attack"] and merged["methods"]["uce"]["attack"]["seeds"] == ["0"]
+        assert merged["methods"]["uce"]["seeds"] == ["0", "1"]
+    with pytest.raises(SystemExit, match="attacks differ"):
+        bench.merge_results([attached, dict(attached, attack=dict(attached["attack"], config={"budget": 1}))])
+
+    # A saved edit is read checked: another run's edit is refused.
+    from duge.backends.diffusers_backend import DiffusersBackend
+
+    backend = DiffusersBackend(builtin_pipe, dtype="float32")
+    with pytest.raises(ModelLoadError, match="not the final edit of duge seed 0"):
+        bench.load_final_delta(run / "deltas" / "uce_seed0.safetensors", backend, result, "duge", 0)
+    assert bench.load_final_delta(run / "deltas" / "uce_seed0.safetensors", backend, result, "uce", 0)
