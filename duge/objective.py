@@ -8,7 +8,8 @@ reference model; the teacher pools of `duge.teachers` compute the same targets o
 
 `step_terms` draws a batch, back-propagates each term into the trainable deltas (rows in
 micro-batches and shards through `duge.harness.accumulate`, the regulariser one layer at a time)
-and returns the terms' values. The losses themselves are `duge.losses`.
+and returns the terms' values; `pooled_step_terms` does the same against the teacher pools. Both
+end in `with_total`, which adds L_reg and sums L. The losses themselves are `duge.losses`.
 """
 
 from __future__ import annotations
@@ -40,13 +41,19 @@ def xattn_part(backend: Backend, edits: LayerEdits, batch: Batch, part: slice, m
     target, maps_anchor = OBJECTIVES[method.objective].target(backend, edits, rows, ctx_target, ctx_anchor, method,
                                                               config, beta > 0)
     pred, maps_target = predict(backend, rows.zt, rows.t, ctx_target, tok_target, mask_target, config, beta > 0)
+    return weighted_xattn(pred, target, maps_target, maps_anchor, beta, part, batch.has_anchor)
+
+
+def weighted_xattn(pred, target, maps_target, maps_anchor, beta: float, part: slice, has_anchor: torch.Tensor):
+    """L_out + β·L_attn (`cross_attention_loss`) on rows `part` of a batch whose rows' anchors have tokens where
+    `has_anchor` [B] (bool); each term weighted by the part's share of the rows it averages over."""
+    keep = has_anchor[part].to(pred.device)
     if beta > 0:  # a row whose anchor has no tokens (the empty prompt) is steered by the output term alone
-        has_anchor = rows.has_anchor.to(rows.zt.device)
-        maps_target = [m[has_anchor] for m in maps_target] if has_anchor.any() else []
-        maps_anchor = [m[has_anchor] for m in maps_anchor] if has_anchor.any() else []
+        maps_target = [m[keep] for m in maps_target] if keep.any() else []
+        maps_anchor = [m[keep] for m in maps_anchor] if keep.any() else []
     _, parts = cross_attention_loss(pred, target, maps_target, maps_anchor, beta)
-    output_weight = shard_weight(part, len(batch.t))
-    attention_weight = masked_shard_weight(part, batch.has_anchor)  # averages rows with anchor tokens only
+    output_weight = shard_weight(part, len(has_anchor))
+    attention_weight = masked_shard_weight(part, has_anchor)  # averages rows with anchor tokens only
     loss = output_weight * parts["output"] + beta * attention_weight * parts["attention"]
     return loss, {"output": output_weight * float(parts["output"].detach()),
                   "attention": attention_weight * float(parts["attention"].detach())}
@@ -100,13 +107,17 @@ def regularization(edits: LayerEdits, kind: str, fisher: dict | None, moments: d
     return value
 
 
-def _add_regularization(terms: dict, edits, method: Method, config: UnlearnConfig, fisher: dict | None,
-                        moments: dict) -> float:
-    """λ_reg·L_reg's gradient into the deltas; its value in `terms["regularization"]` (if the method has one)."""
+def with_total(terms: dict[str, float], edits: LayerEdits, method: Method, config: UnlearnConfig, beta: float,
+               fisher: dict | None, moments: dict | None) -> dict[str, float]:
+    """`terms` (the back-propagated output, attention and prior terms' values) with λ_reg·L_reg's gradient added
+    into the deltas (if the method has a regulariser) and the step's total L."""
     kind = method.regularizer_kind(config.regularizer)
     if kind in ("l2sp", "fisher", "penalty") and config.lambda_reg > 0:
-        terms["regularization"] = regularization(edits, kind, fisher, moments, config.lambda_reg)
-    return terms.get("regularization", 0.0)
+        terms["regularization"] = regularization(edits, kind, fisher, moments or {}, config.lambda_reg)
+    xattn = terms.get("output", 0.0) + beta * terms.get("attention", 0.0)
+    prior, reg = terms.get("prior", 0.0), terms.get("regularization", 0.0)
+    terms["total"] = xattn + config.lambda_prior * prior + config.lambda_reg * reg
+    return terms
 
 
 def step_terms(backend: Backend, edits: LayerEdits, caches: list[RequestCache], method: Method, config: UnlearnConfig,
@@ -119,14 +130,10 @@ def step_terms(backend: Backend, edits: LayerEdits, caches: list[RequestCache], 
     beta = config.beta if method.attention_term and config.beta > 0 else 0.0
     terms = accumulate(len(batch.t), micro_batch_size,
                        lambda part: xattn_part(backend, edits, batch, part, method, config, beta))
-    xattn = terms["output"] + beta * terms["attention"]
-    prior = 0.0
     if batch.related_zt is not None:
-        prior = terms["prior"] = accumulate(len(batch.related_prompts), micro_batch_size,
-                                            lambda part: prior_part(backend, edits, batch, part, config)).get("prior", 0.0)
-    reg = _add_regularization(terms, edits, method, config, fisher, moments or {})
-    terms["total"] = xattn + config.lambda_prior * prior + config.lambda_reg * reg
-    return terms
+        terms["prior"] = accumulate(len(batch.related_prompts), micro_batch_size,
+                                    lambda part: prior_part(backend, edits, batch, part, config)).get("prior", 0.0)
+    return with_total(terms, edits, method, config, beta, fisher, moments)
 
 
 def pooled_part(backend: Backend, drawn: PoolRows, part: slice, config: UnlearnConfig, beta: float):
@@ -146,16 +153,8 @@ def pooled_part(backend: Backend, drawn: PoolRows, part: slice, config: UnlearnC
     pred, maps = predict(backend, zt, t, backend.encode_prompts(prompts), tokens, mask, config, beta > 0 and n > 0)
     loss, values = pred.new_zeros(()), {}
     if n:
-        has_anchor = rows.has_anchor[anchor].to(pred.device)
-        use_maps = beta > 0 and bool(has_anchor.any())
-        maps_target = [m[:n][has_anchor] for m in maps] if use_maps else []
-        maps_anchor = [m[anchor][has_anchor] for m in drawn.anchor_maps] if use_maps else []
-        _, parts = cross_attention_loss(pred[:n], drawn.target[anchor], maps_target, maps_anchor, beta)
-        output_weight = shard_weight(anchor, b)
-        attention_weight = masked_shard_weight(anchor, rows.has_anchor)  # averages rows with anchor tokens only
-        loss = output_weight * parts["output"] + beta * attention_weight * parts["attention"]
-        values = {"output": output_weight * float(parts["output"].detach()),
-                  "attention": attention_weight * float(parts["attention"].detach())}
+        loss, values = weighted_xattn(pred[:n], drawn.target[anchor], [m[:n] for m in maps],
+                                      [m[anchor] for m in drawn.anchor_maps], beta, anchor, rows.has_anchor)
     if related.stop > related.start:
         loss_prior = prior_preservation_loss(pred[n:], drawn.related_target[related])
         weight = shard_weight(related, r)
@@ -177,8 +176,4 @@ def pooled_step_terms(backend: Backend, edits: LayerEdits, pools: list[TeacherPo
     if count == len(drawn.rows.t):
         drawn.rows.related_prompts, drawn.related_target = [], None
     terms = accumulate(count, micro_batch_size, lambda part: pooled_part(backend, drawn, part, config, beta))
-    xattn = terms.get("output", 0.0) + beta * terms.get("attention", 0.0)
-    prior = terms.get("prior", 0.0)
-    reg = _add_regularization(terms, edits, method, config, fisher, moments or {})
-    terms["total"] = xattn + config.lambda_prior * prior + config.lambda_reg * reg
-    return terms
+    return with_total(terms, edits, method, config, beta, fisher, moments)
