@@ -41,10 +41,14 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 import torch
 
-from .config import BACKWARD_COST, AttackConfig
 from .backends.base import Backend
+from .backends.diffusers_backend import DiffusersBackend
+from .concepts import load_concept_set, resolve_request
+from .config import BACKWARD_COST, AttackConfig
 from .errors import DugeError
-from .evaluation import ConceptClassifier, MeasuredConcept
+from .evaluation import ConceptClassifier, MeasuredConcept, concepts_for, find_concept, require_classifier
+from .models import load_pipeline
+from .world.callbacks import uses_builtin_world
 
 PLACEHOLDER = "<concept>"  # how an inverted token is written in a reported prompt
 
@@ -503,8 +507,6 @@ def attack_concepts(edited: TokenBackend, base: Backend, classifier: ConceptClas
 
 def erased_concepts(requests, classifier: ConceptClassifier, builtin_world: bool) -> list[MeasuredConcept]:
     """The classifier's concept for each request's target, in order, each once."""
-    from .evaluation import concepts_for, find_concept
-
     known = concepts_for(classifier, builtin_world)
     found = [find_concept(r.target, known) for r in requests]
     return list({c.name: c for c in found}.values())
@@ -516,12 +518,6 @@ def attack_models(model: str, base: str, concepts_path: str, config: AttackConfi
     """Attack every target of the concept set in `model` (the edited model), with `base` (the model it was edited
     from) drawing the objectives' images. Both are loaded through `duge.models.load_pipeline` (checked weights);
     only one is in memory at a time. `classifier`: default the built-in evaluator on the built-in world."""
-    from .backends.diffusers_backend import DiffusersBackend
-    from .concepts import load_concept_set, resolve_request
-    from .evaluation import require_classifier
-    from .models import load_pipeline
-    from .world.callbacks import uses_builtin_world
-
     config.validate()
     concept_set = load_concept_set(concepts_path)
     t0 = time.perf_counter()

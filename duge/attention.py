@@ -30,7 +30,7 @@ _FORWARD_RANK = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
 
 def list_cross_attention_layers(unet: torch.nn.Module) -> list[str]:
     """Module names of the UNet's cross-attention `Attention` modules (`...attn2`), in forward order."""
-    from diffusers.models.attention_processor import Attention
+    from diffusers.models.attention_processor import Attention  # deferred: diffusers takes seconds to import
 
     names = [
         name

@@ -18,12 +18,13 @@ from .concepts import example_concept_set_path, load_concept_set, resolve_concep
 from .config import AttackConfig, UnlearnConfig, method_config
 from .errors import DugeError
 from .paths import atomic_write_text, check_writable
+from .phases import TqdmPhases
 from .report import write_report
 from .world.vocabulary import CONCEPTS, GENERIC_WORD
 
 
 def _cmd_world_render(args) -> int:
-    from .world.render import write_rendered_scenes  # deferred: PIL and numpy
+    from .world.render import write_rendered_scenes  # deferred: numpy and PIL, a third of a second on every start
 
     write_rendered_scenes(args.n, args.seed, Path(args.out), overwrite=args.overwrite)
     print(f"wrote {args.n} scenes and labels.jsonl to {args.out}")
@@ -72,8 +73,6 @@ def _unlearn_config(args) -> UnlearnConfig:
 
 def _run_unlearn_job(model: str, concepts: str, out: str, config, overwrite: bool, lora_rank, resume: bool = False,
                      allow_pickle: bool = False, config_dir: str | None = None, attack=None) -> int:
-    from .phases import TqdmPhases
-
     phases = TqdmPhases()  # one bar per phase: loading, each request's images and training, measuring, writing
     run_unlearn = load_libraries(phases).run_unlearn
 
@@ -101,7 +100,7 @@ def _run_unlearn_job(model: str, concepts: str, out: str, config, overwrite: boo
 def load_libraries(phases):
     """The `duge.run` module, imported as a run's first phase (it imports torch and diffusers: seconds)."""
     with phases.phase("loading torch and diffusers", 1, "part", "loading"):
-        from . import run
+        from . import run  # deferred: torch and diffusers, loaded as this phase
 
         phases.advance(1)
     return run
@@ -159,8 +158,6 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from .phases import TqdmPhases
-
     phases = TqdmPhases()
     load_libraries(phases)
     # deferred: the model libraries (torch, diffusers) load only for commands that need them

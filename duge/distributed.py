@@ -55,7 +55,7 @@ def start() -> ProcessInfo:
     Rank and world size are read from torch.distributed: on a machine without CUDA, `accelerate launch
     --multi_gpu` starts the processes and PartialState joins them to a gloo group while reporting its
     own distributed type as NO, so its `num_processes` says 1 there."""
-    from accelerate import PartialState
+    from accelerate import PartialState  # deferred: accelerate, only under `accelerate launch`
 
     state = PartialState()
     rank, world = rank_and_world()

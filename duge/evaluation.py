@@ -36,8 +36,11 @@ from typing import Callable, Mapping, Protocol, Sequence
 import numpy as np
 import torch
 
-from .concepts import ResolvedRequest, render_prompt
+from .concepts import BUILTIN_WORLD_TEMPLATES, ResolvedRequest, render_prompt
 from .errors import DugeError
+from .world.evaluator import WorldEvaluator, _to_evaluator_size, load_evaluator
+from .world.model import EVALUATOR_PATH
+from .world.vocabulary import CONCEPTS, CONCEPTS_BY_KIND, GENERIC_WORD
 
 
 class ConceptClassifier(Protocol):
@@ -93,15 +96,11 @@ class MeasuredConcept:
 
 
 def world_concepts() -> list[WorldConcept]:
-    from .world.vocabulary import CONCEPTS
-
     return [WorldConcept(c.name, c.kind, c.names) for c in CONCEPTS]
 
 
 def world_measured_concepts() -> list[MeasuredConcept]:
     """Every concept of the built-in world, prompted with the held-out measuring templates."""
-    from .world.vocabulary import CONCEPTS
-
     return [MeasuredConcept(c.name, c.kind, c.names, render_prompt(RETENTION_TEMPLATES[c.kind], c.name),
                             tuple(PARAPHRASE_TEMPLATES[c.kind])) for c in CONCEPTS]
 
@@ -109,8 +108,6 @@ def world_measured_concepts() -> list[MeasuredConcept]:
 def compositional_captions(kept: Sequence[str], n: int, seed: int = 0) -> list[tuple[str, str, str, str]]:
     """`n` captions (caption, object, colour, style) naming one object, colour and style from `kept`
     (canonical names), drawn without repeats when possible, fixed by `seed`, in COMPOSITIONAL_TEMPLATES."""
-    from .world.vocabulary import CONCEPTS_BY_KIND
-
     pools = [[c.name for c in CONCEPTS_BY_KIND[kind] if c.name in kept] for kind in ("object", "colour", "style")]
     if not all(pools):
         return []
@@ -132,9 +129,6 @@ def compositional_captions(kept: Sequence[str], n: int, seed: int = 0) -> list[t
 def builtin_training_prompts() -> frozenset[str]:
     """Every prompt a request on the built-in world can train on with the default templates: each
     template of each kind filled with any name of any concept (target, alias, related image) or anchor."""
-    from .concepts import BUILTIN_WORLD_TEMPLATES
-    from .world.vocabulary import CONCEPTS, GENERIC_WORD
-
     words = {n for c in CONCEPTS for n in c.names} | set(GENERIC_WORD.values())
     return frozenset(render_prompt(t, w) for ts in BUILTIN_WORLD_TEMPLATES.values() for t in ts for w in words)
 
@@ -350,8 +344,6 @@ def image_features(classifier, images: torch.Tensor, batch_size: int = 256) -> t
     The built-in evaluator gives its penultimate layer (images resized as it reads them);
     another classifier must have `embed(images)`.
     """
-    from .world.evaluator import WorldEvaluator, _to_evaluator_size
-
     if isinstance(classifier, WorldEvaluator):
         classifier.eval()
         device = next(classifier.parameters()).device
@@ -556,9 +548,6 @@ def require_classifier(builtin_world: bool, classifier: ConceptClassifier | None
     if classifier is not None:
         return classifier
     if builtin_world:
-        from .world.evaluator import load_evaluator
-        from .world.model import EVALUATOR_PATH
-
         return load_evaluator(EVALUATOR_PATH)
     raise MissingClassifierError(
         f"{model} is not a model of the built-in world, so the built-in evaluator cannot read its images; "
@@ -596,7 +585,7 @@ class ZeroShotClipClassifier:
     def __init__(self, model_dir: str | Path, labels: Mapping[str, Mapping[str, Sequence[str]] | Sequence[str]],
                  templates: Sequence[str] = DEFAULT_TEMPLATES, device: str | torch.device = "cpu",
                  batch_size: int = 32):
-        from transformers import CLIPModel, CLIPProcessor
+        from transformers import CLIPModel, CLIPProcessor  # deferred: transformers' CLIP, only for this classifier
 
         folder = Path(model_dir).expanduser()
         if not (folder.is_dir() and (folder / "config.json").exists()):

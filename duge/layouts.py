@@ -159,7 +159,7 @@ def random_pipeline(layout: str | Layout, tokenizer_dir: str | Path, width_divis
     too (at least 32). `meta=True`
     builds every module on the meta device (shapes only; for `duge plan`).
     """
-    import diffusers
+    import diffusers  # deferred with torch, accelerate and transformers: layouts.py is read without them
     import torch
     from accelerate import init_empty_weights
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer

@@ -16,6 +16,8 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 
+from tqdm.auto import tqdm
+
 KINDS = ("loading", "images", "training", "measuring", "grid", "attacking", "writing")
 
 
@@ -77,8 +79,6 @@ class TqdmPhases(Phases):
         self._bar = None
 
     def started(self, name, total, unit, kind):
-        from tqdm.auto import tqdm
-
         self._bar = tqdm(total=total, desc=name, unit=unit, dynamic_ncols=True,
                          bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} {unit} "
                                     "[{elapsed}<{remaining}]")
@@ -99,8 +99,6 @@ class TqdmPhases(Phases):
     @staticmethod
     def write(text: str) -> None:
         """A log line that does not break the bar."""
-        from tqdm.auto import tqdm
-
         tqdm.write(text)
 
 

@@ -59,6 +59,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from .edits import trainable_pattern
 from .layouts import LAYOUTS, folder_layout, pipeline_layout, reference_config_dir
@@ -181,8 +182,7 @@ def model_sizes(pipe, trainable: str = "kv") -> ModelSizes:
 
 def unet_forward_flops(pipe, latent_hw: tuple[int, int]) -> float:
     """FLOPs of one UNet forward for one sample at `latent_hw`, counted on the meta device."""
-    from accelerate import init_empty_weights
-    from torch.utils.flop_counter import FlopCounterMode
+    from accelerate import init_empty_weights  # deferred: accelerate takes seconds to import, only `duge plan` asks
 
     unet = pipe.unet
     if next(unet.parameters()).device.type != "meta":

@@ -36,6 +36,7 @@ from .backends.base import Backend
 from .conditioning import text_hidden_states
 from .concepts import ResolvedRequest, render_prompt
 from .edits import LayerEdits
+from .world.vocabulary import CONCEPTS, FILLER_WORDS, GENERIC_WORD
 
 # General vocabulary on a user's model (the built-in world uses its own words, `world_vocabulary`):
 # common caption words, each encoded alone, so that their states' outputs stay.
@@ -67,8 +68,6 @@ class PreservedPrompts:
 
 def world_vocabulary() -> list[str]:
     """Every word of the built-in world's captions: concept names, generic words and fillers."""
-    from .world.vocabulary import CONCEPTS, FILLER_WORDS, GENERIC_WORD
-
     words = [name for concept in CONCEPTS for name in concept.names]
     words += [w for w in GENERIC_WORD.values() if w] + list(FILLER_WORDS)
     return list(dict.fromkeys(words))
@@ -110,8 +109,6 @@ def run_preserved_prompts(requests: list[ResolvedRequest], earlier: list[Resolve
     there carry the target's `kind`) every world concept and every caption word; on a user's model every
     request's preserved concepts and `GENERAL_WORDS`; the concept set's general prompts either way."""
     if any(r.kind is not None for r in all_requests):
-        from .world.vocabulary import CONCEPTS
-
         concepts, vocabulary = [c.name for c in CONCEPTS], world_vocabulary()
     else:
         concepts = [p for r in all_requests for p in r.preserve]

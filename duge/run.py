@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .attacks import attack_concepts, erased_concepts
 from .backends.diffusers_backend import DiffusersBackend, storage_dtype
 from .concepts import ResolvedRequest, load_concept_set, render_prompt, resolve_concept_set
 from .config import EVALUATION_SEED_OFFSET
@@ -255,8 +256,6 @@ def robustness_section(edited, base, evaluator, requests, attack, folder: Path, 
     """Attack every erased concept of `edited` (`duge.attacks.attack_concepts`, `base` drawing the objectives'
     images); write FOLDER/attacks.png (per concept: the plain prompt's images, then each attack's, the same
     held-out seeds) and return the report's robustness entry."""
-    from .attacks import attack_concepts, erased_concepts
-
     concepts = erased_concepts(requests, evaluator, builtin_world=True)
     robustness = attack_concepts(edited, base, evaluator, concepts, attack,
                                  progress=_attack_progress(progress, current_phases(phases)))
@@ -308,6 +307,6 @@ def _peak_memory_mb() -> float:
     """Peak resident memory of this process (CUDA: peak allocated) in MiB."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
-    import resource
+    import resource  # deferred: POSIX only (Windows has no `resource`), and only on the CPU
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from .errors import ModelLoadError
 
@@ -194,8 +195,6 @@ def load_tensors(path: str | Path, allow_pickle: bool = False, finite: bool = Tr
         tensors = load_pickled_tensors(path)
     else:
         read_header(path)
-        from safetensors.torch import load_file
-
         try:
             tensors = load_file(str(path))
         except Exception as err:  # noqa: BLE001 - the header was checked; anything left is the library's word

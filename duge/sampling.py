@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from .errors import DugeError
 from .grids import labelled_grid, to_pil
 from .models import load_pipeline
@@ -37,8 +39,6 @@ def sample_prompts(pipe, prompts: list[str], n: int, seed: int, steps: int, guid
 
 
 def run_sample_command(args) -> int:
-    from tqdm.auto import tqdm
-
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
     if args.n < 1:
         raise DugeError(f"--n must be at least 1, got {args.n}")

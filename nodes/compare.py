@@ -36,7 +36,7 @@ class CompareOutputs(io.ComfyNode):
     @classmethod
     def execute(cls, model_a, model_b, clip, vae, prompts, seed, images_per_prompt, steps, cfg, label_a="before",
                 label_b="after") -> io.NodeOutput:
-        from duge.backends.comfy_run import compare
+        from duge.backends.comfy_run import compare  # deferred: torch, loaded when the node runs
         from duge.compare import parse_prompts
         from duge.probe import pil_to_image_batch
 

@@ -7,6 +7,8 @@ import os
 import folder_paths
 from comfy_api.latest import io
 
+from duge.concepts import EXAMPLE_CONCEPT_SETS_DIR, ConceptSetError, load_concept_set, parse_concept_set
+
 from .types import CATEGORY, ConceptSetType
 
 FOLDER = "concept_sets"
@@ -16,8 +18,6 @@ SUFFIXES = {".json", ".yaml", ".yml"}
 
 def register_folder() -> None:
     """`models/concept_sets` (and any `concept_sets:` entry of extra_model_paths.yaml) plus the pack's examples."""
-    from duge.concepts import EXAMPLE_CONCEPT_SETS_DIR
-
     folder_paths.add_model_folder_path(FOLDER, os.path.join(folder_paths.models_dir, FOLDER))
     folder_paths.add_model_folder_path(FOLDER, str(EXAMPLE_CONCEPT_SETS_DIR))
     paths, _ = folder_paths.folder_names_and_paths[FOLDER]
@@ -31,14 +31,10 @@ def concept_set_files() -> list[str]:
 
 
 def _read(file: str, text: str):
-    from duge.concepts import load_concept_set, parse_concept_set
-
     if file == TYPED_TEXT:
         return parse_concept_set(text, source="<typed text>")
     path = folder_paths.get_full_path(FOLDER, file)
     if path is None:
-        from duge.concepts import ConceptSetError
-
         raise ConceptSetError(f"{file}: not found in the concept_sets folders {folder_paths.get_folder_paths(FOLDER)}")
     return load_concept_set(path)
 
@@ -65,8 +61,6 @@ class LoadConceptSet(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, file, text):
-        from duge.concepts import ConceptSetError
-
         try:
             _read(file, text)
         except ConceptSetError as err:

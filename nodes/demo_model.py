@@ -24,7 +24,7 @@ class LoadDemoModel(io.ComfyNode):
 
     @classmethod
     def execute(cls) -> io.NodeOutput:
-        from duge.backends.comfy_models import load_demo_model
+        from duge.backends.comfy_models import load_demo_model  # deferred: torch, loaded when the node runs
 
         model, clip, vae = load_demo_model()
         return io.NodeOutput(model, clip, vae)

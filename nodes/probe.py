@@ -34,7 +34,7 @@ class AttentionProbe(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, prompt, words, seed, steps, cfg, model_2=None) -> io.NodeOutput:
-        from duge.backends.comfy_run import probe
+        from duge.backends.comfy_run import probe  # deferred: torch, loaded when the node runs
         from duge.probe import parse_words, pil_to_image_batch
 
         panel, layout = probe(model, clip, vae, prompt.strip(), parse_words(words), seed, steps, cfg,

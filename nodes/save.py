@@ -28,7 +28,7 @@ class SaveUnlearnedCheckpoint(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, filename_prefix) -> io.NodeOutput:
-        from duge.backends.comfy_run import save_checkpoint_file
+        from duge.backends.comfy_run import save_checkpoint_file  # deferred: torch, loaded when the node runs
 
         path = save_checkpoint_file(model, clip, vae, filename_prefix)
         return io.NodeOutput(str(path), ui=ui.PreviewText(f"saved {path}"))
@@ -56,7 +56,7 @@ class SaveUnlearningLora(io.ComfyNode):
 
     @classmethod
     def execute(cls, lora, filename_prefix, rank, one_file_per_request) -> io.NodeOutput:
-        from duge.backends.comfy_run import save_lora_files
+        from duge.backends.comfy_run import save_lora_files  # deferred: torch, loaded when the node runs
 
         paths = save_lora_files(lora, filename_prefix, rank or None, one_file_per_request)
         text = "\n".join(str(p) for p in paths)

@@ -68,7 +68,7 @@ class DugeUnlearn(io.ComfyNode):
                 trainable, method=DEFAULTS.method, anchor_images=DEFAULTS.anchor_images,
                 sampler_steps=DEFAULTS.sampler_steps, vae=None, evaluate=False, memory_budget_gb=0.0,
                 anchor_guidance=DEFAULTS.anchor_guidance) -> io.NodeOutput:
-        from duge.backends.comfy_run import run_unlearn  # defers torch and ComfyUI's model code to the first run
+        from duge.backends.comfy_run import run_unlearn  # deferred: torch and ComfyUI's model code, to the first run
 
         config = UnlearnConfig(method=method, setting=setting, steps=steps, learning_rate=learning_rate, beta=beta,
                                lambda_prior=lambda_prior, lambda_reg=lambda_reg, trainable=trainable, seed=seed,

@@ -105,7 +105,7 @@ def differentiable_attention(default_attention, *args, **kwargs):
     can, and it is what ComfyUI itself uses on most GPUs. ComfyUI versions without the hook ignore
     the key (they then train with whatever attention they chose).
     """
-    from comfy.ldm.modules.attention import attention_pytorch
+    from comfy.ldm.modules.attention import attention_pytorch  # deferred: ComfyUI's attention module, when a step runs
 
     return attention_pytorch(*args, **kwargs)
 
@@ -118,7 +118,7 @@ class _Attn2Capture:
         self.layer_name = layer_name
 
     def __call__(self, q, k, v, extra_options):
-        import comfy.ldm.modules.attention as attention
+        import comfy.ldm.modules.attention as attention  # deferred: ComfyUI's attention module, when a step runs
 
         heads = extra_options["n_heads"]
         dim_head = extra_options["dim_head"]

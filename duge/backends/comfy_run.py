@@ -259,7 +259,7 @@ def compare(models: list[tuple[str, object]], clip, vae, prompts: list[str], see
 
 def output_file(filename_prefix: str, suffix: str = ".safetensors") -> Path:
     """A new file in ComfyUI's output folder for `filename_prefix` (sub-folders allowed, nothing outside)."""
-    import folder_paths  # ComfyUI's own module (importable only inside ComfyUI, like comfy.* above)
+    import folder_paths  # deferred: ComfyUI's own module (importable only inside ComfyUI, like comfy.* above)
 
     output_dir = folder_paths.get_output_directory()
     prefix = str(filename_prefix).strip()

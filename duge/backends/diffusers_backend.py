@@ -23,6 +23,7 @@ from torch.nn.utils import parametrize
 from ..attention import capture_cross_attention, list_cross_attention_layers, token_indices_for
 from ..conditioning import TextConditioning
 from ..edits import DeltaWeight, LayerEdits
+from ..errors import DugeError
 from ..plan import unet_activation_elements
 from .base import image_seeds, module_fingerprint
 
@@ -33,7 +34,7 @@ def choose_attention_implementation(unet, device: torch.device) -> str:
     """Use xformers on CUDA when it imports, else PyTorch SDPA (diffusers' default). Returns the choice."""
     if device.type == "cuda":
         try:
-            import xformers  # noqa: F401
+            import xformers  # noqa: F401  # deferred: optional, and only on CUDA
 
             unet.enable_xformers_memory_efficient_attention()
             logger.info("attention: xformers memory-efficient attention")
@@ -72,7 +73,7 @@ def checkpoint_keeping_processors(module: torch.nn.Module, *args):
     gone by the time of the backward pass; recomputing with the model's own processors would save a
     different set of tensors than the forward did, which torch.utils.checkpoint rejects.
     """
-    from diffusers.models.attention_processor import Attention
+    from diffusers.models.attention_processor import Attention  # deferred: diffusers takes seconds to import
 
     forward_processors = {m: m.processor for m in module.modules() if isinstance(m, Attention)}
 
@@ -102,7 +103,7 @@ class DiffusersBackend:
 
     def __init__(self, pipe, device: str | torch.device | None = None, dtype: str = "auto",
                  gradient_checkpointing: bool = False, resolution: int | None = None):
-        from diffusers import DDPMScheduler
+        from diffusers import DDPMScheduler  # deferred: diffusers takes seconds to import
 
         self.pipe = pipe
         self.device = torch.device(device) if device else (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
@@ -179,8 +180,6 @@ class DiffusersBackend:
     # ---------------------------------------------------------------- tokens (for duge.attacks)
     def _require_single_text_encoder(self) -> None:
         if self.text_encoder_2 is not None:
-            from ..errors import DugeError
-
             raise DugeError("attacks on token embeddings support models with one text encoder (SD 1.x, SD 2.x); "
                             "this model has two (SDXL)")
 
@@ -190,8 +189,6 @@ class DiffusersBackend:
 
     def pad_token_ids(self, rows: list[list[int]]) -> torch.Tensor:
         """Rows of ids (each start ... end) padded as the tokenizer pads, to its model_max_length: [B, tokens]."""
-        from ..errors import DugeError
-
         length = self.tokenizer.model_max_length
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         if any(len(row) > length for row in rows):

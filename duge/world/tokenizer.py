@@ -111,7 +111,7 @@ def unknown_piece_ids(vocab: dict[str, int]) -> list[int]:
 
 def to_word_ids(input_ids, vocab: dict[str, int]):
     """Replace fragment ids in a tensor or list of token ids by the unknown token's id."""
-    import torch
+    import torch  # deferred: the tokenizer's files are written and read without torch
 
     ids = torch.as_tensor(input_ids)
     fragments = torch.tensor(unknown_piece_ids(vocab), dtype=ids.dtype)

@@ -11,8 +11,10 @@ saves its state (safetensors) every `checkpoint_every` steps and resumes from it
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .architecture import scheduler_config, text_encoder_config, unet_config, vae_config
@@ -110,8 +113,6 @@ def train_evaluator(cfg: WorldTrainConfig, images, labels, val_images, val_label
         sched.step()
     accuracy = evaluator_accuracy(model, val_images, val_labels)
     _log(work, {"stage": "evaluator", "val_accuracy": accuracy})
-    from safetensors.torch import save_file
-
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out_path))
     return model.eval(), accuracy
 
@@ -133,7 +134,7 @@ def evaluator_accuracy(model: WorldEvaluator, images, labels) -> dict[str, float
 
 
 def train_vae(cfg: WorldTrainConfig, images, val_images, val_labels, evaluator, work: Path):
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL  # deferred: diffusers takes seconds to import
 
     torch.manual_seed(cfg.seed + 1)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
@@ -186,9 +187,8 @@ def _flat_state(prefix: str, module: torch.nn.Module) -> dict[str, torch.Tensor]
 
 
 def train_unet(cfg, labels, latent_mean, latent_std, vae, evaluator, tokenizer_dir: Path, work: Path, log_quality=True):
-    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers import DDPMScheduler, UNet2DConditionModel  # deferred with transformers: seconds to import
     from diffusers.training_utils import EMAModel
-    from safetensors.torch import load_file, save_file
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
@@ -288,8 +288,6 @@ def train_unet(cfg, labels, latent_mean, latent_std, vae, evaluator, tokenizer_d
 
 def _ema_pipeline(unet, text_encoder, ema, params, vae, tokenizer, pieces, vocab):
     """A pipeline on copies of the parts holding the EMA weights, fragment embeddings tied to <|unk|>."""
-    import copy
-
     unet_ema, te_ema = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
     ema_params = list(unet_ema.parameters()) + list(te_ema.parameters())
     with torch.no_grad():
@@ -297,8 +295,6 @@ def _ema_pipeline(unet, text_encoder, ema, params, vae, tokenizer, pieces, vocab
             p.copy_(shadow)
         emb = te_ema.get_input_embeddings().weight
         emb[pieces] = emb[vocab[UNK]].clone()
-    from transformers import CLIPTokenizer
-
     return assemble_pipeline(unet_ema, te_ema, vae.eval(), tokenizer)
 
 
@@ -330,7 +326,7 @@ def train_world(cfg: WorldTrainConfig, out_dir: Path, work: Path, stages=("evalu
     else:
         evaluator = load_evaluator(evaluator_path)
 
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL  # deferred: diffusers takes seconds to import
 
     if "vae" in stages:
         t0 = time.time()
@@ -356,8 +352,6 @@ def train_world(cfg: WorldTrainConfig, out_dir: Path, work: Path, stages=("evalu
 
 def save_builtin_model(pipe, folder: Path) -> None:
     """Save the pipeline as a diffusers folder, weights in float16 (the shipped size), atomically."""
-    import shutil
-
     tmp = folder.with_name(folder.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
