@@ -445,7 +445,7 @@ def attack_concept(edited: TokenBackend, latents: torch.Tensor, classifier: Conc
     return ConceptRobustness(concept.name, concept.kind, prompt, ua_plain, results, images)
 
 
-def _prompt_attack(edited, objective, prompt, prompt_ids, concept, config, rng, generator, progress, cancel):
+def _prompt_attack(edited: TokenBackend, objective, prompt, prompt_ids, concept, config, rng, generator, progress, cancel):
     """The prompt search's AttackResult (UA still to judge) and the found prompt's conditioning."""
     ids, curve, search = search_prompt(edited, objective, prompt_ids, config, rng, progress, cancel)
     with torch.no_grad():
@@ -454,7 +454,7 @@ def _prompt_attack(edited, objective, prompt, prompt_ids, concept, config, rng, 
                         ua=float("nan"), unet_passes=0, seconds=0.0), context
 
 
-def _inversion_attack(edited, objective, prompt, prompt_ids, concept, config, rng, generator, progress, cancel):
+def _inversion_attack(edited: TokenBackend, objective, prompt, prompt_ids, concept, config, rng, generator, progress, cancel):
     """The concept inversion's AttackResult (UA still to judge) and the learnt token's conditioning."""
     table = edited.token_embedding_table().detach()
     candidates = candidate_token_ids(table, edited.special_token_ids())

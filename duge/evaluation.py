@@ -36,6 +36,7 @@ from typing import Callable, Mapping, Protocol, Sequence
 import numpy as np
 import torch
 
+from .backends.base import Backend
 from .concepts import BUILTIN_WORLD_TEMPLATES, ResolvedRequest, render_prompt
 from .errors import DugeError
 from .world.evaluator import WorldEvaluator, _to_evaluator_size, load_evaluator
@@ -521,7 +522,7 @@ class RunEvaluation:
         self.base = base
         self._base_features = dict(features)
 
-    def __call__(self, backend, requests_so_far: Sequence[ResolvedRequest]) -> dict:
+    def __call__(self, backend: Backend, requests_so_far: Sequence[ResolvedRequest]) -> dict:
         """The current model's numbers (`backend` is the one this evaluation samples, as unlearn passes it)."""
         t0 = time.perf_counter()
         s = self.settings

@@ -52,7 +52,7 @@ def measuring(backend: Backend, classifier, concepts, seed: int, phases: Phases 
     counted on `phases` sampler step by sampler step, as one "measuring" phase."""
     phases = current_phases(phases)
 
-    def evaluate(_backend, requests_so_far, name: str | None = None) -> dict:
+    def evaluate(_backend: Backend, requests_so_far, name: str | None = None) -> dict:
         def measure(generate, reader):
             return measure_requests(generate, reader, requests_so_far, concepts, seed=seed,
                                     with_request_templates=with_request_templates)

@@ -17,6 +17,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from .attention import attention_heatmaps
+from .backends.base import Backend
 from .errors import DugeError
 from .grids import to_pil
 
@@ -45,7 +46,7 @@ def parse_words(text: str) -> list[str]:
 
 
 @torch.no_grad()
-def probe_attention(backend, prompt: str, words: list[str], seed: int, steps: int = 20, guidance: float = 7.5,
+def probe_attention(backend: Backend, prompt: str, words: list[str], seed: int, steps: int = 20, guidance: float = 7.5,
                     timesteps=DEFAULT_PROBE_TIMESTEPS, latents: torch.Tensor | None = None) -> ProbeResult:
     """Per-word cross-attention heatmaps of `prompt` over the image the backend's model makes for it.
 

@@ -251,8 +251,8 @@ ROBUSTNESS_FOLDER = "robustness"
 ROBUSTNESS_IMAGES = 4  # images per row of robustness/attacks.png
 
 
-def robustness_section(edited, base, evaluator, requests, attack, folder: Path, progress=None,
-                       phases: Phases | None = None) -> dict:
+def robustness_section(edited: DiffusersBackend, base: DiffusersBackend, evaluator, requests, attack, folder: Path,
+                       progress=None, phases: Phases | None = None) -> dict:
     """Attack every erased concept of `edited` (`duge.attacks.attack_concepts`, `base` drawing the objectives'
     images); write FOLDER/attacks.png (per concept: the plain prompt's images, then each attack's, the same
     held-out seeds) and return the report's robustness entry."""

@@ -87,7 +87,7 @@ def base_model_of(model):
     return base_model_from_context_dim(context_dim, v_prediction)
 
 
-def _latent_image(backend, latents):
+def _latent_image(backend: ComfyBackend, latents: torch.Tensor):
     """An image [3, H, W] in [0, 1] of latents [1, C, h, w]: decoded with the VAE, else ComfyUI's latent2rgb
     projection (as its own previews do without TAESD); None if neither is available."""
     if backend.vae is not None:
@@ -116,7 +116,7 @@ class ComfyPhases(Phases):
 
     SCALE = 100  # ComfyUI's bar takes whole numbers; image counts advance by fractions (sampler steps)
 
-    def __init__(self, backend, resolved, config, node_id=None):
+    def __init__(self, backend: ComfyBackend, resolved, config, node_id=None):
         super().__init__()
         self.backend, self.config = backend, config
         self.prompts = {r.target: render_prompt(r.templates[0], r.target) for r in resolved}
