@@ -1,11 +1,13 @@
-"""The diagonal Fisher estimate that weights the regulariser when `UnlearnConfig.regularizer` is "fisher" (EWC)."""
+"""The diagonal Fisher estimate that weights the regulariser when `UnlearnConfig.regularizer` is "fisher" (EWC):
+`estimate_fisher` on given prompts, `run_fisher` on a run's prompts and seed."""
 
 from __future__ import annotations
 
 import torch
 
 from .backends.base import Backend
-from .config import UnlearnConfig
+from .concepts import ResolvedRequest, render_prompt
+from .config import FISHER_SEED_OFFSET, UnlearnConfig
 from .edits import LayerEdits
 
 
@@ -36,3 +38,12 @@ def estimate_fisher(backend: Backend, edits: LayerEdits, prompts: list[str], con
             c.requires_grad_(False)
     mean = torch.stack([f.mean() for f in fisher.values()]).mean().clamp(min=1e-20)
     return {name: f / mean for name, f in fisher.items()}
+
+
+def run_fisher(backend: Backend, edits: LayerEdits, requests: list[ResolvedRequest], general_prompts: list[str],
+               config: UnlearnConfig) -> dict[str, torch.Tensor]:
+    """A run's Fisher estimate, at the model as the run starts: on the first `config.fisher_samples` of the
+    concept set's `general_prompts` (default: each request's first template with its anchor), seed
+    `config.seed + FISHER_SEED_OFFSET`."""
+    prompts = list(general_prompts) or [render_prompt(r.templates[0], r.anchor) for r in requests]
+    return estimate_fisher(backend, edits, prompts[: config.fisher_samples], config, config.seed + FISHER_SEED_OFFSET)

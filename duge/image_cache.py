@@ -11,6 +11,9 @@ preserve, templates), the image settings (counts, sampler steps, guidance, seed,
 whether an image filter ran) and `Backend.fingerprint()`: the reference model as it computes now
 (a strided sample of at most 4096 values of every UNet tensor, the committed deltas of earlier
 requests included) and the size of the images the backend generates.
+
+A later request replays the earlier requests' caches (`replayed_caches`) without the related images
+of concepts erased since (`without_related`, the continual rule).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .backends.base import Backend
-from .concepts import ResolvedRequest, render_prompt
+from .concepts import ResolvedRequest, preserved_at, render_prompt
 from .config import RELATED_IMAGES_SEED_OFFSET, TARGET_IMAGES_SEED_OFFSET, UnlearnConfig
 from .distributed import is_main_process
 from .errors import DugeError
@@ -50,6 +53,13 @@ class RequestCache:
     dropped_anchor_images: int = 0
     target_latents: torch.Tensor | None = None  # images of the target itself (esd-x only), one per anchor template
     related_concepts: list[str] = field(default_factory=list)  # the preserved concept of each related latent
+
+
+def replayed_caches(caches: list[RequestCache], requests: list[ResolvedRequest], k: int) -> list[RequestCache]:
+    """The earlier requests' `caches` as request k replays them: each preserving what the continual rule
+    (`duge.concepts.preserved_at`) leaves it at request k."""
+    kept = preserved_at(requests, k)
+    return [without_related(cache, kept[j]) for j, cache in enumerate(caches)]
 
 
 def without_related(cache: RequestCache, kept: list[str]) -> RequestCache:
@@ -107,7 +117,7 @@ def build_request_cache(backend: Backend, request: ResolvedRequest, config: Unle
     return RequestCache(request, anchor, template_ids, related, related_prompts, dropped, target, related_concepts)
 
 
-def sample_with_progress(backend, prompts: list[str], seeds: list[int], steps: int, guidance: float,
+def sample_with_progress(backend: Backend, prompts: list[str], seeds: list[int], steps: int, guidance: float,
                          phases: Phases, decode: bool = False, batch_size: int = SAMPLE_BATCH_SIZE) -> torch.Tensor:
     """Latents [N, C, h, w] of `prompts` (image i from `seeds[i]`), or with `decode` images [N, 3, H, W], in
     batches of `batch_size`; each sampler step is counted on `phases` as its share of the batch's images,

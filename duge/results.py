@@ -9,6 +9,7 @@ import torch
 
 from .concepts import ResolvedRequest
 from .config import UnlearnConfig
+from .edits import LayerEdits
 from .image_cache import RequestCache
 
 
@@ -62,6 +63,15 @@ class ResumeState:
 
     results: list[RequestResult]
     caches: list[RequestCache]
+
+    def restore(self, edits: LayerEdits, setting: str) -> int:
+        """Commit the finished requests' deltas onto `edits` again when `setting` is sequential (the same float32
+        additions as `commit_request` made; independent requests each start from θ0) and return the index of
+        the request to continue at."""
+        if setting == "sequential":
+            for done in self.results:
+                edits.add_committed(done.delta)
+        return len(self.results)
 
 
 ProgressFn = Callable[[dict], None]

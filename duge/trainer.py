@@ -28,14 +28,14 @@ import numpy as np
 import torch
 
 from .backends.base import Backend
-from .concepts import ResolvedRequest, preserved_at, render_prompt
-from .config import FISHER_SEED_OFFSET, UnlearnConfig, request_seed
+from .concepts import ResolvedRequest
+from .config import UnlearnConfig, request_seed
 from .distributed import check_batch, shard_rows
 from .edits import LayerEdits, trainable_pattern
 from .errors import DugeError
-from .fisher import estimate_fisher
+from .fisher import run_fisher
 from .harness import RequestRollback, TrainingDiverged, UnlearnCancelled, check_cancel, interrupt_as_cancel
-from .image_cache import RequestCache, load_or_build_request_cache, without_related
+from .image_cache import RequestCache, load_or_build_request_cache, replayed_caches
 from .memory import RunMemory
 from .methods import Method, get_method
 from .objective import pooled_step_terms, step_terms
@@ -88,11 +88,10 @@ def train_request(run: Run, caches: list[RequestCache], steps: int, learning_rat
     micro_batch_size = run.memory.micro_batch_size(params, caches[-1], rows.stop - rows.start)
     projected = projected_parameters(edits, moments or {}, config.projection_mu) \
         if method.regularizer_kind(config.regularizer) == "projection" else []
-    if pools is not None:
+    if pools is not None:  # add this request's pool; replay without related rows of concepts erased since
         new = [request_pool(run.backend, edits, cache, method, config, seed, erased, micro_batch_size)
                for cache in (caches if config.setting == "simultaneous" else caches[-1:])]
         pools.append(merge_pools(new) if len(new) > 1 else new[0])
-    if pools is not None:  # the continual rule: related rows of a concept erased since are not replayed
         replayed_pools = [without_erased_related(p, erased) for p in (pools if replay else pools[-1:])]
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
     losses = {}
@@ -144,19 +143,12 @@ def unlearn(backend: Backend, requests: list[ResolvedRequest], config: UnlearnCo
     torch.manual_seed(config.seed)
     with interrupt_as_cancel(), RunMemory(backend, method, config) as memory, \
             backend.edits(trainable_pattern(config.trainable), mode=config.trainable_mode, rank=config.trainable_rank) as edits:
-        fisher = None
         kind = method.regularizer_kind(config.regularizer)
-        if kind == "fisher":
-            prompts = list(general_prompts) or [render_prompt(r.templates[0], r.anchor) for r in requests]
-            fisher = estimate_fisher(backend, edits, prompts[: config.fisher_samples], config,
-                                     config.seed + FISHER_SEED_OFFSET)
+        fisher = run_fisher(backend, edits, requests, general_prompts, config) if kind == "fisher" else None
         if start_deltas:
             edits.load_committed(start_deltas)
         if resume is not None:
-            start_index = len(resume.results)
-            if config.setting == "sequential":
-                for done in resume.results:  # the same float32 additions as commit_request made
-                    edits.add_committed(done.delta)
+            start_index = resume.restore(edits, config.setting)
         phases = current_phases(phases)
         run = Run(backend, edits, method, config, fisher, memory, cancel, progress, phases)
         pooled = method.pooled_teachers and config.teacher_pool > 0
@@ -173,8 +165,7 @@ def unlearn(backend: Backend, requests: list[ResolvedRequest], config: UnlearnCo
                                           moments=moments, pools=[] if pooled else None, erased=erased)
             seconds = time.time() - t0
             metrics = evaluate(backend, requests) if evaluate else {}
-            results.append(RequestResult(", ".join(r.target for r in requests), delta, seconds,
-                                         steps, losses, metrics))
+            results.append(RequestResult(", ".join(r.target for r in requests), delta, seconds, steps, losses, metrics))
         else:
             caches: list[RequestCache] = list(resume.caches) if resume is not None else []
             pools: list[TeacherPool] | None = [] if pooled else None
@@ -189,11 +180,8 @@ def unlearn(backend: Backend, requests: list[ResolvedRequest], config: UnlearnCo
                 with edits.reference():
                     cache = load_or_build_request_cache(backend, request, config, seed, image_filter, phases)
                 sequential = config.setting == "sequential"
-                replayed = []
-                if sequential and (config.replay_batch_size > 0 or method.resolve_from_original):
-                    # earlier requests as the continual rule has them at request k (concepts.preserved_at)
-                    kept = preserved_at(requests, k)
-                    replayed = [without_related(c, kept[j]) for j, c in enumerate(caches)]
+                replays = sequential and (config.replay_batch_size > 0 or method.resolve_from_original)
+                replayed = replayed_caches(caches, requests, k) if replays else []
                 earlier = requests[:k] if sequential else []
                 if pooled and len(pools) < k and sequential:  # resumed: the earlier requests' pools, as they were
                     pools = rebuild_pools(backend, edits, method, config, requests, caches, [r.delta for r in results],
