@@ -23,7 +23,8 @@ request and per template T of the request:
   kept whole), and of T(anchor), so that the template and the anchor keep their meaning.
 
 `uce_delta` solves against the current weights (`uce`: each request edits the model the earlier
-requests left, with its own sets only) or against θ0 with every request so far (`uce-resolve`);
+requests left, with its own sets only; in the simultaneous setting every request at once, as the
+paper's `edit_model` takes lists of concepts) or against θ0 with every request so far (`uce-resolve`);
 `commit_uce_request` solves and commits one request for the trainer. Which concepts may be
 preserved at request k comes from `duge.concepts.preserved_at`. Solved in float64 on the CPU.
 """
@@ -153,12 +154,15 @@ def commit_uce_request(backend: Backend, edits: LayerEdits, requests: list[Resol
                        from_original: bool) -> dict[str, torch.Tensor]:
     """Solve and commit the last of `requests`: with its own erase and preserve sets against the current
     weights (`uce`), or, `from_original`, every request of `requests` again from θ0 (`uce-resolve`).
-    Returns the request's ΔW per layer (the change of the committed deltas)."""
+    In the simultaneous setting `requests` are one edit: `uce` solves all of them together, once, against
+    the weights the run starts from (θ0 unless it continues from earlier deltas), with the preserve lists
+    the continual rule leaves when every one is erased; that is the problem `uce-resolve` solves after
+    the last request. Returns the request's ΔW per layer (the change of the committed deltas)."""
     before = edits.committed()
     if from_original:
         total = uce_delta(backend, edits, requests, config, from_original=True)
         edits.load_committed({name: total[name].to(before[name]) for name in before})
         return {name: total[name].to(before[name]) - before[name] for name in before}
-    delta = uce_delta(backend, edits, requests[-1:], config)
+    delta = uce_delta(backend, edits, requests if config.setting == "simultaneous" else requests[-1:], config)
     edits.load_committed({name: before[name] + delta[name].to(before[name]) for name in before})
     return delta

@@ -208,3 +208,35 @@ requests:
         torch.testing.assert_close(resolved.total_delta[name], delta, rtol=1e-5, atol=1e-6)
     # the request's own delta is what it added to the model the first request left
     torch.testing.assert_close(sum(r.delta[name] for r in resolved.requests), resolved.total_delta[name])
+
+
+def test_simultaneous_uce_erases_every_request_together_as_uce_resolve_does_after_the_last(backend):
+    """Simultaneous UCE is one closed form over every request's erase set, with the preserve lists the
+    continual rule leaves when all are erased (yellow no longer preserves green). That is the problem
+    uce-resolve solves from θ0 after the last request of a sequential run (the same erase rows and preserve
+    lists, `preserved_at(requests, 1)`), so the two totals are the same."""
+    from duge.uce import uce_embeddings
+
+    concepts = """
+name: together
+requests:
+  - target: yellow
+    preserve: [orange, green]
+  - target: green
+    preserve: [cyan]
+"""
+    together = unlearn(backend, requests_of(concepts, "simultaneous"), tiny_config(method="uce", setting="simultaneous"))
+    resolved = unlearn(backend, requests_of(concepts), tiny_config(method="uce-resolve"))
+    for name, delta in resolved.total_delta.items():  # exact: the same solve on the same float64 inputs
+        assert torch.equal(together.total_delta[name], delta), name
+    requests = requests_of(concepts, "simultaneous")
+    assert [r.preserve for r in requests] == [["orange"], ["cyan"]]
+    with backend.edits(r"attn2\.to_[kv]$") as edits:
+        for request in requests:  # each target's K/V outputs move towards its anchor's
+            erase, guide, _ = uce_embeddings(backend, [request])
+            c, a = erase.double(), guide.double()
+            for name in edits.deltas:
+                w0 = edits.originals[name].double()
+                w1 = w0 + together.total_delta[name].double()
+                before, after = (c @ w0.T - a @ w0.T).norm(), (c @ w1.T - a @ w0.T).norm()
+                assert after < 0.75 * before, (request.target, name, float(after / before))
