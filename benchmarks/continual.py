@@ -585,13 +585,15 @@ def run_tuning(methods, profile: Profile = TUNING, seed: int = 0, model: str = "
             for settings in UCE_GRID:
                 run(method, dict(settings))
             continue
-        reference = _unlearn_config(method, profile, seed)
+        start_lr, start_steps = spec.tuning_start["learning_rate"], spec.tuning_start["steps"]
+        if profile.steps is not None:  # a profile that fixes the steps (tests) scales the grid's steps too
+            start_steps = profile.steps
         scores = {}
         for factor in LR_FACTORS:
-            lr = reference.learning_rate * factor
-            scores[lr] = run(method, {"learning_rate": lr, "steps": reference.steps})
+            lr = start_lr * factor
+            scores[lr] = run(method, {"learning_rate": lr, "steps": start_steps})
         best_lr = max(scores, key=lambda lr: -1.0 if scores[lr] is None else scores[lr])
-        run(method, {"learning_rate": best_lr, "steps": max(1, reference.steps // 2)})
+        run(method, {"learning_rate": best_lr, "steps": max(1, start_steps // 2)})
     out["chosen"] = choose(out["runs"])
     out["complete"] = True
     return out
@@ -683,6 +685,12 @@ def summarize(result: dict) -> dict:
     return result
 
 
+def _commits(result: dict) -> list[str]:
+    """A result's git commit(s): one string, or a list once it is itself a merge of parts."""
+    commit = result.get("git_commit") or "?"
+    return list(commit) if isinstance(commit, list) else [commit]
+
+
 def merge_results(results: list[dict]) -> dict:
     """One result from parts run with the same sequence, model, profile and evaluation (methods or seeds
     split over processes). The unedited model's numbers are the first part's (the same images);
@@ -701,7 +709,7 @@ def merge_results(results: list[dict]) -> dict:
         for key in same:
             if comparable(other, key) != comparable(first, key):
                 raise SystemExit(f"--merge: the parts differ in {key!r}; only parts with the same settings combine")
-    merged = dict(first, merged_from=len(results), git_commit=sorted({r.get("git_commit") or "?" for r in results}))
+    merged = dict(first, merged_from=len(results), git_commit=sorted({c for r in results for c in _commits(r)}))
     attacks = [r["attack"] for r in results if r.get("attack")]  # parts run without --attack hold none
     for other in attacks[1:]:
         for key in ("config", "concepts"):

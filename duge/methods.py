@@ -45,6 +45,9 @@ class Method:
     reference: str = ""  # where `defaults` come from
     fixed_regularizer: str | None = None  # the regulariser this method always uses (else UnlearnConfig.regularizer)
     pooled_teachers: bool = False  # UnlearnConfig.teacher_pool applies (duge.teachers)
+    # Where benchmarks/continual.py --tune's grid starts (learning rate r, steps S; gradient methods): the
+    # paper's values, or the first that erased on the built-in model; `defaults` then hold the grid's choice.
+    tuning_start: Mapping[str, object] = field(default_factory=dict)
 
     def regularizer_kind(self, configured: str) -> str:
         """The regulariser a run of this method uses: its own fixed one, or the configured one; "none" without."""
@@ -53,13 +56,17 @@ class Method:
 
 METHODS = {
     "duge": Method("duge", attention_term=True, prior_term=True, regularizer=True, objective="anchor",
-                   guided_anchor=True, pooled_teachers=True, reference="UnlearnConfig's defaults (docs/method.md)"),
+                   guided_anchor=True, pooled_teachers=True, reference="UnlearnConfig's defaults (docs/method.md)",
+                   tuning_start={"learning_rate": 2e-3, "steps": 150}),
     "ca": Method(
         "ca", attention_term=False, prior_term=False, regularizer=False, objective="anchor",
         # Kumari et al. 2023, github.com/nupurkmr9/concept-ablation train.py: parameter_group
-        # "cross-attn" (K/V), batch 8, learning rate 2e-6 scaled by the batch (--scale_lr: 1.6e-5).
-        defaults={"trainable": "kv", "batch_size": 8, "learning_rate": 1.6e-5, "steps": 400,
+        # "cross-attn" (K/V), batch 8, learning rate 2e-6 scaled by the batch (--scale_lr: 1.6e-5), 400 steps.
+        # That lr erased nothing on the built-in model (tuning sequence UA 0.03); tuning (4 of 4 runs, highest
+        # H): 100× it, 1.6e-3, at the authors' 400 steps (UA 0.86, IRA 1.00; 1.6e-4: UA 0.67; 200 steps: H 0.93).
+        defaults={"trainable": "kv", "batch_size": 8, "learning_rate": 1.6e-3, "steps": 400,
                   "replay_batch_size": 0},
+        tuning_start={"learning_rate": 1.6e-5, "steps": 400},
         reference="Kumari et al., Ablating Concepts in Text-to-Image Diffusion Models (ICCV 2023)"),
     "ft-l2sp": Method(
         "ft-l2sp", attention_term=False, prior_term=False, regularizer=True, objective="anchor",
@@ -67,14 +74,17 @@ METHODS = {
         # No unlearning paper: DUGE's output term and L2-SP weight, trained on K/V without replay; lr 2e-2
         # from the tuning (4 of 4 runs, highest H: 2e-3 erased UA 0.25, 2e-2 0.47, 2e-1 0.90 with IRA 0.63).
         defaults={"trainable": "kv", "batch_size": 8, "learning_rate": 2e-2, "steps": 150, "replay_batch_size": 0},
+        tuning_start={"learning_rate": 2e-3, "steps": 150},  # DUGE's
         reference="Li et al., Explicit Inductive Bias for Transfer Learning with CNNs (L2-SP, ICML 2018)"),
     "esd-x": Method(
         "esd-x", attention_term=False, prior_term=False, regularizer=False, objective="negative_guidance",
         # Gandikota et al. 2023, github.com/rohitgandikota/erasing train-esd.py: train_method "xattn"
-        # (every parameter of attn2: q, k, v, out), 1000 iterations of one image, negative_guidance 1; the
-        # paper's lr 1e-5 erased nothing on the built-in model (UA 0.04), 1e-4 did (0.92): tuning, 2 of 4 runs.
-        defaults={"trainable": "attn2", "batch_size": 1, "learning_rate": 1e-4, "steps": 1000, "esd_eta": 1.0,
+        # (every parameter of attn2: q, k, v, out), 1000 iterations of one image, negative_guidance 1, lr 1e-5.
+        # That lr erased nothing on the built-in model (UA 0.04); tuning (4 of 4 runs from 1e-4, highest H):
+        # 1e-4 at 500 steps (H 0.86; 1000 steps: UA 0.92 but IRA 0.64, H 0.71; 1e-3, 1e-2: IRA ≤ 0.19).
+        defaults={"trainable": "attn2", "batch_size": 1, "learning_rate": 1e-4, "steps": 500, "esd_eta": 1.0,
                   "replay_batch_size": 0},
+        tuning_start={"learning_rate": 1e-4, "steps": 1000},  # the paper's 1e-5 ran too (UA 0.04), outside the grid
         reference="Gandikota et al., Erasing Concepts from Diffusion Models (ICCV 2023)"),
     "uce": Method(
         "uce", attention_term=False, prior_term=False, regularizer=False, objective="closed_form",

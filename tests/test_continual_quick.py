@@ -181,6 +181,10 @@ def test_parts_merge_into_one_result_only_when_their_settings_match():
     assert merged["methods"]["duge"]["final"]["UA"] == pytest.approx(0.9) and merged["methods"]["duge"]["seeds"] == ["0", "1"]
     with pytest.raises(SystemExit, match="evaluation"):
         bench.merge_results([a, dict(b, evaluation={"steps": 20})])
+    # A merged result merges again (its git_commit is then a list of the parts' commits).
+    c = dict(common, runs={"uce": {"1": run(0.7)}}, complete=True, seconds_total=5.0, git_commit="abc")
+    again = bench.merge_results([dict(merged, git_commit=["abc", "def"]), c])
+    assert again["git_commit"] == ["abc", "def"] and again["methods"]["uce"]["seeds"] == ["0", "1"]
 
 
 def _without_attacks(result: dict) -> dict:

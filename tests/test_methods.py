@@ -234,9 +234,13 @@ def test_each_baseline_runs_with_its_papers_settings_and_without_replay():
     from duge.config import method_config
 
     esd = method_config("esd-x")
-    assert (esd.trainable, esd.learning_rate, esd.steps, esd.batch_size, esd.esd_eta) == ("attn2", 1e-4, 1000, 1, 1.0)
+    assert (esd.trainable, esd.learning_rate, esd.steps, esd.batch_size, esd.esd_eta) == ("attn2", 1e-4, 500, 1, 1.0)
     for name in ("esd-x", "ca", "ft-l2sp", "uce", "uce-resolve"):
         assert method_config(name).replay_batch_size == 0, name
+    from duge.methods import METHODS
+
+    for name, spec in METHODS.items():  # every trained method says where the tuning grid starts
+        assert (spec.objective == "closed_form") == (not spec.tuning_start), name
     uce = method_config("uce")
     assert (uce.uce_lambda, uce.uce_erase_scale, uce.uce_preserve_scale) == (0.5, 1.0, 1.0)
     assert method_config("duge") == UnlearnConfig()  # DUGE's defaults are UnlearnConfig's
