@@ -125,6 +125,10 @@ class LayerEdits:
         for name, d in self.deltas.items():
             d.committed += deltas[name].to(d.committed)
 
+    def reference_is_original(self) -> bool:
+        """Whether the reference model is θ0 itself: nothing committed (the first request, or after `reset`)."""
+        return not any(bool(d.committed.any()) for d in self.deltas.values())
+
     @contextmanager
     def reference(self):
         """The frozen reference for the current request: the model as the previous request left it

@@ -27,21 +27,8 @@ from .image_cache import RequestCache
 from .losses import cross_attention_loss, prior_preservation_loss, regularization_loss
 from .methods import Method
 from .preservation import preservation_penalty, preservation_penalty_grad
-from .targets import OBJECTIVES, predict
+from .targets import OBJECTIVES, RelatedRows, predict
 from .teachers import PoolRows, TeacherPool, draw_pool_rows
-
-
-def xattn_part(backend: Backend, edits: LayerEdits, batch: Batch, part: slice, method: Method, config: UnlearnConfig,
-               beta: float):
-    """L_out + β·L_attn on rows `part` of the batch, each part weighted by its share of the batch's rows."""
-    rows = batch[part]
-    ctx_target = backend.encode_prompts(rows.target_prompts)
-    ctx_anchor = backend.encode_prompts(rows.anchor_prompts)
-    tok_target, mask_target = backend.token_indices(rows.target_prompts, rows.target_words)
-    target, maps_anchor = OBJECTIVES[method.objective].target(backend, edits, rows, ctx_target, ctx_anchor, method,
-                                                              config, beta > 0)
-    pred, maps_target = predict(backend, rows.zt, rows.t, ctx_target, tok_target, mask_target, config, beta > 0)
-    return weighted_xattn(pred, target, maps_target, maps_anchor, beta, part, batch.has_anchor)
 
 
 def weighted_xattn(pred, target, maps_target, maps_anchor, beta: float, part: slice, has_anchor: torch.Tensor):
@@ -59,15 +46,49 @@ def weighted_xattn(pred, target, maps_target, maps_anchor, beta: float, part: sl
                   "attention": attention_weight * float(parts["attention"].detach())}
 
 
-def prior_part(backend: Backend, edits: LayerEdits, batch: Batch, part: slice, config: UnlearnConfig):
-    """λ_prior·L_prior on related rows `part`, weighted by their share of the related rows."""
-    zr, t_r = batch.related_zt[part], batch.related_t[part]
-    ctx = backend.encode_prompts(batch.related_prompts[part])
-    with torch.no_grad(), edits.reference():
-        reference = backend.predict_noise(zr, t_r, ctx)
-    loss_prior = prior_preservation_loss(backend.predict_noise(zr, t_r, ctx), reference)
-    weight = shard_weight(part, len(batch.related_prompts))
-    return config.lambda_prior * weight * loss_prior, {"prior": weight * float(loss_prior.detach())}
+def split_part(part: slice, anchor_rows: int) -> tuple[slice, slice]:
+    """Rows `part` of a step's rows — `anchor_rows` anchor rows, then the related rows — as (anchor rows,
+    related rows), each indexing its own part."""
+    return (slice(min(part.start, anchor_rows), min(part.stop, anchor_rows)),
+            slice(max(part.start, anchor_rows) - anchor_rows, max(part.stop, anchor_rows) - anchor_rows))
+
+
+def trainable_part(backend: Backend, rows: Batch, part: slice, config: UnlearnConfig, beta: float, target,
+                   maps_anchor: list, related_target):
+    """L_out + β·L_attn + λ_prior·L_prior on rows `part` of a step's rows — the anchor rows, then the related
+    rows — in ONE trainable UNet call, against the part's frozen targets: `target` [n] and `maps_anchor` of its
+    n anchor rows, `related_target` [m] of its related rows. Each term weighted by the part's share of its rows."""
+    b, r = len(rows.t), len(rows.related_prompts)
+    anchor, related = split_part(part, b)
+    n = anchor.stop - anchor.start
+    prompts = rows.target_prompts[anchor] + rows.related_prompts[related]
+    words = rows.target_words[anchor] + [""] * (related.stop - related.start)
+    zt = torch.cat([rows.zt[anchor]] + ([rows.related_zt[related]] if r else []))
+    t = torch.cat([rows.t[anchor]] + ([rows.related_t[related]] if r else []))
+    tokens, mask = backend.token_indices(prompts, words)
+    pred, maps = predict(backend, zt, t, backend.encode_prompts(prompts), tokens, mask, config, beta > 0 and n > 0)
+    loss, values = pred.new_zeros(()), {}
+    if n:
+        loss, values = weighted_xattn(pred[:n], target, [m[:n] for m in maps], maps_anchor, beta, anchor,
+                                      rows.has_anchor)
+    if related.stop > related.start:
+        loss_prior = prior_preservation_loss(pred[n:], related_target)
+        weight = shard_weight(related, r)
+        loss = loss + config.lambda_prior * weight * loss_prior
+        values["prior"] = weight * float(loss_prior.detach())
+    return loss, values
+
+
+def step_part(backend: Backend, edits: LayerEdits, batch: Batch, part: slice, method: Method, config: UnlearnConfig,
+              beta: float):
+    """`trainable_part` on rows `part` of a step's batch, the frozen teachers run now (`duge.targets`): the
+    reference on the part's anchor and related rows in one UNet call, then the trainable pass."""
+    anchor, related = split_part(part, len(batch.t))
+    related_rows = RelatedRows(batch.related_zt[related], batch.related_t[related], batch.related_prompts[related]) \
+        if related.stop > related.start else None
+    target, maps_anchor, reference = OBJECTIVES[method.objective].target(backend, edits, batch[anchor], method,
+                                                                         config, beta > 0, related_rows)
+    return trainable_part(backend, batch, part, config, beta, target, maps_anchor, reference)
 
 
 def _add_grad(param: torch.Tensor, grad: torch.Tensor) -> None:
@@ -128,39 +149,17 @@ def step_terms(backend: Backend, edits: LayerEdits, caches: list[RequestCache], 
     term's value: total = xattn + λ_prior·prior + λ_reg·reg."""
     batch = draw_batch(backend, caches, method, config, rng, generator, replay, step)
     beta = config.beta if method.attention_term and config.beta > 0 else 0.0
-    terms = accumulate(len(batch.t), micro_batch_size,
-                       lambda part: xattn_part(backend, edits, batch, part, method, config, beta))
-    if batch.related_zt is not None:
-        terms["prior"] = accumulate(len(batch.related_prompts), micro_batch_size,
-                                    lambda part: prior_part(backend, edits, batch, part, config)).get("prior", 0.0)
+    count = len(batch.t) + len(batch.related_prompts)  # the anchor rows, then the related rows (if the prior term has any)
+    terms = accumulate(count, micro_batch_size, lambda part: step_part(backend, edits, batch, part, method, config, beta))
     return with_total(terms, edits, method, config, beta, fisher, moments)
 
 
 def pooled_part(backend: Backend, drawn: PoolRows, part: slice, config: UnlearnConfig, beta: float):
-    """L_out + β·L_attn + λ_prior·L_prior on rows `part` of a step's pooled rows — the anchor rows, then the
-    related rows — in ONE UNet call, against the pools' frozen targets; each term weighted by the part's
-    share of its rows."""
-    rows, b = drawn.rows, len(drawn.rows.t)
-    r = len(rows.related_prompts)
-    anchor = slice(min(part.start, b), min(part.stop, b))
-    related = slice(max(part.start, b) - b, max(part.stop, b) - b)
-    n = anchor.stop - anchor.start
-    prompts = rows.target_prompts[anchor] + rows.related_prompts[related]
-    words = rows.target_words[anchor] + [""] * (related.stop - related.start)
-    zt = torch.cat([rows.zt[anchor]] + ([rows.related_zt[related]] if r else []))
-    t = torch.cat([rows.t[anchor]] + ([rows.related_t[related]] if r else []))
-    tokens, mask = backend.token_indices(prompts, words)
-    pred, maps = predict(backend, zt, t, backend.encode_prompts(prompts), tokens, mask, config, beta > 0 and n > 0)
-    loss, values = pred.new_zeros(()), {}
-    if n:
-        loss, values = weighted_xattn(pred[:n], drawn.target[anchor], [m[:n] for m in maps],
-                                      [m[anchor] for m in drawn.anchor_maps], beta, anchor, rows.has_anchor)
-    if related.stop > related.start:
-        loss_prior = prior_preservation_loss(pred[n:], drawn.related_target[related])
-        weight = shard_weight(related, r)
-        loss = loss + config.lambda_prior * weight * loss_prior
-        values["prior"] = weight * float(loss_prior.detach())
-    return loss, values
+    """`trainable_part` on rows `part` of a step's pooled rows, against the pools' frozen targets."""
+    anchor, related = split_part(part, len(drawn.rows.t))
+    return trainable_part(backend, drawn.rows, part, config, beta, drawn.target[anchor],
+                          [m[anchor] for m in drawn.anchor_maps],
+                          drawn.related_target[related] if drawn.related_target is not None else None)
 
 
 def pooled_step_terms(backend: Backend, edits: LayerEdits, pools: list[TeacherPool], method: Method,

@@ -86,10 +86,7 @@ def build_teacher_pool(backend: Backend, edits: LayerEdits, cache: RequestCache,
     targets, maps = [], []
     for part in micro_batches(slice(0, size), micro_batch_size):
         part_rows = rows[part]
-        ctx_target = backend.encode_prompts(part_rows.target_prompts)
-        ctx_anchor = backend.encode_prompts(part_rows.anchor_prompts)
-        target, part_maps = OBJECTIVES[method.objective].target(backend, edits, part_rows, ctx_target, ctx_anchor,
-                                                                method, config, capture)
+        target, part_maps, _ = OBJECTIVES[method.objective].target(backend, edits, part_rows, method, config, capture)
         targets.append(target.detach().float().cpu())
         maps.append([m.detach().float().cpu() for m in part_maps])
     anchor_maps = [torch.cat(layer) for layer in zip(*maps)] if capture else []

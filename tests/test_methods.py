@@ -116,6 +116,9 @@ class _FakeEdits:
     # The reference model (frozen θ0, or θ0 + committed deltas): here without the request's d either way.
     reference = disabled
 
+    def reference_is_original(self):  # nothing committed: the reference is θ0
+        return True
+
     def total_deltas(self):
         return {"w": self.delta}
 

@@ -168,3 +168,63 @@ def test_closed_form_regulariser_gradient_matches_autograd(kind):
     (0.3 * expected).backward()
     assert value == pytest.approx(float(expected), rel=1e-6)
     assert torch.allclose(closed_form, layer.delta.grad, rtol=1e-5, atol=1e-7)
+
+
+def _step_one_pass_per_prediction(backend, edits, batch, config):
+    """DUGE's step terms with every prediction in a UNet call of its own, each term back-propagated on its
+    own (the step as written in the design doc): the reference `step_terms`' merged passes must match."""
+    from duge.losses import cross_attention_loss, prior_preservation_loss
+    from duge.targets import predict
+
+    ctx = backend.encode_prompts
+    with torch.no_grad():
+        with edits.reference():
+            anchor, maps_anchor = predict(backend, batch.zt, batch.t, ctx(batch.anchor_prompts), batch.tok_anchor,
+                                          batch.mask_anchor, config, True)
+            related_reference = backend.predict_noise(batch.related_zt, batch.related_t, ctx(batch.related_prompts))
+        with edits.disabled():
+            direction = (backend.predict_noise(batch.zt, batch.t, ctx(batch.target_prompts))
+                         - backend.predict_noise(batch.zt, batch.t, ctx(batch.anchor_prompts)))
+    target = anchor - config.anchor_guidance * direction
+    tokens, mask = backend.token_indices(batch.target_prompts, batch.target_words)
+    pred, maps = predict(backend, batch.zt, batch.t, ctx(batch.target_prompts), tokens, mask, config, True)
+    _, parts = cross_attention_loss(pred, target, maps, maps_anchor, config.beta)
+    (parts["output"] + config.beta * parts["attention"]).backward()
+    prior = prior_preservation_loss(backend.predict_noise(batch.related_zt, batch.related_t, ctx(batch.related_prompts)),
+                                    related_reference)
+    (config.lambda_prior * prior).backward()
+    return {"output": float(parts["output"].detach()), "attention": float(parts["attention"].detach()),
+            "prior": float(prior.detach())}
+
+
+@pytest.mark.parametrize("committed", [False, True])
+def test_a_steps_merged_unet_calls_give_the_loss_and_gradient_of_one_call_per_prediction(backend, committed):
+    """`step_terms` runs the reference on the anchor and related rows in one UNet call, θ0 on the target and
+    anchor prompts in one (or reuses ε_φ(anchor) when nothing is committed: φ is θ0), and one trainable pass
+    with one backward: the same losses and gradients, to float32 rounding, as a pass per prediction."""
+    concept_set = parse_concept_set(CONCEPTS)
+    config = tiny_config(batch_size=3, beta=10.0, lambda_prior=1.0, lambda_reg=0.0)
+    method = get_method("duge")
+    cache = build_request_cache(backend, resolve_request(concept_set.requests[0], builtin_world=True), config, 0)
+    with backend.edits(r"attn2\.to_[kv]$") as edits:
+        if committed:  # an earlier request's edit: the reference φ is no longer θ0
+            edits.load_committed({name: torch.randn(d.committed.shape, generator=torch.Generator().manual_seed(3)) * 1e-2
+                                  for name, d in edits.deltas.items()})
+        assert edits.reference_is_original() is not committed
+        params = edits.start_request(0)
+        with torch.no_grad():  # a trained edit, so that the model differs from its teachers
+            for d in edits.deltas.values():
+                d.delta.normal_(0, 1e-2, generator=torch.Generator().manual_seed(2))
+        merged = step_terms(backend, edits, [cache], method, config, np.random.default_rng(5),
+                            torch.Generator().manual_seed(5), None)
+        merged_grads = [p.grad.clone() for p in params]
+        for p in params:
+            p.grad = None
+        batch = draw_batch(backend, [cache], method, config, np.random.default_rng(5), torch.Generator().manual_seed(5))
+        separate = _step_one_pass_per_prediction(backend, edits, batch, config)
+        separate_grads = [p.grad.clone() for p in params]
+    for key in ("output", "attention", "prior"):
+        assert merged[key] == pytest.approx(separate[key], rel=1e-4), key
+    assert separate["output"] > 0 and separate["attention"] > 0 and separate["prior"] > 0
+    for got, expected in zip(merged_grads, separate_grads):
+        assert float((got - expected).norm()) <= 1e-4 * float(expected.norm())  # float32 rounding apart
