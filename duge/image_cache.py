@@ -39,6 +39,7 @@ from .phases import Phases, current_phases
 
 logger = logging.getLogger(__name__)
 SAMPLE_BATCH_SIZE = 16  # images per sampler call (classifier-free guidance doubles the UNet's batch)
+BUILTIN_SAMPLE_BATCH_SIZE = 64  # the same on the built-in model: its 16x16 latents are small, and fewer calls cost less
 
 
 @dataclass

@@ -8,7 +8,9 @@ from collections import defaultdict
 import torch
 
 from .backends.base import Backend
+from .errors import DugeError
 from .evaluation import MissingClassifierError, measure_requests, require_classifier
+from .image_cache import SAMPLE_BATCH_SIZE
 from .phases import Phases, current_phases
 
 
@@ -28,13 +30,14 @@ def measuring_mode(requested: str, can_measure: bool, model: str = "the model") 
     return requested
 
 
-def count_images(measure) -> int:
-    """How many images `measure(generate, classifier)` generates: it runs once on blank images with a
-    classifier that names nothing (the measurements choose their prompts before seeing any image)."""
-    counted = [0]
+def planned_calls(measure) -> list[tuple[list[str], int]]:
+    """The (prompts, seed) of every `generate` call `measure(generate, classifier)` makes, in order: it runs
+    once on blank images with a classifier that names nothing (the measurements choose their prompts before
+    seeing any image)."""
+    calls = []
 
     def generate(prompts, seed):
-        counted[0] += len(prompts)
+        calls.append((list(prompts), seed))
         return torch.zeros(len(prompts), 3, 1, 1)
 
     class NamesNothing:
@@ -42,14 +45,50 @@ def count_images(measure) -> int:
             return defaultdict(lambda: [""] * len(images))
 
     measure(generate, NamesNothing())
-    return counted[0]
+    return calls
+
+
+def count_images(measure) -> int:
+    """How many images `measure(generate, classifier)` generates (`planned_calls`)."""
+    return sum(len(prompts) for prompts, _ in planned_calls(measure))
+
+
+class PlannedImages:
+    """`generate(prompts, seed)` for a measurement whose calls are known (`planned_calls`): the images are
+    made ahead in sampler calls of `batch_size`, each image from its own seed (`seed + i` for image i of a
+    call, as `Backend.generate` gives it), so a concept's few images share a call with the next concepts'.
+    Only the images of the current batch are held. A call other than the plan's next is an error."""
+
+    def __init__(self, make, calls: list[tuple[list[str], int]], batch_size: int):
+        self.make = make  # (prompts, seeds) -> images [N, 3, H, W]
+        self.calls = list(calls)
+        self.prompts = [p for prompts, _ in self.calls for p in prompts]
+        self.seeds = [seed + i for prompts, seed in self.calls for i in range(len(prompts))]
+        self.batch_size = batch_size
+        self.made = torch.zeros(0)  # images made and not yet handed out
+        self.next_image = 0  # first image not yet made
+        self.next_call = 0
+
+    def __call__(self, prompts, seed) -> torch.Tensor:
+        if self.next_call >= len(self.calls) or self.calls[self.next_call] != (list(prompts), seed):
+            raise DugeError(f"the measurement asked for {len(prompts)} images of seed {seed} out of the order it "
+                               "planned; a measurement must choose its prompts before it sees any image")
+        self.next_call += 1
+        while len(self.made) < len(prompts):
+            stop = min(self.next_image + self.batch_size, len(self.prompts))
+            images = self.make(self.prompts[self.next_image : stop], self.seeds[self.next_image : stop])
+            self.made = torch.cat([self.made, images]) if len(self.made) else images
+            self.next_image = stop
+        images, self.made = self.made[: len(prompts)], self.made[len(prompts) :]
+        return images
 
 
 def measuring(backend: Backend, classifier, concepts, seed: int, phases: Phases | None = None, steps: int = 20,
-              guidance: float = 7.5, with_request_templates: bool = False):
+              guidance: float = 7.5, with_request_templates: bool = False, batch_size: int = SAMPLE_BATCH_SIZE):
     """`evaluate(backend, requests_so_far, name=None)` for the trainer: cumulative UA/IRA/CRA/H and the
-    per-concept numbers (`duge.evaluation.measure_requests`) of the model as it is now, its images
-    counted on `phases` sampler step by sampler step, as one "measuring" phase."""
+    per-concept numbers (`duge.evaluation.measure_requests`) of the model as it is now, its images made in
+    sampler calls of `batch_size` across the measurement's prompts (`PlannedImages`) and counted on `phases`
+    sampler step by sampler step, as one "measuring" phase."""
     phases = current_phases(phases)
 
     def evaluate(_backend: Backend, requests_so_far, name: str | None = None) -> dict:
@@ -57,14 +96,15 @@ def measuring(backend: Backend, classifier, concepts, seed: int, phases: Phases 
             return measure_requests(generate, reader, requests_so_far, concepts, seed=seed,
                                     with_request_templates=with_request_templates)
 
-        def generate(prompts, image_seed):
-            images = backend.generate(prompts, image_seed, steps, guidance,
+        def make(prompts, seeds):
+            images = backend.generate(prompts, seeds, steps, guidance,
                                       on_step=lambda n=len(prompts): phases.advance(n / steps))
             phases.advance(0, image=images[0])
             return images
 
-        with phases.phase(name or f"measuring after '{requests_so_far[-1].target}'", count_images(measure), "image",
-                          "measuring"):
-            return measure(generate, classifier)
+        calls = planned_calls(measure)
+        with phases.phase(name or f"measuring after '{requests_so_far[-1].target}'",
+                          sum(len(prompts) for prompts, _ in calls), "image", "measuring"):
+            return measure(PlannedImages(make, calls, batch_size), classifier)
 
     return evaluate

@@ -23,7 +23,7 @@ from .distributed import start as start_distributed
 from .errors import DugeError, OutputExistsError
 from .evaluation import concepts_for, retention_ratios
 from .grids import labelled_grid, to_pil
-from .image_cache import sample_with_progress
+from .image_cache import BUILTIN_SAMPLE_BATCH_SIZE, SAMPLE_BATCH_SIZE, sample_with_progress
 from .io import make_manifest, model_hash, save_diffusers_folder, save_lora, save_single_file
 from .model_metadata import base_model_of_pipeline
 from .models import load_pipeline
@@ -155,13 +155,14 @@ def run_unlearn(model: str, concepts_path: str, out: str | Path, config, overwri
             phases.advance(1)
             base_hash = model_hash(pipe)
             phases.advance(1)
+        sample_batch = BUILTIN_SAMPLE_BATCH_SIZE if builtin_world else SAMPLE_BATCH_SIZE  # images per sampler call
         reader = classifier if classifier is not None else evaluator
         mode = measuring_mode(config.eval, reader is not None, str(model))
         evaluate = None
         if mode != "none":
             evaluate = measuring(backend, reader, concepts_for(reader, builtin_world),
                                  config.seed + EVALUATION_SEED_OFFSET, phases,
-                                 with_request_templates=not builtin_world)
+                                 with_request_templates=not builtin_world, batch_size=sample_batch)
         report: dict = {"model": str(model), "concept_set": concept_set.name, "method": config.method,
                         "setting": config.setting, "config": asdict(config), "eval": mode, "requests": [],
                         "processes": state.world if state is not None else 1}
@@ -209,8 +210,9 @@ def run_unlearn(model: str, concepts_path: str, out: str | Path, config, overwri
         after_backend = DiffusersBackend(edited, device=backend.device, dtype=config.dtype)
         with phases.phase("before/after grid", 2 * GRID_IMAGES * len(prompts), "image", "grid"):
             grid = before_after_grid(
-                lambda p, seeds: sample_with_progress(backend, p, seeds, GRID_STEPS, 7.5, phases, decode=True),
-                lambda p, seeds: sample_with_progress(after_backend, p, seeds, GRID_STEPS, 7.5, phases, decode=True),
+                lambda p, seeds: sample_with_progress(backend, p, seeds, GRID_STEPS, 7.5, phases, True, sample_batch),
+                lambda p, seeds: sample_with_progress(after_backend, p, seeds, GRID_STEPS, 7.5, phases, True,
+                                                      sample_batch),
                 prompts, GRID_IMAGES, config.seed)
         manifest = make_manifest(config.method, manifest_rows(result, requests),
                                  base_model_hash=base_hash, base_model=str(model),

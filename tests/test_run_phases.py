@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from duge import run
 from duge.phases import Phases
@@ -79,10 +80,11 @@ def test_every_phase_advances_step_by_step_while_it_works(tmp_path, monkeypatch)
     images = by_name["images for 'circle'"]  # 2 anchor + 1 related image, 4 sampler steps, one batch
     assert images["total"] == 3 and len([n for n in images["advances"] if n > 0]) == 4 and images["previews"] == 1
     measured = by_name["measuring after 'circle'"]
-    # UA: 3 paraphrases x 2 names x 4 images; acc(c): 8 images of each of the 20 kept concepts; each
-    # generate call advances once per sampler step (2 here), so the bar moves 2x per call, never only at the end.
+    # UA: 3 paraphrases x 2 names x 4 images; acc(c): 8 images of each of the 20 kept concepts, made in sampler
+    # calls of 64 images across concepts (3 calls); each call advances once per sampler step (2 here), so the bar
+    # moves 2x per call, never only at the end.
     assert measured["total"] == 24 + 20 * 8
-    assert len([n for n in measured["advances"] if n > 0]) == 2 * 21 and measured["previews"] == 21
+    assert len([n for n in measured["advances"] if n > 0]) == 2 * 3 and measured["previews"] == 3
     assert by_name["training 'circle'"]["advances"] == [1, 1, 1]
     assert set(phases.seconds) == {"loading", "images", "training", "measuring", "grid", "writing"}
     assert report["eval"] == "final" and report["final"]["UA"] is not None
@@ -157,3 +159,27 @@ def test_eval_command_measures_through_the_phases_and_writes_the_metrics(tmp_pat
     out = tmp_path / "m.json"
     assert main(["eval", "--concepts", _concepts(tmp_path, ONE_REQUEST), "--json", str(out)]) == 0
     assert json.loads(out.read_text())["UA"] == 0.25 and seen["phases"] == "TqdmPhases"
+
+
+def test_planned_images_are_the_images_each_call_would_have_made():
+    """A measurement's images made ahead in batches across its calls: each call gets image i of seed `seed + i`
+    for its own prompts, whatever batch it was made in; a call the plan does not have is refused."""
+    from duge.errors import DugeError
+
+    def image_of(prompt, seed):  # a stand-in for a sampler: one value per (prompt, seed)
+        return torch.full((3, 1, 1), float(hash(prompt) % 997 + seed))
+
+    made = []
+
+    def make(prompts, seeds):
+        made.append(len(prompts))
+        return torch.stack([image_of(p, s) for p, s in zip(prompts, seeds)])
+
+    calls = [(["a", "a", "b"], 10), (["c"] * 5, 20), (["d", "e"], 30)]
+    generate = measuring.PlannedImages(make, calls, batch_size=4)
+    for prompts, seed in calls:
+        expected = torch.stack([image_of(p, seed + i) for i, p in enumerate(prompts)])
+        assert torch.equal(generate(prompts, seed), expected)
+    assert made == [4, 4, 2]  # 10 images in calls of 4, across the measurement's calls
+    with pytest.raises(DugeError, match="out of the order it planned"):
+        measuring.PlannedImages(make, calls, 4)(["a", "a", "b"], 11)

@@ -7,6 +7,7 @@ import torch
 
 from ..backends.base import Backend
 from ..evaluation import world_measured_concepts
+from ..image_cache import BUILTIN_SAMPLE_BATCH_SIZE
 from ..measuring import measuring
 from ..phases import Phases
 from .evaluator import load_evaluator
@@ -40,4 +41,5 @@ def anchor_filter(backend: Backend, evaluator):
 def world_evaluate(backend: Backend, evaluator, seed: int, steps: int = 20, phases: Phases | None = None):
     """`evaluate` for the trainer: UA / IRA / CRA of the model as it is now, on images of `seed`, with the
     built-in evaluator (`duge.measuring.measuring`; its images counted on `phases`)."""
-    return measuring(backend, evaluator, world_measured_concepts(), seed, phases, steps)
+    return measuring(backend, evaluator, world_measured_concepts(), seed, phases, steps,
+                     batch_size=BUILTIN_SAMPLE_BATCH_SIZE)
