@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-_PROCESSOR_SUFFIX = ".processor"
 # Where each top-level part of a UNet2DConditionModel runs in the forward pass; module
 # registration order puts `up_blocks` before `mid_block`.
 _FORWARD_RANK = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
@@ -30,14 +29,17 @@ _FORWARD_RANK = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
 
 def list_cross_attention_layers(unet: torch.nn.Module) -> list[str]:
     """Module names of the UNet's cross-attention `Attention` modules (`...attn2`), in forward order."""
+    return list(_cross_attention_modules(unet))
+
+
+def _cross_attention_modules(unet: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The UNet's cross-attention `Attention` modules by name, in forward order."""
     from diffusers.models.attention_processor import Attention  # deferred: diffusers takes seconds to import
 
-    names = [
-        name
-        for name, module in unet.named_modules()
-        if isinstance(module, Attention) and module.is_cross_attention
-    ]
-    return sorted(names, key=lambda name: _FORWARD_RANK.get(name.split(".", 1)[0], len(_FORWARD_RANK)))
+    found = {name: module for name, module in unet.named_modules()
+             if isinstance(module, Attention) and module.is_cross_attention}
+    order = sorted(found, key=lambda name: _FORWARD_RANK.get(name.split(".", 1)[0], len(_FORWARD_RANK)))
+    return {name: found[name] for name in order}
 
 
 class CrossAttentionStore:
@@ -200,7 +202,8 @@ def capture_cross_attention(
     Only the chosen layers change processor; the others keep theirs. On exit, also after an
     exception, every layer gets its original processor back. Yields the `CrossAttentionStore`.
     """
-    available = list_cross_attention_layers(unet)
+    modules = _cross_attention_modules(unet)
+    available = list(modules)
     chosen = available if layers is None else list(layers)
     unknown = [name for name in chosen if name not in available]
     if unknown:
@@ -208,26 +211,21 @@ def capture_cross_attention(
             f"capture_cross_attention: {unknown} are not cross-attention layers of this UNet; "
             f"expected names among {available}"
         )
-    original = unet.attn_processors  # "<layer>.processor" -> processor, every attention layer
-    for name in chosen:
-        processor = original[name + _PROCESSOR_SUFFIX]
+    original = {name: modules[name].processor for name in chosen}  # only the chosen layers change processor
+    for name, processor in original.items():
         if isinstance(processor, torch.nn.Module):
             raise ValueError(
                 f"capture_cross_attention: layer '{name}' runs {type(processor).__name__}, a processor with "
                 "its own weights that capture would bypass; expected a plain attention processor"
             )
     store = CrossAttentionStore([name for name in available if name in chosen], token_indices)
-    capturing = {
-        key: CapturingCrossAttnProcessor(store, key[: -len(_PROCESSOR_SUFFIX)])
-        if key[: -len(_PROCESSOR_SUFFIX)] in chosen
-        else processor
-        for key, processor in original.items()
-    }
-    unet.set_attn_processor(capturing)
     try:
+        for name in chosen:
+            modules[name].set_processor(CapturingCrossAttnProcessor(store, name))
         yield store
     finally:
-        unet.set_attn_processor(dict(original))
+        for name, processor in original.items():
+            modules[name].set_processor(processor)
 
 
 def token_indices_for(
