@@ -84,8 +84,7 @@ def train_request(run: Run, caches: list[RequestCache], steps: int, learning_rat
     rng, generator = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
     params = edits.start_request(seed)
     replay_rows = config.replay_batch_size if len(caches) > 1 and replay else 0
-    rows = shard_rows(config.batch_size + (config.replay_batch_size if config.setting == "sequential" else 0))
-    micro_batch_size = run.memory.micro_batch_size(params, caches[-1], rows.stop - rows.start)
+    micro_batch_size = settle_micro_batch_size(run, params, caches[-1])
     projected = projected_parameters(edits, moments or {}, config.projection_mu) \
         if method.regularizer_kind(config.regularizer) == "projection" else []
     if pools is not None:  # add this request's pool; replay without related rows of concepts erased since
@@ -111,6 +110,15 @@ def train_request(run: Run, caches: list[RequestCache], steps: int, learning_rat
             if run.progress:
                 run.progress({"request": label, "step": step + 1, "steps": steps, "losses": losses})
     return rollback.commit(), losses
+
+
+def settle_micro_batch_size(run: Run, params: list[torch.nn.Parameter], cache: RequestCache) -> int:
+    """Rows per UNet pass (`duge.memory`): the first call settles the run's choice, with the request's
+    trainable `params` present and this process's share of a step's rows (batch_size, plus
+    replay_batch_size in the sequential setting, whether or not the request replays)."""
+    config = run.config
+    rows = shard_rows(config.batch_size + (config.replay_batch_size if config.setting == "sequential" else 0))
+    return run.memory.micro_batch_size(params, cache, rows.stop - rows.start)
 
 
 def unlearn(backend: Backend, requests: list[ResolvedRequest], config: UnlearnConfig, general_prompts: list[str] = (),
@@ -184,8 +192,12 @@ def unlearn(backend: Backend, requests: list[ResolvedRequest], config: UnlearnCo
                 replayed = replayed_caches(caches, requests, k) if replays else []
                 earlier = requests[:k] if sequential else []
                 if pooled and len(pools) < k and sequential:  # resumed: the earlier requests' pools, as they were
+                    # the memory choice settled as request 0 settled it uninterrupted: its parameters, the same rows
+                    first_params = edits.start_request(request_seed(config, 0, requests[0].seed))
+                    micro_batch_size = settle_micro_batch_size(run, first_params, caches[0])
+                    edits.discard_request()
                     pools = rebuild_pools(backend, edits, method, config, requests, caches, [r.delta for r in results],
-                                          memory.micro_batch_size([], caches[0], config.batch_size))
+                                          micro_batch_size)
                 moments = preservation_moments(backend, edits, [request], earlier, requests, general_prompts, kind)
                 erased = {n.lower() for r in [*earlier, request] for n in (r.target, *r.aliases)}
                 delta, losses = train_request(run, replayed + [cache], request.steps or config.steps,

@@ -60,6 +60,46 @@ def test_resume_after_ctrl_c_gives_exactly_the_uninterrupted_weights(backend, tm
     assert checkpoint.completed == 2
 
 
+def test_resumed_teacher_pools_settle_the_memory_choice_as_the_uninterrupted_run(backend, tmp_path, monkeypatch):
+    """The resumed run rebuilds the finished requests' pools before it trains, so it settles the run's memory
+    choice there: with the same inputs as the first request of an uninterrupted run (its trainable parameters
+    present, the step's batch_size + replay_batch_size rows), and so the same micro-batches. The budget is set
+    so that 4 of the 6 rows fit: batch_size rows alone would fit whole."""
+    from duge import memory
+
+    seen = []
+    real = memory.choose_memory_settings
+
+    def spy(rows, full_bytes_per_row, checkpointed_bytes_per_row, budget_bytes, *args):
+        seen.append((rows, full_bytes_per_row, checkpointed_bytes_per_row, budget_bytes))
+        choice = real(rows, full_bytes_per_row, checkpointed_bytes_per_row, budget_bytes, *args)
+        seen[-1] += (choice,)
+        return choice
+
+    monkeypatch.setattr(memory, "choose_memory_settings", spy)
+    config = tiny_config(teacher_pool=4, replay_batch_size=4, memory_budget_gb=64.0)
+    unlearn(backend, requests_of(CONCEPTS), config)  # measures a row; the budget then fits 4 of the 6 rows
+    rows, per_row, _, budget, _ = seen.pop()
+    assert rows == config.batch_size + config.replay_batch_size and per_row > 0
+    optimizer_bytes = 64.0 * 2**30 - budget  # the trainable parameters' gradients and AdamW moments
+    config.memory_budget_gb = (4.5 * per_row * memory.BACKWARD_PEAK + optimizer_bytes) / 2**30
+    inputs = run_inputs("builtin", "test", config, parse_concept_set(CONCEPTS))
+    full = unlearn(backend, requests_of(CONCEPTS), config)
+    uninterrupted = seen.pop()
+    assert uninterrupted[-1].micro_batch_size == 4
+    assert real(config.batch_size, *uninterrupted[1:4]).micro_batch_size == 0  # the batch alone would fit whole
+
+    checkpoint = ProgressCheckpoint(tmp_path / "progress", inputs)
+    with pytest.raises(UnlearnCancelled):
+        unlearn(backend, requests_of(CONCEPTS), config, progress=_interrupt_in("red", 2), on_request_done=checkpoint.save)
+    seen.clear()
+    checkpoint, state, _ = ProgressCheckpoint.load(tmp_path / "progress", inputs)
+    resumed = unlearn(backend, requests_of(CONCEPTS), config, resume=state, on_request_done=checkpoint.save)
+    assert seen == [uninterrupted]  # settled once, from the same inputs, to the same choice
+    for name, total in full.total_delta.items():
+        assert torch.equal(total, resumed.total_delta[name]), name
+
+
 def test_resume_refuses_other_inputs_and_damaged_files(backend, tmp_path):
     concept_set = parse_concept_set(CONCEPTS)
     config = tiny_config()
