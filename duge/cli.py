@@ -1,7 +1,7 @@
 """The `duge` command line.
 
 Settings come from `duge.config` (`add_config_options`). A command imports the model libraries
-(torch, diffusers, PIL) inside its function, so that `duge --help` and argument errors are instant.
+(torch, diffusers) inside its function, so that `duge --help` and argument errors are quick.
 """
 
 from __future__ import annotations
@@ -20,12 +20,11 @@ from .errors import DugeError
 from .paths import atomic_write_text, check_writable
 from .phases import TqdmPhases
 from .report import write_report
+from .world.render import write_rendered_scenes
 from .world.vocabulary import CONCEPTS, GENERIC_WORD
 
 
 def _cmd_world_render(args) -> int:
-    from .world.render import write_rendered_scenes  # deferred: numpy and PIL, a third of a second on every start
-
     write_rendered_scenes(args.n, args.seed, Path(args.out), overwrite=args.overwrite)
     print(f"wrote {args.n} scenes and labels.jsonl to {args.out}")
     return 0

@@ -14,8 +14,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "duge"
 # Libraries worth deferring in a module that does not load them: seconds of import for torch, diffusers,
-# transformers, accelerate and ComfyUI's model code; numpy and PIL a third of a second on `duge --help`.
-HEAVY = {"torch", "diffusers", "transformers", "accelerate", "comfy", "numpy", "PIL"}
+# transformers, accelerate and ComfyUI's model code. numpy and PIL (0.3 s of `import duge.cli`) are not deferred.
+HEAVY = {"torch", "diffusers", "transformers", "accelerate", "comfy"}
 # Libraries a function may import itself: the heavy ones, and those that may be missing (xformers is
 # optional, `folder_paths` exists only inside ComfyUI, `resource` only on POSIX).
 DEFERRABLE = {"torch", "diffusers", "transformers", "accelerate", "comfy", "folder_paths", "xformers", "resource"}
@@ -157,7 +157,10 @@ def test_the_deferral_check_finds_hidden_imports(tmp_path):
         "def c():\n    import json  # deferred\n"  # the standard library: at the top
         "def d():\n    # deferred: torch\n    from . import heavy\n"  # allowed
         "def e():\n    import torch  # deferred: torch\n")  # allowed
-    (package / "top.py").write_text("import numpy\n\ndef f():\n    from .heavy import torch  # deferred: torch\n")
+    (package / "top.py").write_text("import torch\n\ndef f():\n    from .heavy import torch  # deferred: torch\n")
+    (package / "pictures.py").write_text("import numpy\nimport PIL\n")  # not heavy: no reason to defer it
+    (package / "cli.py").write_text("def g():\n    from .pictures import numpy  # deferred: numpy and PIL\n"
+                                    "def h():\n    import PIL  # deferred: PIL\n")
     problems = undeferred_imports(source_files(tmp_path, ("pkg",)))
-    assert [p.split(":")[1] for p in sorted(problems)] == ["4", "2", "4", "6"], problems
-    assert "top.py:4" in " ".join(problems)
+    assert [p.split(":")[1] for p in sorted(problems)] == ["2", "4", "4", "2", "4", "6"], problems
+    assert "top.py:4" in " ".join(problems) and "cli.py:2" in " ".join(problems) and "cli.py:4" in " ".join(problems)
