@@ -1,8 +1,9 @@
 """Does an erased concept come back? Post-attack UA of every method after the last request, on the built-in world.
 
 Each method (duge, esd-x, ca, ft-l2sp, uce) erases the concept set's requests in the sequential
-setting from the same unedited model with the same seeds (UnlearnConfig's defaults; --steps to
-shorten), or the models are given as saved folders (--models NAME=DIR, e.g. `duge unlearn`
+setting from the same unedited model with the same seeds, each with its own settings
+(`duge.config.method_config`: a baseline's paper or tuned settings, as continual.py runs it; --steps
+to shorten), or the models are given as saved folders (--models NAME=DIR, e.g. `duge unlearn`
 outputs). Then every model — and, as a sanity row, the unedited model — is attacked on every
 erased concept with the same AttackConfig (budget in UNet passes, objective seeds, held-out
 judgement seeds; `duge.attacks`): the prompt search and the concept inversion. The sanity row
@@ -121,7 +122,7 @@ def main(argv=None) -> int:
     from duge.attacks import erased_concepts
     from duge.backends.diffusers_backend import DiffusersBackend
     from duge.concepts import example_concept_set_path, load_concept_set, resolve_concept_set, resolve_request
-    from duge.config import AttackConfig, UnlearnConfig
+    from duge.config import AttackConfig, method_config
     from duge.models import load_pipeline
     from duge.world.callbacks import anchor_filter, builtin_evaluator
     from duge.trainer import unlearn
@@ -164,7 +165,7 @@ def main(argv=None) -> int:
         add(attacks.attack(name, edited))
     if not models:
         for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
-            config = UnlearnConfig(method=method, seed=args.seed, **({"steps": args.steps} if args.steps else {}))
+            config = method_config(method, seed=args.seed, **({"steps": args.steps} if args.steps else {}))
             print(f"{method}: erasing {len(concept_set.requests)} requests ...", flush=True)
             t1 = time.perf_counter()
             edited = unlearn(base, resolve_concept_set(concept_set, True, config.setting), config,
