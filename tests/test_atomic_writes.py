@@ -31,8 +31,10 @@ WRITER = textwrap.dedent("""
             for i in range(10_240):
                 f.write(bytes([i % 251]) * (1 << 20))
                 f.flush()
-                if i == 8:
-                    ready.write_text(str(tmp))
+                if i == 8:  # written then renamed, so the test never reads a half-written "ready"
+                    staging = ready.with_name(ready.name + ".staging")
+                    staging.write_text(str(tmp))
+                    staging.replace(ready)
                 time.sleep(0.005)
 
     atomic_write(path, write, overwrite=True)
