@@ -84,8 +84,8 @@ class TqdmPhases(Phases):
                                     "[{elapsed}<{remaining}]")
 
     def advanced(self, n, latents, image):
-        if self._bar is not None:
-            self._bar.update(n)
+        if self._bar is not None:  # fractions of images per sampler step may add up past the total by rounding
+            self._bar.update(min(n, self._bar.total - self._bar.n) if self._bar.total else n)
 
     def set_postfix(self, **values) -> None:
         if self._bar is not None:

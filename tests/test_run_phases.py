@@ -183,3 +183,18 @@ def test_planned_images_are_the_images_each_call_would_have_made():
     assert made == [4, 4, 2]  # 10 images in calls of 4, across the measurement's calls
     with pytest.raises(DugeError, match="out of the order it planned"):
         measuring.PlannedImages(make, calls, 4)(["a", "a", "b"], 11)
+
+
+def test_a_bar_fed_fractions_of_images_ends_at_its_total_without_a_warning():
+    """64 images over 20 sampler steps add up to 64.00000000000001 in floats: the bar stops at 64, quietly."""
+    import warnings
+
+    from duge.phases import TqdmPhases
+
+    phases = TqdmPhases()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # tqdm's "clamping frac to range [0, 1]" would fail the test
+        with phases.phase("measuring", 64, "image", "measuring"):
+            for _ in range(20):
+                phases.advance(64 / 20)
+            assert phases._bar.n == 64
