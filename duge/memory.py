@@ -18,6 +18,7 @@ import torch
 from .backends.base import Backend
 from .concepts import render_prompt
 from .config import UnlearnConfig
+from .distributed import shard_rows
 from .methods import Method
 from .targets import predict
 
@@ -143,6 +144,14 @@ class RunMemory:
                         f"micro-batches of {self.choice.micro_batch_size} rows" if self.choice.micro_batch_size
                         else "the whole batch in one pass", self.choice.reason)
         return self.choice.micro_batch_size
+
+    def step_micro_batch_size(self, params: list[torch.nn.Parameter], cache) -> int:
+        """`micro_batch_size` for this process's share of a step's rows: batch_size, plus replay_batch_size
+        in the sequential setting whether or not the request replays, so a resumed run settles as an
+        uninterrupted one does."""
+        config = self.config
+        rows = shard_rows(config.batch_size + (config.replay_batch_size if config.setting == "sequential" else 0))
+        return self.micro_batch_size(params, cache, rows.stop - rows.start)
 
     def _choose(self, params: list[torch.nn.Parameter], cache, rows: int) -> MemoryChoice:
         """Settle "auto" settings: the activations one row keeps (measured: one row of `cache` through the UNet

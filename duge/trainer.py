@@ -6,11 +6,8 @@ reference model generates the images the losses need (`duge.image_cache`), then 
 optimises the trainable deltas on the cross-attention K/V with the method's objective
 (`duge.objective`: L = L_xattn + λ_prior · L_prior + λ_reg · L_reg, design doc §2).
 
-The frozen reference ε_φ of request k is the model as request k−1 left it (θ0 plus the deltas
-already committed; θ0 itself for the first request and in the independent setting). Taking θ0
-instead would make later requests teach erased concepts back: a colour request's templates and
-related concepts ("a orange circle") would be denoised by a reference that still draws circles.
-The regulariser still anchors to θ0, which is what keeps erosion from accumulating.
+The frozen reference ε_φ of request k is the model as request k−1 left it (θ0 for the first request
+and in the independent setting); the regulariser anchors to θ0. Why: docs/method.md.
 
 The host model is never changed: edits are deltas removed when the run ends, so an error, Ctrl-C
 or a cancel callback leaves the host bit-identical and returns nothing (`duge.harness`).
@@ -30,7 +27,7 @@ import torch
 from .backends.base import Backend
 from .concepts import ResolvedRequest
 from .config import UnlearnConfig, request_seed
-from .distributed import check_batch, shard_rows
+from .distributed import check_batch
 from .edits import LayerEdits, trainable_pattern
 from .errors import DugeError
 from .fisher import run_fisher
@@ -84,7 +81,7 @@ def train_request(run: Run, caches: list[RequestCache], steps: int, learning_rat
     rng, generator = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
     params = edits.start_request(seed)
     replay_rows = config.replay_batch_size if len(caches) > 1 and replay else 0
-    micro_batch_size = settle_micro_batch_size(run, params, caches[-1])
+    micro_batch_size = run.memory.step_micro_batch_size(params, caches[-1])
     projected = projected_parameters(edits, moments or {}, config.projection_mu) \
         if method.regularizer_kind(config.regularizer) == "projection" else []
     if pools is not None:  # add this request's pool; replay without related rows of concepts erased since
@@ -110,15 +107,6 @@ def train_request(run: Run, caches: list[RequestCache], steps: int, learning_rat
             if run.progress:
                 run.progress({"request": label, "step": step + 1, "steps": steps, "losses": losses})
     return rollback.commit(), losses
-
-
-def settle_micro_batch_size(run: Run, params: list[torch.nn.Parameter], cache: RequestCache) -> int:
-    """Rows per UNet pass (`duge.memory`): the first call settles the run's choice, with the request's
-    trainable `params` present and this process's share of a step's rows (batch_size, plus
-    replay_batch_size in the sequential setting, whether or not the request replays)."""
-    config = run.config
-    rows = shard_rows(config.batch_size + (config.replay_batch_size if config.setting == "sequential" else 0))
-    return run.memory.micro_batch_size(params, cache, rows.stop - rows.start)
 
 
 def unlearn(backend: Backend, requests: list[ResolvedRequest], config: UnlearnConfig, general_prompts: list[str] = (),
@@ -194,7 +182,7 @@ def unlearn(backend: Backend, requests: list[ResolvedRequest], config: UnlearnCo
                 if pooled and len(pools) < k and sequential:  # resumed: the earlier requests' pools, as they were
                     # the memory choice settled as request 0 settled it uninterrupted: its parameters, the same rows
                     first_params = edits.start_request(request_seed(config, 0, requests[0].seed))
-                    micro_batch_size = settle_micro_batch_size(run, first_params, caches[0])
+                    micro_batch_size = run.memory.step_micro_batch_size(first_params, caches[0])
                     edits.discard_request()
                     pools = rebuild_pools(backend, edits, method, config, requests, caches, [r.delta for r in results],
                                           micro_batch_size)
