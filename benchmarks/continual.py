@@ -625,6 +625,13 @@ def _settings_text(settings: dict) -> str:
 # ---------------------------------------------------------------- combining seeds and parts
 
 
+def mean_h_over_requests(run: dict) -> float | None:
+    """The mean of H after each request of one run (None if a request has no H): how well a method did over the
+    whole sequence, not only at its end."""
+    values = [r.get("H") for r in run.get("requests") or []]
+    return None if not values or None in values else sum(values) / len(values)
+
+
 def summarize(result: dict) -> dict:
     """result["methods"]: per method the mean over seeds of every request's numbers, the final numbers'
     mean ± 95 % CI, the cost and its ratio to ESD-x's; result["significance"]: each baseline's final H
@@ -646,6 +653,8 @@ def summarize(result: dict) -> dict:
             for key in KEYS:
                 entry["final"][key], entry["final_ci95"][key], _ = mean_ci([e["final"].get(key) for e in done.values()])
             entry["per_seed_final"] = {s: e["final"] for s, e in done.items()}
+            per_seed_mean_h = {s: mean_h_over_requests(e) for s, e in done.items()}
+            entry["mean_H_over_requests"], entry["mean_H_over_requests_ci95"], _ = mean_ci(per_seed_mean_h.values())
             for key in ("mean_seconds_per_request", "seconds_per_step", "peak_memory_mb", "peak_increase_mb"):
                 entry[key], entry[f"{key}_ci95"], _ = mean_ci([e.get(key) for e in done.values()])
             entry["total_seconds_per_seed"] = {s: e.get("total_seconds") for s, e in done.items()}
@@ -675,7 +684,10 @@ def summarize(result: dict) -> dict:
         finals = {s: e["final"] for s, e in runs.items() if e.get("final")}
         significance[name] = {key: paired_difference({s: f.get(key) for s, f in finals.items()},
                                                      {s: f.get(key) for s, f in duge_runs.items()})
-                              for key in ("H", "UA", "IRA", "CRA", "compositional")}
+                              for key in ("H", "UA", "IRA", "CRA", "compositional", "distance")}
+        significance[name]["mean_H_over_requests"] = paired_difference(
+            {s: mean_h_over_requests(e) for s, e in runs.items() if e.get("final")},
+            {s: mean_h_over_requests(e) for s, e in result["runs"]["duge"].items() if e.get("final")})
         post_attack = {n: {s: e["attack"].get("post_attack_UA") for s, e in r.items() if e.get("final")
                            and "post_attack_UA" in (e.get("attack") or {})}
                        for n, r in (("method", runs), ("duge", result["runs"]["duge"]))}
@@ -770,32 +782,35 @@ def format_table(result: dict) -> str:
         return "\n".join(lines)
     lines = [f"{result['sequence']}: {len(result['requests'])} requests ({', '.join(result['requests'])}); "
              f"mean ± 95 % CI over training seeds (n per row); KID ×1000", "",
-             "| method | n | UA | IRA | CRA | H | compositional | KID×1000 | s/request ÷ ESD-x | s/step ÷ ESD-x |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| method | n | UA | IRA | CRA | H | compositional | KID×1000 | H̄ over requests | s/request ÷ ESD-x "
+             "| s/step ÷ ESD-x |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     base = result["base"].get("final") or (result["base"]["requests"][-1] if result["base"]["requests"] else {})
     floor = base.get("distance_floor", result["base"].get("distance_floor"))
     lines.append(f"| unedited | — | {_fmt(base.get('UA'))} | {_fmt(base.get('IRA'))} | {_fmt(base.get('CRA'))} | "
                  f"{_fmt(base.get('H'))} | {_fmt(base.get('compositional'))} | "
-                 f"{_fmt(None if floor is None else floor * 1000, 2)} (floor) | | |")
+                 f"{_fmt(None if floor is None else floor * 1000, 2)} (floor) | | | |")
     for name, entry in result["methods"].items():
         if not entry.get("final"):
-            lines.append(f"| {name} | 0 | not run or failed: {entry.get('errors') or entry.get('unfinished')} |||||||||")
+            lines.append(f"| {name} | 0 | not run or failed: {entry.get('errors') or entry.get('unfinished')} ||||||||||")
             continue
         f, ci = entry["final"], entry["final_ci95"]
         kid = None if f.get("distance") is None else f["distance"] * 1000
         kid_ci = None if ci.get("distance") is None else ci["distance"] * 1000
         lines.append(f"| {name} | {len(entry['seeds'])} | " + " | ".join(_pm(f.get(k), ci.get(k)) for k in
                                                                             ("UA", "IRA", "CRA", "H", "compositional"))
-                     + f" | {_pm(kid, kid_ci, 2)} | {_fmt(entry.get('mean_seconds_per_request_vs_esd_x'), 2)} | "
+                     + f" | {_pm(kid, kid_ci, 2)} | {_pm(entry.get('mean_H_over_requests'), entry.get('mean_H_over_requests_ci95'))}"
+                     f" | {_fmt(entry.get('mean_seconds_per_request_vs_esd_x'), 2)} | "
                      f"{_fmt(entry.get('seconds_per_step_vs_esd_x'), 2)} |")
     sig = result.get("significance_vs_duge") or {}
     if sig:
-        lines += ["", "final H of each baseline minus DUGE's, paired over seeds (95 % CI; * = CI excludes 0):", ""]
+        lines += ["", "each baseline minus DUGE, paired over seeds (mean ± 95 % CI; * = the CI excludes 0; KID×1000):",
+                  "", "| method | final H | final UA | final IRA | final compositional | final KID×1000 | H̄ over requests |",
+                  "|---|---|---|---|---|---|---|"]
         for name, diffs in sig.items():
-            d = diffs.get("H")
-            lines.append(f"- {name}: " + ("—" if d is None else f"{d['mean']:+.3f}"
-                                          + ("" if d['ci95'] is None else f" ± {d['ci95']:.3f}")
-                                          + (" *" if d["significant"] else "") + f" (n {d['n']})"))
+            lines.append(f"| {name} | " + " | ".join(
+                _difference_text(diffs.get(key), 1000 if key == "distance" else 1)
+                for key in ("H", "UA", "IRA", "compositional", "distance", "mean_H_over_requests")) + " |")
     if result.get("attack"):
         lines += ["", *format_attacks(result)]
     lines += ["", "after each request, mean over seeds: UA / IRA / CRA / compositional", ""]
@@ -806,6 +821,14 @@ def format_table(result: dict) -> str:
                  for r in entry.get("requests", [])]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _difference_text(d: dict | None, scale: float = 1) -> str:
+    if d is None:
+        return "—"
+    digits = 1 if scale != 1 else 3
+    return (f"{d['mean'] * scale:+.{digits}f}" + ("" if d["ci95"] is None else f" ± {d['ci95'] * scale:.{digits}f}")
+            + (" *" if d["significant"] else "") + f" (n {d['n']})")
 
 
 def format_attacks(result: dict) -> list[str]:

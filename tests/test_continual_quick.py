@@ -187,6 +187,58 @@ def test_parts_merge_into_one_result_only_when_their_settings_match():
     assert again["git_commit"] == ["abc", "def"] and again["methods"]["uce"]["seeds"] == ["0", "1"]
 
 
+def test_summary_gives_mean_h_over_requests_and_paired_differences_to_duge():
+    bench = _benchmark()
+
+    def run(hs, ua):
+        return {"requests": [{"index": k + 1, "target": t, "H": h} for k, (t, h) in enumerate(zip(["circle", "red"], hs))],
+                "final": {"H": hs[-1], "UA": ua, "distance": 0.01}}
+
+    result = {"benchmark": "continual", "sequence": "demo", "requests": ["circle", "red"],
+              "base": {"requests": [], "final": {"UA": 0.0}},
+              "runs": {"duge": {"0": run([0.9, 0.8], 0.9), "1": run([0.8, 0.8], 0.9), "2": run([1.0, 0.8], 0.9)},
+                       "uce": {"0": run([0.6, 0.7], 0.5), "1": run([0.6, 0.7], 0.6), "2": run([0.6, 0.7], 0.7)}}}
+    bench.summarize(result)
+    duge = result["methods"]["duge"]
+    assert duge["mean_H_over_requests"] == pytest.approx(0.85)  # seeds 0.85, 0.80, 0.90
+    assert duge["mean_H_over_requests_ci95"] == pytest.approx(4.303 * 0.05 / 3 ** 0.5)
+    diff = result["significance_vs_duge"]["uce"]
+    assert diff["mean_H_over_requests"]["mean"] == pytest.approx(0.65 - 0.85)
+    assert diff["H"]["mean"] == pytest.approx(-0.1) and diff["H"]["significant"]  # the same gap at every seed
+    assert diff["UA"]["mean"] == pytest.approx(-0.3) and diff["distance"]["mean"] == pytest.approx(0.0)
+    table = bench.format_table(result)
+    assert "| uce | -0.100 ± 0.000 * (n 3) | -0.300 ± 0.248 * (n 3) |" in table
+    # A run with a request left unmeasured has no mean over the requests.
+    assert bench.mean_h_over_requests({"requests": [{"H": 0.5}, {"H": None}]}) is None
+
+
+def test_tuning_resume_takes_finished_runs_and_trains_only_the_missing_ones(monkeypatch):
+    from types import SimpleNamespace
+
+    bench = _benchmark()
+    trained = []
+
+    def fake_run_method(config, *args, **kwargs):  # the final H grows with the learning rate; a step costs 1 s
+        trained.append((config.method, config.learning_rate, config.steps))
+        return {"final": {"H": min(1.0, config.learning_rate * 100)}, "git_commit": "new", "total_seconds": config.steps}
+
+    monkeypatch.setattr(bench, "prepare", lambda *a, **k: (None, SimpleNamespace(requests=[]),
+                                                            SimpleNamespace(settings=bench.TUNING), {"requests": []}))
+    monkeypatch.setattr(bench, "run_method", fake_run_method)
+    start = bench.METHOD_TABLE["ft-l2sp"].tuning_start
+    lr, steps = start["learning_rate"], start["steps"]
+    done = {"ft-l2sp": [{"settings": {"learning_rate": lr, "steps": steps}, "final": {"H": 0.123}, "git_commit": "old"},
+                        {"settings": {"learning_rate": lr * 10, "steps": steps}, "error": "killed"}]}
+    out = bench.run_tuning(["ft-l2sp"], done=done)
+    runs = out["runs"]["ft-l2sp"]
+    # the finished run is taken with its own numbers and commit; the failed one and the rest are trained,
+    # and the half-steps run uses the best learning rate over both (lr·10: H 1.0 before lr·100's tie)
+    assert runs[0] == done["ft-l2sp"][0] and runs[1]["git_commit"] == "new"
+    assert trained == [("ft-l2sp", lr * 10, steps), ("ft-l2sp", lr * 100, steps), ("ft-l2sp", lr * 10, steps // 2)]
+    assert len(runs) == 4 and out["complete"] and out["chosen"]["ft-l2sp"]["settings"] == {"learning_rate": lr * 10,
+                                                                                           "steps": steps // 2}
+
+
 def _without_attacks(result: dict) -> dict:
     """`result` as a run without --attack writes it (what the benchmark's JSON held before attacks existed)."""
     stripped = json.loads(json.dumps(result))
