@@ -29,6 +29,9 @@ Every attack spends at most `AttackConfig.budget` edited-UNet passes of one late
 pass counted as two), whatever the model, so attacks on different models are comparable. The
 backend needs, besides `duge.backends.base.Backend`, the token calls of `TokenBackend`
 (`DiffusersBackend` has them: SD 1.x and 2.x).
+
+Adversarial training (`duge.adversarial`, `duge unlearn --adversarial N`) runs the prompt search inside
+the trainer, against the edit being trained, and trains on the prompts it finds.
 """
 
 from __future__ import annotations
@@ -145,13 +148,20 @@ class RobustnessReport:
 
 @dataclass
 class PassCounter:
-    """Edited-UNet passes of one latent spent so far, against a budget."""
+    """Edited-UNet passes of one latent spent so far, against a budget; `on_spend(n)` hears of every n spent
+    (adversarial training counts them on its progress bar)."""
 
     budget: int
     spent: int = 0
+    on_spend: Callable[[int], None] | None = None
 
     def can_spend(self, passes: int) -> bool:
         return self.spent + passes <= self.budget
+
+    def spend(self, passes: int) -> None:
+        self.spent += passes
+        if self.on_spend is not None:
+            self.on_spend(passes)
 
 
 def denoising_target(backend: Backend, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -198,13 +208,13 @@ class DenoisingObjective:
             pred = self.backend.predict_noise(self.noisy[r], self.timesteps[r], contexts[c])
             err = (pred.float() - self.target[r].float()).pow(2).flatten(1).mean(1)  # [chunk]
             totals.index_add_(0, chunk[:, 0], err.cpu())
-            self.counter.spent += len(chunk)
+            self.counter.spend(len(chunk))
         return totals / self.rows
 
     def loss(self, context: torch.Tensor) -> torch.Tensor:
         """L of one context [1, tokens, dim] with gradients (a forward and a backward pass per draw)."""
         pred = self.backend.predict_noise(self.noisy, self.timesteps, context.expand(self.rows, -1, -1))
-        self.counter.spent += self.rows * (1 + BACKWARD_COST)
+        self.counter.spend(self.rows * (1 + BACKWARD_COST))
         return (pred.float() - self.target.float()).pow(2).mean()
 
     def random_draws(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -388,7 +398,7 @@ def invert_concept(backend: TokenBackend, objective: DenoisingObjective, ids: li
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        objective.counter.spent += step_cost
+        objective.counter.spend(step_cost)
         curve.append(float(loss.detach()))
         if progress:
             progress({"attack": "inversion", "search": "inversion", "spent": objective.counter.spent,

@@ -7,6 +7,7 @@ runs this process's rows of it a micro-batch at a time.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,11 +35,15 @@ class Batch:
     related_zt: torch.Tensor | None = None  # [r, C, h, w]
     related_t: torch.Tensor | None = None  # [r]
     related_prompts: list[str] = field(default_factory=list)
+    # What the trainable pass reads instead of target_prompts, where it differs (attack prompts, duge.adversarial);
+    # the frozen teachers always read target_prompts.
+    trained_prompts: list[str] | None = None
 
     def __getitem__(self, rows: slice) -> "Batch":
         """The anchor part's rows `rows` (without the related rows)."""
         return Batch(self.zt[rows], self.t[rows], self.target_prompts[rows], self.anchor_prompts[rows],
-                     self.target_words[rows], self.tok_anchor[rows], self.mask_anchor[rows], self.has_anchor[rows])
+                     self.target_words[rows], self.tok_anchor[rows], self.mask_anchor[rows], self.has_anchor[rows],
+                     trained_prompts=self.trained_prompts[rows] if self.trained_prompts is not None else None)
 
 
 def replay_requests(earlier: int, rows: int, step: int) -> list[int]:
@@ -104,3 +109,17 @@ def draw_batch(backend: Backend, caches: list[RequestCache], method: Method, con
         batch.related_zt, batch.related_t = backend.add_noise(zr0, noise_r, t_r), t_r
         batch.related_prompts = related_prompts
     return batch
+
+
+def with_attack_prompts(rows: Batch, prefixes: list[str], current_rows: int, step: int) -> Batch:
+    """`rows` with `trained_prompts` set: of the first `current_rows` rows (the current request's), row i of
+    step `step` is trained on `prefixes[j] + " " + its target prompt` when step·current_rows + i is odd, j
+    taking the prefixes in turn; every other row keeps its plain prompt. No prefixes: `rows` unchanged."""
+    if not prefixes:
+        return rows
+    trained = list(rows.target_prompts)
+    for i in range(min(current_rows, len(trained))):
+        row = step * current_rows + i
+        if row % 2 == 1:
+            trained[i] = f"{prefixes[(row // 2) % len(prefixes)]} {trained[i]}"
+    return dataclasses.replace(rows, trained_prompts=trained)

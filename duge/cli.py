@@ -277,9 +277,10 @@ CONFIG_PARSING = {
     "micro_batch_size": {"type": _rows_or_auto, "metavar": "auto|N"},
     "memory_budget_gb": {"type": float, "metavar": "GIB"},
     "image_cache_dir": {"type": str, "metavar": "DIR"},
+    "adversarial_every": {"type": int, "metavar": "N"},
 }
 CONFIG_ALIASES = {"learning_rate": ["--lr"], "memory_budget_gb": ["--memory-budget", "--memory-budget-gib"],
-                  "image_cache_dir": ["--cache-dir"]}
+                  "image_cache_dir": ["--cache-dir"], "adversarial_every": ["--adversarial"]}
 UNLEARN_SETTINGS = tuple(f.name for f in fields(UnlearnConfig) if f.name != "attention_layers")
 PLAN_SETTINGS = ("method", "setting", "steps", "batch_size", "replay_batch_size", "lambda_prior", "anchor_guidance",
                  "trainable", "trainable_mode", "trainable_rank", "dtype", "anchor_images", "related_images",

@@ -32,6 +32,7 @@ REQUEST_SEED_STRIDE = 100  # request k: seed + 100·k
 RELATED_IMAGES_SEED_OFFSET = 10_000  # a request's related-concept images: its seed + 10 000
 TARGET_IMAGES_SEED_OFFSET = 20_000  # a request's target images (esd-x): its seed + 20 000
 TEACHER_POOL_SEED_OFFSET = 30_000  # a request's teacher pool rows (duge.teachers): its seed + 30 000
+ADVERSARIAL_SEED_OFFSET = 40_000  # a request's attack-search images and draws (duge.adversarial): its seed + 40 000
 
 __all__ = ["UnlearnConfig", "METHODS", "SETTINGS", "TRAINABLE", "GROUPS", "request_seed", "AttackConfig", "method_config"]
 
@@ -100,6 +101,17 @@ class UnlearnConfig:
                                       "target-minus-anchor direction), not only towards the anchor; 0: off",
                                       "loss weights")
 
+    # ---- adversarial training (duge.adversarial; DUGE only): the trainer attacks its own edit at intervals, as
+    # AdvUnlearn and Receler do, and trains the erasure on the attack prompts it found
+    adversarial_every: int = _setting(0, "every N steps of a request (from step N on), search an attack prompt "
+                                      "against the current edit (duge attack's prompt search, tokens before the "
+                                      "target prompt) and train every other row of the request on its target prompt "
+                                      "with a found prompt's tokens in front; 0: off (DUGE method only)", "adversarial")
+    adversarial_budget: int = _setting(1000, "UNet passes of one latent each of those searches may spend (a backward "
+                                       "pass counts as 2)", "adversarial")
+    adversarial_prompts: int = _setting(2, "how many of the request's latest attack prompts are trained on",
+                                        "adversarial")
+
     # ---- the images the frozen model generates for each request before training
     anchor_images: int = _setting(16, "images generated per request from the anchor prompts", "images")
     related_images: int = _setting(4, "images generated per related concept to preserve", "images")
@@ -159,6 +171,19 @@ class UnlearnConfig:
         if self.memory_budget_gb is not None and not self.memory_budget_gb > 0:
             raise DugeError(f"memory_budget_gb must be positive or None, got {self.memory_budget_gb!r}")
         get_method(self.method)
+        self._validate_adversarial()
+
+    def _validate_adversarial(self) -> None:
+        for name, least in (("adversarial_every", 0), ("adversarial_budget", 1), ("adversarial_prompts", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise DugeError(f"{name} must be a whole number of at least {least}, got {value!r}")
+        if self.adversarial_every and self.method != "duge":
+            raise DugeError(f"adversarial_every is a setting of the DUGE method; method {self.method!r} trains "
+                            "without it (set adversarial_every to 0)")
+        if self.adversarial_every and self.setting == "simultaneous":
+            raise DugeError("adversarial_every attacks one request's edit at a time; the simultaneous setting "
+                            "trains every request at once (use sequential or independent, or adversarial_every 0)")
 
 
 GROUPS = {f.name: f.metadata["group"] for f in fields(UnlearnConfig)}

@@ -133,7 +133,7 @@ class ProgressCheckpoint:
                 tensors[f"cache/{key}"] = value.detach().cpu().contiguous()
         entry = {
             "index": index, "target": result.target, "seconds": result.seconds, "steps": result.steps,
-            "final_losses": result.final_losses, "metrics": result.metrics,
+            "final_losses": result.final_losses, "metrics": result.metrics, "adversarial": result.adversarial,
             "cache": {"request": asdict(cache.request), "anchor_templates": list(cache.anchor_templates),
                       "related_prompts": list(cache.related_prompts),
                       "related_concepts": list(cache.related_concepts),
@@ -198,7 +198,7 @@ class ProgressCheckpoint:
                                  int(info["dropped_anchor_images"]), tensors.get("cache/target_latents"),
                                  list(info["related_concepts"]))
             result = RequestResult(meta["target"], delta, float(meta["seconds"]), int(meta["steps"]),
-                                   dict(meta["final_losses"]), dict(meta["metrics"]))
+                                   dict(meta["final_losses"]), dict(meta["metrics"]), list(meta.get("adversarial", [])))
         except (KeyError, TypeError, ValueError) as err:
             raise ResumeError(f"'{path}': not a progress file of this version ({type(err).__name__}: {err})") from None
         if not delta:

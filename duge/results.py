@@ -21,6 +21,9 @@ class RequestResult:
     steps: int
     final_losses: dict[str, float]
     metrics: dict = field(default_factory=dict)
+    # adversarial training (duge.adversarial): per attack search, its step, the prompt found, the objective of
+    # the plain and the attacked prompt, its UNet passes and seconds; [] when off
+    adversarial: list[dict] = field(default_factory=list)
 
 
 @dataclass

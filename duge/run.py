@@ -194,6 +194,8 @@ def run_unlearn(model: str, concepts_path: str, out: str | Path, config, overwri
             for key in ("UA", "IRA", "CRA"):
                 entry[key] = r.metrics.get(key)
             entry["details"] = {k: v for k, v in r.metrics.items() if k not in ("UA", "IRA", "CRA")}
+            if r.adversarial:  # the attack prompts adversarial training found and trained on (duge.adversarial)
+                entry["adversarial"] = r.adversarial
             report["requests"].append(entry)
         if result.requests and evaluate:
             last = result.requests[-1].metrics

@@ -4,7 +4,9 @@ sequential (the default): each request starts from the last result; independent:
 the results merged at the end; simultaneous: all requests in one optimisation. Per request the
 reference model generates the images the losses need (`duge.image_cache`), then `train_request`
 optimises the trainable deltas on the cross-attention K/V with the method's objective
-(`duge.objective`: L = L_xattn + λ_prior · L_prior + λ_reg · L_reg, design doc §2).
+(`duge.objective`: L = L_xattn + λ_prior · L_prior + λ_reg · L_reg, design doc §2). With
+`adversarial_every` the request also attacks its own edit at intervals and trains on the attack
+prompts found (`duge.adversarial`).
 
 The frozen reference ε_φ of request k is the model as request k−1 left it (θ0 for the first request
 and in the independent setting); the regulariser anchors to θ0. Why: docs/method.md.
@@ -25,6 +27,7 @@ import numpy as np
 import torch
 
 from .backends.base import Backend
+from .adversarial import AdversarialSearch, searches_in
 from .concepts import ResolvedRequest
 from .config import UnlearnConfig, request_seed
 from .distributed import check_batch
@@ -62,9 +65,11 @@ class Run:
 
 def train_request(run: Run, caches: list[RequestCache], steps: int, learning_rate: float, seed: int, label: str,
                   replay: bool = False, moments: dict | None = None, pools: list[TeacherPool] | None = None,
-                  erased: set[str] = frozenset()) -> tuple[dict, dict]:
+                  erased: set[str] = frozenset()) -> tuple[dict, dict, list[dict]]:
     """Optimise one request (the last of `caches`; the earlier ones replayed when `replay`, all alike when
-    simultaneous) and commit it. Returns its ΔW per layer and the last step's loss terms.
+    simultaneous) and commit it. Returns its ΔW per layer, the last step's loss terms and its attack searches
+    (`config.adversarial_every`, `duge.adversarial`: every N steps an attack prompt found against the edit
+    joins the request's target prompts; [] when off).
 
     `moments`: layer name → the second moment C of the text states to preserve (`duge.preservation`), for the
     penalty and projection regularisers. `pools`: the earlier requests' teacher pools when the method pools
@@ -76,7 +81,7 @@ def train_request(run: Run, caches: list[RequestCache], steps: int, learning_rat
             delta = commit_uce_request(run.backend, edits, [c.request for c in caches], config,
                                        from_original=method.resolve_from_original)
             run.phases.advance(1)
-        return delta, {}
+        return delta, {}, []
     rollback = RequestRollback(edits, label)
     rng, generator = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
     params = edits.start_request(seed)
@@ -89,24 +94,30 @@ def train_request(run: Run, caches: list[RequestCache], steps: int, learning_rat
                for cache in (caches if config.setting == "simultaneous" else caches[-1:])]
         pools.append(merge_pools(new) if len(new) > 1 else new[0])
         replayed_pools = [without_erased_related(p, erased) for p in (pools if replay else pools[-1:])]
+    attacks = AdversarialSearch.start(run.backend, edits, caches[-1].request, config, seed,
+                                      micro_batch_size or config.batch_size + replay_rows, run.phases)
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
     losses = {}
-    with run.phases.phase(f"training '{label}'", steps, "step", "training", target=label):
+    searches = searches_in(steps, config.adversarial_every)  # each counts as one unit of the training phase
+    with run.phases.phase(f"training '{label}'", steps + searches, "step", "training", target=label):
         for step in range(steps):
             check_cancel(run.cancel)
+            if attacks.due(step):  # an attack prompt against the edit as it is now
+                attacks.search(step, run.phases, run.cancel)
             optimizer.zero_grad(set_to_none=True)
             if pools is not None:
                 losses = pooled_step_terms(run.backend, edits, replayed_pools, method, config, rng,
-                                           run.fisher, replay_rows, micro_batch_size, step, moments)
+                                           run.fisher, replay_rows, micro_batch_size, step, moments, attacks.prefixes)
             else:
                 losses = step_terms(run.backend, edits, caches, method, config, rng, generator, run.fisher,
-                                    replay=replay_rows, micro_batch_size=micro_batch_size, step=step, moments=moments)
+                                    replay=replay_rows, micro_batch_size=micro_batch_size, step=step, moments=moments,
+                                    attack_prefixes=attacks.prefixes)
             with projected_updates(projected):  # each update onto the soft null space of the preserved inputs
                 rollback.step(optimizer, params, losses["total"], step)
             run.phases.advance(1)
             if run.progress:
                 run.progress({"request": label, "step": step + 1, "steps": steps, "losses": losses})
-    return rollback.commit(), losses
+    return rollback.commit(), losses, attacks.found
 
 
 def unlearn(backend: Backend, requests: list[ResolvedRequest], config: UnlearnConfig, general_prompts: list[str] = (),
@@ -157,8 +168,8 @@ def unlearn(backend: Backend, requests: list[ResolvedRequest], config: UnlearnCo
             steps = sum(r.steps or config.steps for r in requests)
             moments = preservation_moments(backend, edits, requests, [], requests, general_prompts, kind)
             erased = {n.lower() for r in requests for n in (r.target, *r.aliases)}
-            delta, losses = train_request(run, caches, steps, config.learning_rate, config.seed, "all requests",
-                                          moments=moments, pools=[] if pooled else None, erased=erased)
+            delta, losses, _ = train_request(run, caches, steps, config.learning_rate, config.seed, "all requests",
+                                             moments=moments, pools=[] if pooled else None, erased=erased)
             seconds = time.time() - t0
             metrics = evaluate(backend, requests) if evaluate else {}
             results.append(RequestResult(", ".join(r.target for r in requests), delta, seconds, steps, losses, metrics))
@@ -188,15 +199,17 @@ def unlearn(backend: Backend, requests: list[ResolvedRequest], config: UnlearnCo
                                           micro_batch_size)
                 moments = preservation_moments(backend, edits, [request], earlier, requests, general_prompts, kind)
                 erased = {n.lower() for r in [*earlier, request] for n in (r.target, *r.aliases)}
-                delta, losses = train_request(run, replayed + [cache], request.steps or config.steps,
-                                              request.learning_rate or config.learning_rate, seed, request.target,
-                                              replay=bool(replayed), moments=moments,
-                                              pools=(pools if sequential else []) if pooled else None, erased=erased)
+                delta, losses, adversarial = train_request(run, replayed + [cache], request.steps or config.steps,
+                                                       request.learning_rate or config.learning_rate, seed,
+                                                       request.target, replay=bool(replayed), moments=moments,
+                                                       pools=(pools if sequential else []) if pooled else None,
+                                                       erased=erased)
                 caches.append(cache)
                 seconds = time.time() - t0  # caching and training; the measurement is not the request's cost
                 metrics = evaluate(backend, requests[: k + 1]) if evaluate else {}
                 metrics["dropped_anchor_images"] = cache.dropped_anchor_images
-                results.append(RequestResult(request.target, delta, seconds, request.steps or config.steps, losses, metrics))
+                results.append(RequestResult(request.target, delta, seconds, request.steps or config.steps, losses, metrics,
+                                             adversarial))
                 if on_request_done is not None:
                     on_request_done(k, results[-1], cache)
             if config.setting == "independent":

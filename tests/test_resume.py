@@ -31,9 +31,12 @@ def _interrupt_in(target: str, step: int):
     return progress
 
 
-@pytest.mark.parametrize("overrides", [{}, {"teacher_pool": 4, "regularizer": "projection"}])
+@pytest.mark.parametrize("overrides", [{}, {"teacher_pool": 4, "regularizer": "projection"},
+                                       {"adversarial_every": 1, "adversarial_budget": 40}])
 def test_resume_after_ctrl_c_gives_exactly_the_uninterrupted_weights(backend, tmp_path, overrides):
-    """Also with teacher pools: the resumed run rebuilds the finished requests' pools as they were."""
+    """Also with teacher pools: the resumed run rebuilds the finished requests' pools as they were; and with
+    adversarial training: the interrupted request searches its attack prompts again, as the uninterrupted run
+    did, and the finished one's are read back from its checkpoint."""
     concept_set = parse_concept_set(CONCEPTS)
     config = tiny_config(**overrides)
     inputs = run_inputs("builtin", "test", config, concept_set)
@@ -57,7 +60,13 @@ def test_resume_after_ctrl_c_gives_exactly_the_uninterrupted_weights(backend, tm
         assert torch.equal(total, resumed.total_delta[name]), name
     for a, b in zip(full.requests, resumed.requests):
         assert all(torch.equal(a.delta[n], b.delta[n]) for n in a.delta)
+        assert _without_seconds(a.adversarial) == _without_seconds(b.adversarial)
+        assert bool(b.adversarial) == bool(config.adversarial_every)
     assert checkpoint.completed == 2
+
+
+def _without_seconds(searches: list[dict]) -> list[dict]:
+    return [{k: v for k, v in s.items() if k != "seconds"} for s in searches]
 
 
 def test_resumed_teacher_pools_settle_the_memory_choice_as_the_uninterrupted_run(backend, tmp_path, monkeypatch):

@@ -1,0 +1,159 @@
+"""Adversarial training (duge.adversarial, `duge unlearn --adversarial N`) on the built-in model, in runs of seconds:
+the searches run at their steps, their prompts reach the trainable pass, nothing of the host changes, and bad
+settings are refused. Resumption with it: tests/test_resume.py."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from duge.adversarial import AdversarialSearch, searches_in
+from duge.backends.diffusers_backend import DiffusersBackend
+from duge.batches import with_attack_prompts
+from duge.cli import _unlearn_config, build_parser
+from duge.edits import trainable_pattern
+from duge.errors import DugeError
+from duge.phases import Phases
+from duge.trainer import UnlearnCancelled, unlearn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # helper modules beside the tests
+from trainer_helpers import CONCEPTS, assert_bit_identical, host_weights, requests_of, tiny_config  # noqa: E402
+
+QUICK = dict(steps=5, adversarial_every=2, adversarial_budget=40)  # searches at steps 2 and 4 of each request
+
+
+@pytest.fixture(scope="module")
+def backend(builtin_pipe):
+    return DiffusersBackend(builtin_pipe, device="cpu", dtype="float32")
+
+
+class CountingPhases(Phases):
+    """Keeps every advance of the training phases, to see the searches counted as they spend."""
+
+    def __init__(self):
+        super().__init__()
+        self.training_advances: list[float] = []
+
+    def advanced(self, n, latents, image):
+        if self.kind == "training":
+            self.training_advances.append(n)
+
+
+def test_searches_run_every_n_steps_and_their_prompts_are_trained_from_then_on(backend, monkeypatch):
+    encoded = []  # (request, step, prompt) of every prompt the run encodes
+    where = {"request": None, "step": 0}
+    real = backend.encode_prompts
+
+    def spy(prompts):
+        encoded.extend((where["request"], where["step"], p) for p in prompts)
+        return real(prompts)
+
+    def progress(info):  # info["step"] steps of info["request"] are done
+        where.update(request=info["request"], step=info["step"] % info["steps"])
+
+    monkeypatch.setattr(backend, "encode_prompts", spy)
+    phases = CountingPhases()
+    result = unlearn(backend, requests_of(CONCEPTS), tiny_config(**QUICK), progress=progress, phases=phases)
+    for request in result.requests:
+        assert [s["step"] for s in request.adversarial] == [2, 4]
+        for search in request.adversarial:
+            assert search["prompt"].startswith(search["prefix"] + " ") and request.target in search["prompt"]
+            assert 0 < search["unet_passes"] <= QUICK["adversarial_budget"]
+        first = request.adversarial[0]["prefix"]
+        trained = [(step, p) for r, step, p in encoded if r == request.target and p.startswith(first + " ")]
+        assert trained, f"the attack prompt of '{request.target}' never reached the trainable pass"
+        assert min(step for step, _ in trained) == 2  # from the step of its search on, not before
+    # each search counts as one step of the training bar, advanced as it spends: no bar sits still
+    assert sum(phases.training_advances) == pytest.approx(2 * (QUICK["steps"] + searches_in(QUICK["steps"], 2)))
+    assert any(0 < n < 1 for n in phases.training_advances)
+
+
+def test_every_other_row_of_the_current_request_gets_an_attack_prefix(backend):
+    from duge.batches import Batch
+
+    rows = Batch(torch.zeros(3, 1), torch.zeros(3), ["a circle", "a circle", "old"], ["", "", ""], ["circle"] * 3,
+                 torch.zeros(3, 1), torch.zeros(3, 1, dtype=torch.bool), torch.zeros(3, dtype=torch.bool))
+    assert with_attack_prompts(rows, [], 2, 0) is rows
+    step0 = with_attack_prompts(rows, ["x y", "z"], 2, 0)  # rows 0, 1 of step 0: only row 1 is odd
+    assert step0.trained_prompts == ["a circle", "x y a circle", "old"] and step0.target_prompts == rows.target_prompts
+    step1 = with_attack_prompts(rows, ["x y", "z"], 2, 1)  # rows 2, 3 of the request: row 3, the second prefix
+    assert step1.trained_prompts == ["a circle", "z a circle", "old"]  # the replayed row 2 is never prefixed
+    assert step1[slice(1, 2)].trained_prompts == ["z a circle"]
+
+
+def test_search_changes_no_weight_or_gradient_and_honours_cancel(backend):
+    """Both searches: the greedy one (the built-in vocabulary) and the gradient-guided one (back-propagating
+    through the edited UNet to the token choices)."""
+    request = requests_of(CONCEPTS)[0]
+    text_encoder = {k: v.clone() for k, v in backend.text_encoder.state_dict().items()}
+    before = host_weights(backend)
+    with backend.edits(trainable_pattern("kv")) as edits:
+        params = edits.start_request(0)
+        with torch.no_grad():
+            for p in params:
+                p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+        trained = [p.detach().clone() for p in params]
+        search = AdversarialSearch.start(backend, edits, request, tiny_config(adversarial_every=1, adversarial_budget=150),
+                                         0, 8, Phases())
+        for kind in ("greedy", "gradient"):
+            search.attack.search, search.attack.candidates = kind, 4
+            search.search(len(search.found) + 1, Phases())
+            assert all(torch.equal(p, q) for p, q in zip(params, trained)) and all(p.grad is None for p in params)
+        assert [f["search"] for f in search.found] == ["greedy", "gradient"]
+        assert search.prefixes == [f["prefix"] for f in search.found]  # adversarial_prompts 2 keeps both
+        search.attack.search = "gradient"
+        with pytest.raises(UnlearnCancelled, match="attack search"):
+            search.search(3, Phases(), cancel=lambda: True)
+    assert_bit_identical(before, backend)
+    assert all(torch.equal(v, text_encoder[k]) for k, v in backend.text_encoder.state_dict().items())
+
+
+def test_host_model_unchanged_after_an_adversarial_run_and_after_cancel(backend):
+    before = host_weights(backend)
+    text_encoder = {k: v.clone() for k, v in backend.text_encoder.state_dict().items()}
+    result = unlearn(backend, requests_of(CONCEPTS), tiny_config(**QUICK))
+    assert all(r.adversarial for r in result.requests)
+    assert_bit_identical(before, backend)
+    calls = {"n": 0}
+
+    def cancel():  # inside the first request, after its first search
+        calls["n"] += 1
+        return calls["n"] > 4
+
+    with pytest.raises(UnlearnCancelled):
+        unlearn(backend, requests_of(CONCEPTS), tiny_config(**QUICK), cancel=cancel)
+    assert_bit_identical(before, backend)
+    assert all(torch.equal(v, text_encoder[k]) for k, v in backend.text_encoder.state_dict().items())
+
+
+def test_adversarial_runs_are_seeded(backend):
+    a = unlearn(backend, requests_of(CONCEPTS)[:1], tiny_config(**QUICK))
+    b = unlearn(backend, requests_of(CONCEPTS)[:1], tiny_config(**QUICK))
+    plain = unlearn(backend, requests_of(CONCEPTS)[:1], tiny_config(steps=QUICK["steps"]))
+    assert [f["prompt"] for f in a.requests[0].adversarial] == [f["prompt"] for f in b.requests[0].adversarial]
+    assert all(torch.equal(a.total_delta[k], b.total_delta[k]) for k in a.total_delta)
+    assert any(not torch.equal(a.total_delta[k], plain.total_delta[k]) for k in a.total_delta)  # it trains on them
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"adversarial_every": -1}, "adversarial_every must be a whole number of at least 0"),
+    ({"adversarial_every": 2.5}, "adversarial_every must be a whole number"),
+    ({"adversarial_every": 2, "adversarial_budget": 0}, "adversarial_budget must be a whole number of at least 1"),
+    ({"adversarial_every": 2, "adversarial_prompts": 0}, "adversarial_prompts must be a whole number of at least 1"),
+    ({"adversarial_every": 2, "method": "esd-x"}, "adversarial_every is a setting of the DUGE method"),
+    ({"adversarial_every": 2, "setting": "simultaneous"}, "simultaneous setting trains every request at once"),
+])
+def test_bad_adversarial_settings_are_refused_before_any_work(backend, overrides, message):
+    before = host_weights(backend)
+    with pytest.raises(DugeError, match=message):
+        unlearn(backend, requests_of(CONCEPTS), tiny_config(**overrides))
+    assert_bit_identical(before, backend)
+
+
+def test_the_command_line_sets_adversarial_training():
+    args = build_parser().parse_args(["unlearn", "--concepts", "c", "--out", "o", "--adversarial", "25",
+                                      "--adversarial-budget", "300", "--adversarial-prompts", "3"])
+    config = _unlearn_config(args)
+    assert (config.adversarial_every, config.adversarial_budget, config.adversarial_prompts) == (25, 300, 3)
+    assert _unlearn_config(build_parser().parse_args(["unlearn", "--concepts", "c", "--out", "o"])).adversarial_every == 0
