@@ -12,9 +12,11 @@ from duge.adversarial import AdversarialSearch, searches_in
 from duge.backends.diffusers_backend import DiffusersBackend
 from duge.batches import with_attack_prompts
 from duge.cli import _unlearn_config, build_parser
+from duge.concepts import parse_concept_set
 from duge.edits import trainable_pattern
 from duge.errors import DugeError
 from duge.phases import Phases
+from duge.progress import run_inputs
 from duge.trainer import UnlearnCancelled, unlearn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # helper modules beside the tests
@@ -157,3 +159,13 @@ def test_the_command_line_sets_adversarial_training():
     config = _unlearn_config(args)
     assert (config.adversarial_every, config.adversarial_budget, config.adversarial_prompts) == (25, 300, 3)
     assert _unlearn_config(build_parser().parse_args(["unlearn", "--concepts", "c", "--out", "o"])).adversarial_every == 0
+
+
+def test_a_checkpoints_inputs_hold_the_adversarial_settings_only_when_they_act():
+    """Off, they cannot change the weights, so a checkpoint written before they existed still resumes."""
+    concept_set = parse_concept_set(CONCEPTS)
+    off = run_inputs("builtin", "x", tiny_config(adversarial_budget=7), concept_set)["config"]
+    assert not any(k.startswith("adversarial_") for k in off)
+    assert off == run_inputs("builtin", "x", tiny_config(), concept_set)["config"]
+    on = run_inputs("builtin", "x", tiny_config(adversarial_every=2, adversarial_budget=7), concept_set)["config"]
+    assert (on["adversarial_every"], on["adversarial_budget"]) == (2, 7)
