@@ -42,7 +42,8 @@ class CountingPhases(Phases):
             self.training_advances.append(n)
 
 
-def test_searches_run_every_n_steps_and_their_prompts_are_trained_from_then_on(backend, monkeypatch):
+@pytest.mark.parametrize("teacher_pool", [0, 4])  # teachers at every step, or once per request (duge.teachers)
+def test_searches_run_every_n_steps_and_their_prompts_are_trained_from_then_on(backend, monkeypatch, teacher_pool):
     encoded = []  # (request, step, prompt) of every prompt the run encodes
     where = {"request": None, "step": 0}
     real = backend.encode_prompts
@@ -56,7 +57,8 @@ def test_searches_run_every_n_steps_and_their_prompts_are_trained_from_then_on(b
 
     monkeypatch.setattr(backend, "encode_prompts", spy)
     phases = CountingPhases()
-    result = unlearn(backend, requests_of(CONCEPTS), tiny_config(**QUICK), progress=progress, phases=phases)
+    result = unlearn(backend, requests_of(CONCEPTS), tiny_config(**QUICK, teacher_pool=teacher_pool),
+                     progress=progress, phases=phases)
     for request in result.requests:
         assert [s["step"] for s in request.adversarial] == [2, 4]
         for search in request.adversarial:
