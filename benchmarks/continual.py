@@ -875,6 +875,8 @@ def write_plots(result: dict, out_dir: Path) -> list[Path]:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     methods = {name: e for name, e in result.get("methods", {}).items() if e.get("requests")}
+    if not methods:  # a checkpoint before any request was measured: nothing to draw yet
+        return []
     base = result["base"]["requests"]
     fig, axes = plt.subplots(1, 5, figsize=(21, 4))
     titles = {"UA": "UA (erased stays erased)", "IRA": "IRA (same kind kept)", "CRA": "CRA (other kinds kept)",
