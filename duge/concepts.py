@@ -16,6 +16,14 @@ and what was expected. YAML is read with `yaml.safe_load` only.
 is the generic word of the target's kind, the aliases are the target concept's other names and
 the templates vary the other kinds; on a user's model the anchor is the empty prompt, there are
 no aliases and the templates are a few generic ones.
+
+`resolve_concept_set` resolves a whole set in order, wherever it came from (a file, typed text, or
+ConceptSet and ConceptRequest objects built in code), and applies the anchor rule
+(`apply_anchor_rule`): no request is steered to a concept an earlier request of the set erased. An
+anchor the request states that names such a concept (or another of its names) is refused with a
+ConceptSetError naming both requests; a default anchor that an earlier request erased — "plain",
+after a request erasing "plain" — becomes the empty prompt "", so `plain` then `dotted` steers
+"dotted" to "". A concept only a later request erases is rightly an anchor until then.
 """
 
 from __future__ import annotations
@@ -543,6 +551,8 @@ def resolve_request(request: ConceptRequest, builtin_world: bool, location: str 
     On the built-in world the target and every preserved name must be concepts of the world, the
     aliases other names of the target, and the anchor "", the kind's generic word or another
     concept of the same kind; otherwise ConceptSetError names `location` and the field.
+    One request alone knows nothing of the requests before it: a set is resolved with
+    `resolve_concept_set`, which also keeps anchors off concepts that earlier requests erased.
     """
     if not builtin_world:
         return ResolvedRequest(
@@ -580,7 +590,8 @@ def resolve_request(request: ConceptRequest, builtin_world: bool, location: str 
 
 
 def resolve_concept_set(concept_set: ConceptSet, builtin_world: bool, setting: str | None = None) -> list[ResolvedRequest]:
-    """`resolve_request` on every request, in order; errors name the set's source and the request index.
+    """`resolve_request` on every request, in order, under the anchor rule (`apply_anchor_rule`); errors name
+    the set's source and the request index.
 
     The one place a run's requests are resolved: with the run's `setting` ("sequential",
     "independent", "simultaneous") the continual rule (`apply_continual_rule`) is applied too, and
@@ -590,7 +601,31 @@ def resolve_concept_set(concept_set: ConceptSet, builtin_world: bool, setting: s
         resolve_request(request, builtin_world, location=f"{concept_set.source}: requests[{i}]")
         for i, request in enumerate(concept_set.requests)
     ]
+    apply_anchor_rule(concept_set.requests, requests, location=f"{concept_set.source}: requests")
     return requests if setting is None else apply_continual_rule(requests, setting)
+
+
+def apply_anchor_rule(written: list[ConceptRequest], requests: list[ResolvedRequest],
+                      location: str = "requests") -> list[ResolvedRequest]:
+    """The anchor rule of a sequence, in one place: no request is steered to a concept that an earlier
+    request erased (under any of its names: `erased_name_keys`). An anchor the request states (`written[i]`)
+    is refused with a ConceptSetError naming `location[i].anchor` and the request that erased it; a
+    default anchor (the built-in world's generic word of the kind) falls back to the empty prompt "".
+    A concept only a later request erases is rightly an anchor until then. Changes `requests` (resolved
+    from `written`, in order) in place and returns them."""
+    erased_by: dict[str, int] = {}  # name key -> index of the request that erases it
+    for i, (request, resolved) in enumerate(zip(written, requests)):
+        earlier = erased_by.get(_name_key(resolved.anchor))
+        if earlier is not None and request.anchor is not None:
+            raise ConceptSetError(
+                f"{location}[{i}].anchor: {_shorten(request.anchor)!r} was erased by requests[{earlier}]; "
+                "expected what the target should become among concepts still in the model"
+            )
+        if earlier is not None:
+            resolved.anchor = ""
+        for key in erased_name_keys(resolved):
+            erased_by.setdefault(key, i)
+    return requests
 
 
 def apply_continual_rule(requests: list[ResolvedRequest], setting: str) -> list[ResolvedRequest]:
@@ -704,13 +739,18 @@ def example_concept_set_path(name: str) -> Path:
 def erased_through(requests: list[ResolvedRequest], k: int) -> set[str]:
     """Name keys of everything requests[0..k] erase (targets and aliases; on the built-in world every
     name of each erased concept, so a synonym cannot slip past)."""
+    return {key for request in requests[: k + 1] for key in erased_name_keys(request)}
+
+
+def erased_name_keys(request: ResolvedRequest) -> set[str]:
+    """Name keys of everything `request` erases: its target and aliases, and on the built-in world every
+    name of each erased concept."""
     erased: set[str] = set()
-    for request in requests[: k + 1]:
-        for name in (request.target, *request.aliases):
-            erased.add(_name_key(name))
-            concept = _WORLD_CONCEPT_BY_NAME.get(_name_key(name)) if request.kind is not None else None
-            if concept is not None:
-                erased.update(concept.names)
+    for name in (request.target, *request.aliases):
+        erased.add(_name_key(name))
+        concept = _WORLD_CONCEPT_BY_NAME.get(_name_key(name)) if request.kind is not None else None
+        if concept is not None:
+            erased.update(concept.names)
     return erased
 
 

@@ -792,3 +792,88 @@ requests:
     assert preserved_at(requests, 1) == [[], ["diamond"]]  # "disc" is the circle, erased at request 1
     with pytest.raises(IndexError):
         preserved_at(requests, 2)
+
+
+# ---------------------------------------------------------------- anchors of a sequence
+
+
+ERASES_CIRCLE_THEN_STEERS_TO_IT = """
+name: steered to an erased concept
+requests:
+  - target: circle
+  - target: red
+  - target: striped
+  - target: star
+  - target: square
+    anchor: {anchor}
+"""
+
+
+@pytest.mark.parametrize("anchor", ["circle", "Disc"])  # the erased concept, or another of its names
+def test_an_anchor_an_earlier_request_erased_is_refused_naming_both_requests(tmp_path, anchor):
+    path = tmp_path / "set.yaml"
+    path.write_text(ERASES_CIRCLE_THEN_STEERS_TO_IT.format(anchor=anchor), encoding="utf-8")
+    concept_set = load_concept_set(path)
+    for setting in (None, "sequential", "independent", "simultaneous"):
+        with pytest.raises(ConceptSetError) as caught:
+            resolve_concept_set(concept_set, builtin_world=True, setting=setting)
+        assert str(caught.value) == (
+            f"{path}: requests[4].anchor: {anchor!r} was erased by requests[0]; "
+            "expected what the target should become among concepts still in the model"
+        )
+
+
+def test_a_sets_anchor_is_checked_on_a_users_model_and_when_built_in_code():
+    concept_set = ConceptSet(name="in code", source="<code>", requests=[
+        ConceptRequest(target="Van Gogh", aliases=["Vincent van Gogh"]),
+        ConceptRequest(target="Monet", anchor="painting"),
+        ConceptRequest(target="Picasso", anchor="vincent VAN gogh"),
+    ])
+    with pytest.raises(ConceptSetError) as caught:
+        resolve_concept_set(concept_set, builtin_world=False, setting="sequential")
+    assert str(caught.value).startswith("<code>: requests[2].anchor: 'vincent VAN gogh' was erased by requests[0];")
+    concept_set.requests[2].anchor = "Monet"  # erased by request 1
+    with pytest.raises(ConceptSetError, match=r"requests\[2\]\.anchor: 'Monet' was erased by requests\[1\];"):
+        resolve_concept_set(concept_set, builtin_world=False)
+    concept_set.requests[2].anchor = "painting"
+    assert [r.anchor for r in resolve_concept_set(concept_set, builtin_world=False)] == ["", "painting", "painting"]
+
+
+@pytest.mark.parametrize("erased_first", ["plain", "solid"])  # "solid" is another name of plain
+def test_a_default_anchor_an_earlier_request_erased_becomes_the_empty_prompt(erased_first):
+    alone = resolve_concept_set(ConceptSet("alone", [ConceptRequest(target="dotted")]), builtin_world=True)
+    assert alone[0].anchor == "plain"
+    requests = [ConceptRequest(target=erased_first), ConceptRequest(target="dotted"), ConceptRequest(target="circle")]
+    resolved = resolve_concept_set(ConceptSet("plain first", requests), builtin_world=True, setting="sequential")
+    assert [r.anchor for r in resolved] == ["", "", "shape"]
+    assert requests[1].anchor is None  # the set as written is unchanged
+
+
+def test_an_anchor_only_a_later_request_erases_is_kept_until_then():
+    resolved = _resolved("""
+name: erased later
+requests:
+  - target: square
+    anchor: circle
+  - target: dotted
+  - target: circle
+  - target: plain
+  - target: checkered
+""")
+    # circle and plain are what requests 0 and 1 become until requests 2 and 3 erase them
+    assert [r.anchor for r in resolved] == ["circle", "plain", "shape", "", ""]
+
+
+def test_shipped_sets_and_the_tuning_sequence_resolve_under_the_anchor_rule():
+    from pathlib import Path
+
+    method_tuning = Path(__file__).resolve().parents[1] / "benchmarks" / "tuning" / "method_tuning10.yaml"
+    paths = [example_concept_set_path(name) for name in BUILTIN_EXAMPLES] + [method_tuning]
+    for path in paths:
+        concept_set = load_concept_set(path)
+        for setting in ("sequential", "independent", "simultaneous"):
+            resolved = resolve_concept_set(concept_set, builtin_world=True, setting=setting)
+            assert len(resolved) == len(concept_set.requests)
+    tuning = resolve_concept_set(load_concept_set(example_concept_set_path("tuning")), builtin_world=True)
+    assert (tuning[0].target, tuning[0].anchor) == ("plain", "")  # plain first, and no later style request
+    assert resolve_concept_set(load_concept_set(example_concept_set_path("van_gogh_example")), builtin_world=False)
