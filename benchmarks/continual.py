@@ -470,7 +470,7 @@ def attack_run(attacks: SharedAttacks, method: str, seed: int, total_delta: dict
     except DugeError as err:
         return {"error": f"{type(err).__name__}: {err}"}
     log(f"  {method} seed {seed}: " + " ".join(f"{k} {_fmt(row.get(k))}" for k in ATTACK_KEYS))
-    return row
+    return {**row, "git_commit": git_commit()}  # an attached attack's code can differ from the training run's
 
 
 def _delta_identity(result: dict, method: str, seed: int) -> dict:

@@ -285,6 +285,7 @@ def test_benchmark_attacks_each_runs_last_model_and_attaches_attacks_to_saved_ed
     assert attached["attack"]["sanity"] == section["sanity"]
     later = attached["runs"]["uce"]["0"]["attack"]
     assert later["post_attack_UA"] == attack["post_attack_UA"]
+    assert later["git_commit"] == bench.git_commit()  # the attack's own code, which an attach can change
     assert [a["prompt"] for a in later["concepts"][0]["attacks"]] == [a["prompt"] for a in circle["attacks"]]
 
     # Parts without attacks (an older run) merge with attacked ones and keep their attacks, in either order.
