@@ -17,7 +17,9 @@ side (8 general prompts × 32); after the other requests 12, 4, 24 and 64 (the c
 
 Tables give the mean over training seeds ± the 95 % confidence half-width (t-distribution,
 n − 1 degrees of freedom) and, per baseline, whether its final H differs from DUGE's (paired t-test
-over seeds, two-sided 5 %). Cost: seconds per request (caching + training) and per step, as ratios
+over seeds, two-sided 5 %). A closed form (uce, uce-resolve) draws nothing random: it runs once, at the
+first training seed, and that run is paired with each of DUGE's seeds (sequence10's three runs of each were
+identical to the last digit). Cost: seconds per request (caching + training) and per step, as ratios
 to ESD-x's from the same run — run one method at a time, or each process with one torch thread.
 
 Tuning (`--tune`): on the `tuning` sequence (not a reported one), every method gets four runs
@@ -389,7 +391,12 @@ def run_benchmark(methods, seeds, profile: Profile = FULL, sequence: str = "sequ
         if checkpoint:
             checkpoint(out)
     for method in methods:
-        for seed in seeds:
+        method_seeds = seeds
+        if METHOD_TABLE[method].seed_independent and len(seeds) > 1:
+            method_seeds = seeds[:1]
+            log(f"{method}: a closed form draws nothing random; its run at seed {seeds[0]} stands for seeds "
+                f"{', '.join(map(str, seeds))}")
+        for seed in method_seeds:
             config = _unlearn_config(method, profile, seed, tuned)
             log(f"{method} seed {seed}: {len(concept_set.requests)} requests ...")
             runs = out["runs"].setdefault(method, {})
@@ -632,6 +639,16 @@ def mean_h_over_requests(run: dict) -> float | None:
     return None if not values or None in values else sum(values) / len(values)
 
 
+def _paired_seeds(name: str, by_seed: dict, seeds) -> dict:
+    """{seed: value} of method `name` for pairing with DUGE's `seeds`: a seed-independent method's (duge.methods:
+    a closed form) one run stands for every seed."""
+    method = METHOD_TABLE.get(name)
+    if len(by_seed) == 1 and method is not None and method.seed_independent:
+        (value,) = by_seed.values()
+        return {s: value for s in seeds}
+    return by_seed
+
+
 def summarize(result: dict) -> dict:
     """result["methods"]: per method the mean over seeds of every request's numbers, the final numbers'
     mean ± 95 % CI, the cost and its ratio to ESD-x's; result["significance"]: each baseline's final H
@@ -681,16 +698,17 @@ def summarize(result: dict) -> dict:
     for name, runs in result.get("runs", {}).items():
         if name == "duge" or not duge_runs:
             continue
-        finals = {s: e["final"] for s, e in runs.items() if e.get("final")}
+        finals = _paired_seeds(name, {s: e["final"] for s, e in runs.items() if e.get("final")}, duge_runs)
         significance[name] = {key: paired_difference({s: f.get(key) for s, f in finals.items()},
                                                      {s: f.get(key) for s, f in duge_runs.items()})
                               for key in ("H", "UA", "IRA", "CRA", "compositional", "distance")}
         significance[name]["mean_H_over_requests"] = paired_difference(
-            {s: mean_h_over_requests(e) for s, e in runs.items() if e.get("final")},
+            _paired_seeds(name, {s: mean_h_over_requests(e) for s, e in runs.items() if e.get("final")}, duge_runs),
             {s: mean_h_over_requests(e) for s, e in result["runs"]["duge"].items() if e.get("final")})
         post_attack = {n: {s: e["attack"].get("post_attack_UA") for s, e in r.items() if e.get("final")
                            and "post_attack_UA" in (e.get("attack") or {})}
                        for n, r in (("method", runs), ("duge", result["runs"]["duge"]))}
+        post_attack["method"] = _paired_seeds(name, post_attack["method"], post_attack["duge"])
         if post_attack["method"] and post_attack["duge"]:
             significance[name]["post_attack_UA"] = paired_difference(post_attack["method"], post_attack["duge"])
     result["significance_vs_duge"] = significance
@@ -781,7 +799,8 @@ def format_table(result: dict) -> str:
                          f"{_fmt(c.get('H'))} | {c['why']} |")
         return "\n".join(lines)
     lines = [f"{result['sequence']}: {len(result['requests'])} requests ({', '.join(result['requests'])}); "
-             f"mean ± 95 % CI over training seeds (n per row); KID ×1000", "",
+             f"mean ± 95 % CI over training seeds (n per row; '1 (any seed)': a closed form, the same edit at every "
+             f"training seed, run once and paired with each of DUGE's seeds); KID ×1000", "",
              "| method | n | UA | IRA | CRA | H | compositional | KID×1000 | H̄ over requests | s/request ÷ ESD-x "
              "| s/step ÷ ESD-x |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -797,7 +816,9 @@ def format_table(result: dict) -> str:
         f, ci = entry["final"], entry["final_ci95"]
         kid = None if f.get("distance") is None else f["distance"] * 1000
         kid_ci = None if ci.get("distance") is None else ci["distance"] * 1000
-        lines.append(f"| {name} | {len(entry['seeds'])} | " + " | ".join(_pm(f.get(k), ci.get(k)) for k in
+        n = len(entry["seeds"])
+        fixed = n == 1 and name in METHOD_TABLE and METHOD_TABLE[name].seed_independent
+        lines.append(f"| {name} | {'1 (any seed)' if fixed else n} | " + " | ".join(_pm(f.get(k), ci.get(k)) for k in
                                                                             ("UA", "IRA", "CRA", "H", "compositional"))
                      + f" | {_pm(kid, kid_ci, 2)} | {_pm(entry.get('mean_H_over_requests'), entry.get('mean_H_over_requests_ci95'))}"
                      f" | {_fmt(entry.get('mean_seconds_per_request_vs_esd_x'), 2)} | "

@@ -49,6 +49,12 @@ class Method:
     # paper's values, or the first that erased on the built-in model; `defaults` then hold the grid's choice.
     tuning_start: Mapping[str, object] = field(default_factory=dict)
 
+    @property
+    def seed_independent(self) -> bool:
+        """True for a closed form: it draws no images and no noise, so its edit (and a measurement with fixed
+        measuring seeds) is the same for every training seed; one run stands for all of them."""
+        return self.objective == "closed_form"
+
     def regularizer_kind(self, configured: str) -> str:
         """The regulariser a run of this method uses: its own fixed one, or the configured one; "none" without."""
         return (self.fixed_regularizer or configured) if self.regularizer else "none"

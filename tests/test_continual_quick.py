@@ -208,6 +208,16 @@ def test_summary_gives_mean_h_over_requests_and_paired_differences_to_duge():
     assert diff["UA"]["mean"] == pytest.approx(-0.3) and diff["distance"]["mean"] == pytest.approx(0.0)
     table = bench.format_table(result)
     assert "| uce | -0.100 ± 0.000 * (n 3) | -0.300 ± 0.248 * (n 3) |" in table
+    # A closed form's one run stands for every seed it is paired with (it draws nothing random) ...
+    del result["runs"]["uce"]["1"], result["runs"]["uce"]["2"]
+    bench.summarize(result)
+    diff = result["significance_vs_duge"]["uce"]
+    assert diff["H"]["n"] == 3 and diff["H"]["mean"] == pytest.approx(-0.1) and diff["UA"]["mean"] == pytest.approx(-0.4)
+    assert "| uce | 1 (any seed) |" in bench.format_table(result)
+    # ... a trained method's does not: one seed of CA is paired with DUGE's seed 0 only.
+    result["runs"]["ca"] = {"0": run([0.6, 0.7], 0.5)}
+    bench.summarize(result)
+    assert result["significance_vs_duge"]["ca"]["H"]["n"] == 1
     # A run with a request left unmeasured has no mean over the requests.
     assert bench.mean_h_over_requests({"requests": [{"H": 0.5}, {"H": None}]}) is None
 
@@ -237,6 +247,24 @@ def test_tuning_resume_takes_finished_runs_and_trains_only_the_missing_ones(monk
     assert trained == [("ft-l2sp", lr * 10, steps), ("ft-l2sp", lr * 100, steps), ("ft-l2sp", lr * 10, steps // 2)]
     assert len(runs) == 4 and out["complete"] and out["chosen"]["ft-l2sp"]["settings"] == {"learning_rate": lr * 10,
                                                                                            "steps": steps // 2}
+
+
+def test_a_closed_form_runs_once_for_all_training_seeds_and_a_trained_method_at_each(monkeypatch):
+    from types import SimpleNamespace
+
+    bench = _benchmark()
+    trained = []
+
+    def fake_run_method(config, *args, **kwargs):
+        trained.append((config.method, config.seed))
+        return {"requests": [{"index": 1, "target": "circle", "H": 0.5}], "final": {"H": 0.5}, "config": {}}
+
+    monkeypatch.setattr(bench, "prepare", lambda *a, **k: (SimpleNamespace(device="cpu"), SimpleNamespace(requests=[]),
+                                                            SimpleNamespace(settings=bench.TUNING), {"requests": []}))
+    monkeypatch.setattr(bench, "run_method", fake_run_method)
+    out = bench.run_benchmark(["uce", "ca"], [0, 1, 2], log=lambda *_: None)
+    assert trained == [("uce", 0), ("ca", 0), ("ca", 1), ("ca", 2)]
+    assert sorted(out["runs"]["uce"]) == ["0"] and sorted(out["runs"]["ca"]) == ["0", "1", "2"]
 
 
 def _without_attacks(result: dict) -> dict:
