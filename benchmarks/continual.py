@@ -47,6 +47,8 @@ result with the attacks attached (for runs made without --attack).
 
 Writes DIR/continual.json (or tuning.json), DIR/table.md, DIR/erosion.png and DIR/cost.png.
 --quick: the first 3 requests of the sequence, few steps and samples (CI).
+--sequence method_tuning10 (benchmarks/tuning/): a sequence for choosing DUGE's own settings, never reported;
+measured only after its last request, at the tuning protocol's sizes.
 """
 
 from __future__ import annotations
@@ -71,6 +73,9 @@ from duge.paths import atomic_write_text  # noqa: E402
 METHODS = tuple(METHOD_TABLE)
 REPORTED_SEQUENCES = ("sequence10", "sequence10b")
 TUNING_SEQUENCE = "tuning"
+# Sequences for choosing DUGE's own settings (never reported; run with the TUNING profile): benchmarks/tuning/
+METHOD_TUNING_DIR = Path(__file__).resolve().parent / "tuning"
+METHOD_TUNING_SEQUENCES = tuple(sorted(p.stem for p in METHOD_TUNING_DIR.glob("*.yaml")))
 EVAL_SEED = 1_000_000
 KEYS = ("UA", "IRA", "CRA", "H", "compositional", "distance", "IRA_ratio", "CRA_ratio")
 
@@ -304,7 +309,8 @@ def _settings(profile: Profile):
 def _load_sequence(name: str, profile: Profile):
     from duge.concepts import example_concept_set_path, load_concept_set
 
-    concept_set = load_concept_set(example_concept_set_path(name))
+    path = METHOD_TUNING_DIR / f"{name}.yaml" if name in METHOD_TUNING_SEQUENCES else example_concept_set_path(name)
+    concept_set = load_concept_set(path)
     if profile.requests is not None:
         concept_set.requests = concept_set.requests[: profile.requests]
     return concept_set
@@ -947,7 +953,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="3 requests, few steps and samples (CI)")
     parser.add_argument("--tune", action="store_true", help="run the tuning protocol on the tuning sequence")
-    parser.add_argument("--sequence", default="sequence10", choices=[*REPORTED_SEQUENCES, TUNING_SEQUENCE])
+    parser.add_argument("--sequence", default="sequence10",
+                        choices=[*REPORTED_SEQUENCES, TUNING_SEQUENCE, *METHOD_TUNING_SEQUENCES],
+                        help="a reported sequence, or one for tuning (benchmarks/tuning/: measured only after the "
+                             "last request, at the tuning protocol's sizes)")
     parser.add_argument("--json", default=None, help="where the JSON goes (default: OUT/continual.json or OUT/tuning.json)")
     parser.add_argument("--out", default="benchmark-results/continual", help="folder for the JSON, table and plots")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
@@ -995,7 +1004,8 @@ def main(argv=None) -> int:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
         parser.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
-    profile = Profile(**asdict(QUICK if args.quick else TUNING if args.tune else FULL))
+    tuning_sizes = args.tune or args.sequence in METHOD_TUNING_SEQUENCES
+    profile = Profile(**asdict(QUICK if args.quick else TUNING if tuning_sizes else FULL))
     if args.requests is not None:
         profile.requests = args.requests
     if args.steps is not None:

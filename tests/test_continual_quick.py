@@ -73,6 +73,17 @@ def test_benchmark_ci_run_writes_json_table_and_same_seeds_for_every_method(tmp_
     assert merged["methods"]["uce"]["final_ci95"]["IRA"] is not None  # two seeds: a t-interval
 
 
+def test_method_tuning_sequences_load_from_benchmarks_tuning_and_are_never_reported():
+    bench = _benchmark()
+    assert "method_tuning10" in bench.METHOD_TUNING_SEQUENCES
+    assert not set(bench.METHOD_TUNING_SEQUENCES) & set(bench.REPORTED_SEQUENCES)
+    concept_set = bench._load_sequence("method_tuning10", bench.FULL)
+    reported = {r.target for name in bench.REPORTED_SEQUENCES for r in bench._load_sequence(name, bench.FULL).requests}
+    targets = [r.target for r in concept_set.requests]
+    assert len(targets) == 10 and targets != [r.target for r in bench._load_sequence("sequence10", bench.FULL).requests]
+    assert set(targets) - reported  # it erases concepts no reported sequence erases (heart, diamond, ...)
+
+
 def test_benchmark_refuses_an_unknown_method(tmp_path):
     with pytest.raises(SystemExit):
         _benchmark().main(["--methods", "duge,magic", "--out", str(tmp_path)])
