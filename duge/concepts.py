@@ -24,6 +24,11 @@ anchor the request states that names such a concept (or another of its names) is
 ConceptSetError naming both requests; a default anchor that an earlier request erased — "plain",
 after a request erasing "plain" — becomes the empty prompt "", so `plain` then `dotted` steers
 "dotted" to "". A concept only a later request erases is rightly an anchor until then.
+
+A run that continues an earlier one (a model carrying a DUGE manifest, a continued ComfyUI session)
+passes the earlier run's erased names as `erased_before`: both rules then treat them as erased before
+request 0 — an anchor naming one is refused, a default anchor falls back to "", and no request
+preserves (or replays) one, in every setting.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import math
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
 
@@ -589,42 +594,64 @@ def resolve_request(request: ConceptRequest, builtin_world: bool, location: str 
     )
 
 
-def resolve_concept_set(concept_set: ConceptSet, builtin_world: bool, setting: str | None = None) -> list[ResolvedRequest]:
+def resolve_concept_set(concept_set: ConceptSet, builtin_world: bool, setting: str | None = None, *,
+                        erased_before: Sequence[str] = (), erased_before_by: str = "an earlier run",
+                        notes: list[str] | None = None) -> list[ResolvedRequest]:
     """`resolve_request` on every request, in order, under the anchor rule (`apply_anchor_rule`); errors name
     the set's source and the request index.
 
     The one place a run's requests are resolved: with the run's `setting` ("sequential",
     "independent", "simultaneous") the continual rule (`apply_continual_rule`) is applied too, and
     the trainer, the manifest and the measurements all take these requests. `setting` None: the
-    requests as written."""
+    requests as written.
+
+    `erased_before`: names of concepts an earlier run erased from the model these requests continue
+    (`duge.results.erased_in_manifest`; on the built-in world every other name of each counts too), which
+    `erased_before_by` names in messages ("an earlier run (the DUGE manifest of 'out/model')"). An anchor
+    naming one is refused, a default anchor naming one becomes "", and every request's preserve list drops
+    them whatever the setting (so nothing replays them either); each such change is appended to `notes`."""
     requests = [
         resolve_request(request, builtin_world, location=f"{concept_set.source}: requests[{i}]")
         for i, request in enumerate(concept_set.requests)
     ]
-    apply_anchor_rule(concept_set.requests, requests, location=f"{concept_set.source}: requests")
+    before = names_keys(erased_before, builtin_world)
+    apply_anchor_rule(concept_set.requests, requests, location=f"{concept_set.source}: requests",
+                      erased_before=before, erased_before_by=erased_before_by, notes=notes)
+    for i, request in enumerate(requests):
+        dropped = [p for p in request.preserve if _name_key(p) in before]
+        request.preserve = [p for p in request.preserve if _name_key(p) not in before]
+        if dropped and notes is not None:
+            notes.append(f"requests[{i}].preserve ('{request.target}'): dropped "
+                         f"{', '.join(repr(p) for p in dropped)} (erased by {erased_before_by})")
     return requests if setting is None else apply_continual_rule(requests, setting)
 
 
 def apply_anchor_rule(written: list[ConceptRequest], requests: list[ResolvedRequest],
-                      location: str = "requests") -> list[ResolvedRequest]:
+                      location: str = "requests", erased_before: set[str] = frozenset(),
+                      erased_before_by: str = "an earlier run", notes: list[str] | None = None) -> list[ResolvedRequest]:
     """The anchor rule of a sequence, in one place: no request is steered to a concept that an earlier
-    request erased (under any of its names: `erased_name_keys`). An anchor the request states (`written[i]`)
-    is refused with a ConceptSetError naming `location[i].anchor` and the request that erased it; a
-    default anchor (the built-in world's generic word of the kind) falls back to the empty prompt "".
-    A concept only a later request erases is rightly an anchor until then. Changes `requests` (resolved
-    from `written`, in order) in place and returns them."""
-    erased_by: dict[str, int] = {}  # name key -> index of the request that erases it
+    request erased (under any of its names: `erased_name_keys`), or that an earlier run erased
+    (`erased_before`: name keys, that run named `erased_before_by`). An anchor the request states
+    (`written[i]`) is refused with a ConceptSetError naming `location[i].anchor` and the request or run that
+    erased it; a default anchor (the built-in world's generic word of the kind) falls back to the empty
+    prompt "" (noted in `notes` when an earlier run erased it). A concept only a later request erases is
+    rightly an anchor until then. Changes `requests` (resolved from `written`, in order) in place and
+    returns them."""
+    erased_by: dict[str, str] = {key: erased_before_by for key in erased_before}  # name key -> who erased it
     for i, (request, resolved) in enumerate(zip(written, requests)):
         earlier = erased_by.get(_name_key(resolved.anchor))
         if earlier is not None and request.anchor is not None:
             raise ConceptSetError(
-                f"{location}[{i}].anchor: {_shorten(request.anchor)!r} was erased by requests[{earlier}]; "
+                f"{location}[{i}].anchor: {_shorten(request.anchor)!r} was erased by {earlier}; "
                 "expected what the target should become among concepts still in the model"
             )
         if earlier is not None:
+            if notes is not None and _name_key(resolved.anchor) in erased_before:
+                notes.append(f"requests[{i}].anchor ('{resolved.target}'): the default {resolved.anchor!r} was erased "
+                             f"by {erased_before_by}; steered to '' (the empty prompt) instead")
             resolved.anchor = ""
         for key in erased_name_keys(resolved):
-            erased_by.setdefault(key, i)
+            erased_by.setdefault(key, f"requests[{i}]")
     return requests
 
 
@@ -745,13 +772,18 @@ def erased_through(requests: list[ResolvedRequest], k: int) -> set[str]:
 def erased_name_keys(request: ResolvedRequest) -> set[str]:
     """Name keys of everything `request` erases: its target and aliases, and on the built-in world every
     name of each erased concept."""
-    erased: set[str] = set()
-    for name in (request.target, *request.aliases):
-        erased.add(_name_key(name))
-        concept = _WORLD_CONCEPT_BY_NAME.get(_name_key(name)) if request.kind is not None else None
+    return names_keys((request.target, *request.aliases), builtin_world=request.kind is not None)
+
+
+def names_keys(names: Sequence[str], builtin_world: bool) -> set[str]:
+    """Name keys of `names`, and on the built-in world every name of each concept they name."""
+    keys: set[str] = set()
+    for name in names:
+        keys.add(_name_key(name))
+        concept = _WORLD_CONCEPT_BY_NAME.get(_name_key(name)) if builtin_world else None
         if concept is not None:
-            erased.update(concept.names)
-    return erased
+            keys.update(concept.names)
+    return keys
 
 
 def preserved_at(requests: list[ResolvedRequest], k: int) -> list[list[str]]:

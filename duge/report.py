@@ -69,6 +69,8 @@ def _run_body(run_dir: Path, report: dict) -> str:
                ("total seconds", _num(report.get("seconds_total"), 1)),
                ("peak memory (MiB)", _num(report.get("peak_memory_mb"), 0))]
     parts.append(_key_value_table(summary))
+    for note in report.get("notes") or []:  # what resolving the requests changed (e.g. for an earlier run's erasures)
+        parts.append(f'<p class="note">{_e(note)}</p>')
 
     requests = report.get("requests") or []
     if requests:

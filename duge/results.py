@@ -10,6 +10,7 @@ import torch
 from .concepts import ResolvedRequest
 from .config import UnlearnConfig
 from .edits import LayerEdits
+from .errors import ModelLoadError
 from .image_cache import RequestCache
 
 
@@ -35,8 +36,9 @@ class UnlearnResult:
 
 def manifest_rows(result: UnlearnResult, requests: list[ResolvedRequest]) -> list[dict]:
     """The manifest's entry per trained request — target, anchor, preserve (as the trainer used them:
-    `requests` are the run's resolved requests), settings and measured metrics — for the CLI and ComfyUI alike.
-    A simultaneous run's one result names every target and has no single anchor."""
+    `requests` are the run's resolved requests), settings, measured metrics and every name it erased (target
+    and aliases) — for the CLI and ComfyUI alike. A simultaneous run's one result names every target, has no
+    single anchor and erased every request's names."""
     by_target = {r.target: r for r in requests}
     config = result.config
     rows = []
@@ -51,8 +53,28 @@ def manifest_rows(result: UnlearnResult, requests: list[ResolvedRequest]) -> lis
                          "lambda_prior": config.lambda_prior, "lambda_reg": config.lambda_reg,
                          "trainable": config.trainable, "seed": config.seed},
             "metrics": {"seconds": round(r.seconds, 3), **{k: r.metrics[k] for k in ("UA", "IRA", "CRA") if k in r.metrics}},
+            "erased": [name for q in ([request] if request else requests) for name in (q.target, *q.aliases)],
         })
     return rows
+
+
+def erased_in_manifest(manifest: dict, where: str) -> list[str]:
+    """Every name the requests listed in an earlier run's `manifest` erased, in order: each row's `erased`
+    (`manifest_rows`), or its `target` in a manifest written before rows had `erased`. For
+    `resolve_concept_set(erased_before=...)` when a run continues that model. ModelLoadError naming `where`
+    (the manifest's file or model) when `requests` is not a list of rows with a target."""
+    rows = manifest.get("requests", [])
+    if not isinstance(rows, list):
+        raise ModelLoadError(f"{where}: 'requests' of the DUGE manifest is not a list; expected one row per "
+                             "earlier request (as `duge inspect` shows)")
+    names = []
+    for i, row in enumerate(rows):
+        erased = row.get("erased", [row.get("target")]) if isinstance(row, dict) else None
+        if not isinstance(erased, list) or not erased or not all(isinstance(n, str) and n.strip() for n in erased):
+            raise ModelLoadError(f"{where}: requests[{i}] of the DUGE manifest names no erased concept; expected a "
+                                 "row with a non-empty 'target' (and 'erased', a list of names)")
+        names += erased
+    return names
 
 
 

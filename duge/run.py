@@ -24,14 +24,14 @@ from .errors import DugeError, OutputExistsError
 from .evaluation import concepts_for, retention_ratios
 from .grids import labelled_grid, to_pil
 from .image_cache import BUILTIN_SAMPLE_BATCH_SIZE, SAMPLE_BATCH_SIZE, sample_with_progress
-from .io import make_manifest, model_hash, save_diffusers_folder, save_lora, save_single_file
+from .io import make_manifest, model_hash, read_manifest, save_diffusers_folder, save_lora, save_single_file
 from .model_metadata import base_model_of_pipeline
-from .models import load_pipeline
+from .models import load_pipeline, resolve_model_path
 from .paths import temporary_folder
 from .phases import Phases, current_phases
 from .progress import PROGRESS_FOLDER, ProgressCheckpoint, progress_folder, require_progress, run_inputs
 from .report import write_report
-from .results import manifest_rows
+from .results import erased_in_manifest, manifest_rows
 from .trainer import unlearn
 from .measuring import measuring, measuring_mode
 from .world.callbacks import anchor_filter, builtin_evaluator, uses_builtin_world
@@ -119,6 +119,10 @@ def run_unlearn(model: str, concepts_path: str, out: str | Path, config, overwri
     robustness section to report.json and report.html, with the attacks' images beside the plain prompt's
     in robustness/attacks.png (built-in world only: the evaluator judges the images).
 
+    A `model` an earlier DUGE run wrote carries its manifest (`earlier_run`): what those requests erased stays
+    erased for these (`resolve_concept_set(erased_before=...)`; what that changed is logged and listed in
+    report.json's `notes`), and the new manifest lists the earlier requests before these.
+
     Under `accelerate launch` with several processes (`duge.distributed`) every process trains on
     its share of each batch and only the main process measures and writes; the others return {}.
     """
@@ -150,7 +154,12 @@ def run_unlearn(model: str, concepts_path: str, out: str | Path, config, overwri
                                 "classifier for its concepts")
             backend = DiffusersBackend(pipe, device=device, dtype=config.dtype,
                                        gradient_checkpointing=config.gradient_checkpointing)
-            requests = resolve_concept_set(concept_set, builtin_world, config.setting)
+            earlier_rows, erased_before, erased_before_by = earlier_run(model, allow_pickle)
+            notes: list[str] = []
+            requests = resolve_concept_set(concept_set, builtin_world, config.setting, erased_before=erased_before,
+                                           erased_before_by=erased_before_by, notes=notes)
+            for note in notes:
+                log(note)
             evaluator = builtin_evaluator() if builtin_world else None
             phases.advance(1)
             base_hash = model_hash(pipe)
@@ -166,6 +175,8 @@ def run_unlearn(model: str, concepts_path: str, out: str | Path, config, overwri
         report: dict = {"model": str(model), "concept_set": concept_set.name, "method": config.method,
                         "setting": config.setting, "config": asdict(config), "eval": mode, "requests": [],
                         "processes": state.world if state is not None else 1}
+        if notes:
+            report["notes"] = notes
         t_start = time.time()
         inputs = run_inputs(str(model), base_hash, config, concept_set)
         resumed = None
@@ -216,9 +227,12 @@ def run_unlearn(model: str, concepts_path: str, out: str | Path, config, overwri
                 lambda p, seeds: sample_with_progress(after_backend, p, seeds, GRID_STEPS, 7.5, phases, True,
                                                       sample_batch),
                 prompts, GRID_IMAGES, config.seed)
-        manifest = make_manifest(config.method, manifest_rows(result, requests),
+        # the earlier runs' rows first (a later run then still sees what they erased); base_model is the model
+        # this run loaded, which this run's LoRAs are deltas of
+        manifest = make_manifest(config.method, earlier_rows + manifest_rows(result, requests),
                                  base_model_hash=base_hash, base_model=str(model),
-                                 extra={"config": asdict(config), "concept_set": concept_set.name})
+                                 extra={"config": asdict(config), "concept_set": concept_set.name,
+                                        "earlier_requests": len(earlier_rows)})
         if attack is not None:
             with phases.phase("attacking the erased concepts", attack.budget * len(attack.attacks) * len(requests),
                               "UNet pass", "attacking"):
@@ -231,7 +245,7 @@ def run_unlearn(model: str, concepts_path: str, out: str | Path, config, overwri
             phases.advance(1)
             for k, r in enumerate(result.requests, start=1):
                 name = "".join(ch if ch.isalnum() else "_" for ch in r.target)[:60]
-                request_manifest = dict(manifest, request_index=k)
+                request_manifest = dict(manifest, request_index=len(earlier_rows) + k)
                 save_lora(r.delta, tmp / "loras" / f"{k:02d}_{name}.safetensors", request_manifest, rank=lora_rank,
                           base_model=base_model_of_pipeline(edited))
                 phases.advance(1)
@@ -296,15 +310,31 @@ def _attack_progress(progress, phases: Phases):
     return report
 
 
+def earlier_run(model: str, allow_pickle: bool = False) -> tuple[list[dict], list[str], str]:
+    """What an earlier DUGE run left on `model` (a folder or .safetensors file carrying a manifest,
+    `duge.io.read_manifest`): (its manifest's request rows, every name they erased, the run as messages name
+    it); ([], [], "") for a model without a manifest."""
+    path = resolve_model_path(model, allow_pickle=allow_pickle)
+    manifest = read_manifest(path) if path.is_dir() or path.suffix.lower() == ".safetensors" else None
+    if manifest is None:
+        return [], [], ""
+    where = f"the DUGE manifest of '{model}'"
+    erased = erased_in_manifest(manifest, where)
+    return list(manifest.get("requests", [])), erased, f"an earlier run, per {where}"
+
+
 def _train_without_outputs(model, concept_set, config, device, allow_pickle, config_dir, progress, cancel) -> None:
-    """A non-main process of a data-parallel run: the same model, cached images and batches as the main
-    process (`duge.distributed`), its share of every step, nothing measured or written."""
+    """A non-main process of a data-parallel run: the same model, requests, cached images and batches as the
+    main process (`duge.distributed`), its share of every step, nothing measured or written."""
     pipe = load_pipeline(model, torch_dtype=storage_dtype(config.dtype), config_dir=config_dir, allow_pickle=allow_pickle)
     builtin_world = uses_builtin_world(pipe)
     backend = DiffusersBackend(pipe, device=device, dtype=config.dtype, gradient_checkpointing=config.gradient_checkpointing)
     evaluator = builtin_evaluator() if builtin_world else None  # the anchor filter must drop the same images
-    unlearn(backend, resolve_concept_set(concept_set, builtin_world, config.setting), config,
-            concept_set.general_prompts, image_filter=anchor_filter(backend, evaluator) if evaluator else None, progress=progress, cancel=cancel)
+    _, erased_before, erased_before_by = earlier_run(model, allow_pickle)
+    requests = resolve_concept_set(concept_set, builtin_world, config.setting, erased_before=erased_before,
+                                   erased_before_by=erased_before_by)
+    unlearn(backend, requests, config, concept_set.general_prompts,
+            image_filter=anchor_filter(backend, evaluator) if evaluator else None, progress=progress, cancel=cancel)
 
 
 def _peak_memory_mb() -> float:

@@ -877,3 +877,69 @@ def test_shipped_sets_and_the_tuning_sequence_resolve_under_the_anchor_rule():
     tuning = resolve_concept_set(load_concept_set(example_concept_set_path("tuning")), builtin_world=True)
     assert (tuning[0].target, tuning[0].anchor) == ("plain", "")  # plain first, and no later style request
     assert resolve_concept_set(load_concept_set(example_concept_set_path("van_gogh_example")), builtin_world=False)
+
+
+# ---------------------------------------------------------------- continuing an earlier run
+
+
+CONTINUES = """
+name: continues an earlier run
+requests:
+  - target: square
+    preserve: [Emerald, orange]
+  - target: dotted
+    preserve: [green, checkered]
+"""
+
+
+@pytest.mark.parametrize("erased_earlier", ["green", "emerald"])  # "emerald" is another name of green
+def test_an_anchor_an_earlier_run_erased_is_refused_naming_the_run(erased_earlier):
+    assert "emerald" in concept_by_name("green").names
+    concept_set = parse_concept_set(CONTINUES.replace("target: dotted", "target: red\n    anchor: GREEN"))
+    for setting in (None, "sequential", "independent", "simultaneous"):
+        with pytest.raises(ConceptSetError) as caught:
+            resolve_concept_set(concept_set, builtin_world=True, setting=setting, erased_before=[erased_earlier],
+                                erased_before_by="an earlier run, per the DUGE manifest of 'out/model'")
+        assert str(caught.value) == (
+            "<text>: requests[1].anchor: 'GREEN' was erased by an earlier run, per the DUGE manifest of "
+            "'out/model'; expected what the target should become among concepts still in the model")
+    user_set = ConceptSet("user", [ConceptRequest(target="Monet", anchor="vincent van gogh")], source="<code>")
+    with pytest.raises(ConceptSetError, match=r"^<code>: requests\[0\]\.anchor: 'vincent van gogh' was erased by an "
+                                              r"earlier run;"):
+        resolve_concept_set(user_set, builtin_world=False, erased_before=["Vincent van Gogh"])
+
+
+@pytest.mark.parametrize("erased_earlier", ["plain", "solid"])  # "solid" is another name of plain
+def test_a_default_anchor_an_earlier_run_erased_becomes_the_empty_prompt_with_a_note(erased_earlier):
+    notes = []
+    resolved = resolve_concept_set(parse_concept_set(CONTINUES), builtin_world=True, setting="sequential",
+                                   erased_before=[erased_earlier], notes=notes)
+    assert [r.anchor for r in resolved] == ["shape", ""]
+    assert notes == ["requests[1].anchor ('dotted'): the default 'plain' was erased by an earlier run; "
+                     "steered to '' (the empty prompt) instead"]
+
+
+@pytest.mark.parametrize("setting", [None, "sequential", "independent", "simultaneous"])
+def test_no_request_preserves_or_replays_what_an_earlier_run_erased_under_any_of_its_names(setting):
+    from duge.concepts import preserved_at
+
+    notes = []
+    resolved = resolve_concept_set(parse_concept_set(CONTINUES), builtin_world=True, setting=setting,
+                                   erased_before=["green", "Checkered"], notes=notes)
+    assert [r.preserve for r in resolved] == [["orange"], []]  # in every setting, independent included
+    assert preserved_at(resolved, 1) == [["orange"], []]  # what request 1 replays of request 0
+    assert notes == ["requests[0].preserve ('square'): dropped 'Emerald' (erased by an earlier run)",
+                     "requests[1].preserve ('dotted'): dropped 'green', 'checkered' (erased by an earlier run)"]
+    without = resolve_concept_set(parse_concept_set(CONTINUES), builtin_world=True, setting=setting)
+    assert without[0].preserve == ["Emerald", "orange"]  # nothing erased before: the lists as the rules leave them
+
+
+def test_erased_in_manifest_reads_each_rows_erased_names_or_its_target():
+    from duge.errors import ModelLoadError
+    from duge.results import erased_in_manifest
+
+    manifest = {"requests": [{"target": "circle", "erased": ["circle", "disc"]}, {"target": "red"}]}
+    assert erased_in_manifest(manifest, "m") == ["circle", "disc", "red"]
+    for broken in ({"requests": {}}, {"requests": [{"anchor": "shape"}]}, {"requests": [{"target": "x", "erased": []}]}):
+        with pytest.raises(ModelLoadError, match="^m: "):
+            erased_in_manifest(broken, "m")

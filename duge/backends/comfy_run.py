@@ -35,7 +35,7 @@ from ..model_metadata import BaseModel, base_model_from_context_dim, checkpoint_
 from ..paths import atomic_write, contained_path
 from ..phases import Phases
 from ..probe import heatmap_panel, panel_layout, probe_attention
-from ..results import manifest_rows
+from ..results import erased_in_manifest, manifest_rows
 from ..trainer import unlearn
 from ..world.callbacks import anchor_filter, builtin_evaluator, world_evaluate
 from .comfy_backend import ComfyBackend, prediction_type_of, training_mode
@@ -177,7 +177,9 @@ def run_unlearn(model, clip, concept_set, config, vae=None, evaluate: bool = Fal
         notes.append("The incoming MODEL was changed after an earlier DUGE run (e.g. a LoRA was loaded on it); "
                      "this run treats it as the new starting point.")
 
-    resolved = resolve_concept_set(concept_set, builtin_world, config.setting)
+    erased_before = erased_in_manifest(earlier_manifest, "the incoming MODEL") if earlier_manifest else ()
+    resolved = resolve_concept_set(concept_set, builtin_world, config.setting, erased_before=erased_before,
+                                   erased_before_by="the earlier DUGE run on the incoming MODEL", notes=notes)
     backend = ComfyBackend(model, clip, vae, dtype=config.dtype)
     phases = ComfyPhases(backend, resolved, config, node_id)
     evaluator = None
@@ -281,7 +283,8 @@ def save_lora_files(lora: UnlearningLora, filename_prefix: str, rank: int | None
     base_model = lora.extra.get("base_model")  # None: the family the tensors show
     if per_request:
         for k, (target, deltas) in enumerate(lora.requests, start=1):
-            manifest = dict(lora.manifest, request_index=k, request_target=target)
+            earlier = len(lora.manifest["requests"]) - len(lora.requests)  # rows of a continued session's earlier runs
+            manifest = dict(lora.manifest, request_index=earlier + k, request_target=target)
             paths.append(save_lora(deltas, output_file(filename_prefix), manifest, rank=rank, base_model=base_model))
     else:
         paths.append(save_lora(lora.total, output_file(filename_prefix), lora.manifest, rank=rank, base_model=base_model))
