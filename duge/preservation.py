@@ -8,8 +8,9 @@ by a second-moment matrix of those inputs,
 
 over every position (start, words, end-of-text and padding) of the prompts of each group g: the
 request's templates and anchor, its preserved concepts, concepts never erased, general vocabulary,
-and the targets of earlier requests (their outputs are already edited and must stay edited). The
-scale makes C = I the identity of L2-SP, so weights and μ keep their meaning across models.
+and the targets of earlier requests and what an earlier run on the model erased (their outputs are
+already edited and must stay edited). The scale makes C = I the identity of L2-SP, so weights and μ
+keep their meaning across models.
 
 C (`preservation_moments`, per request) is used in one of two ways:
 - a penalty `tr(ΔW C ΔWᵀ)` = the mean squared change of the protected outputs, gradient `2 ΔW C`
@@ -60,7 +61,8 @@ class PreservedPrompts:
     preserved: list[str] = field(default_factory=list)  # the request's preserved concepts in its templates
     never_erased: list[str] = field(default_factory=list)  # other concepts never erased, in its templates
     vocabulary: list[str] = field(default_factory=list)  # general words alone, and the set's general prompts
-    erased: list[str] = field(default_factory=list)  # earlier requests' targets (every name) in their templates
+    erased: list[str] = field(default_factory=list)  # earlier requests' targets (every name) in their templates,
+    # and an earlier run's erased names in the templates of the request(s) trained
 
     def groups(self) -> dict[str, list[str]]:
         return {name: getattr(self, name) for name in GROUPS}
@@ -74,7 +76,8 @@ def world_vocabulary() -> list[str]:
 
 
 def preserved_prompts(requests: list[ResolvedRequest], earlier: list[ResolvedRequest], concepts: list[str],
-                      vocabulary: list[str], general_prompts: list[str] = ()) -> PreservedPrompts:
+                      vocabulary: list[str], general_prompts: list[str] = (),
+                      erased_before: set[str] = frozenset()) -> PreservedPrompts:
     """The prompts of each group for the request(s) being trained (`requests`: one in the sequential and
     independent settings, all of them when simultaneous), given the requests applied before them.
 
@@ -83,9 +86,11 @@ def preserved_prompts(requests: list[ResolvedRequest], earlier: list[ResolvedReq
     `earlier` (any name) are left out of the never-erased group, and the ones erased by `earlier` go
     to `erased`, in their own request's templates. `vocabulary`: single words; those naming an
     erased concept are left out. `general_prompts`: the concept set's prompts for the erosion check,
-    those naming an erased concept left out.
+    those naming an erased concept left out. `erased_before`: name keys of concepts an earlier run erased
+    (`duge.concepts.names_keys`), left out like `earlier`'s and put in `erased` in the templates of
+    `requests` (that run's own templates are not known).
     """
-    gone = {n.lower() for r in [*requests, *earlier] for n in (r.target, *r.aliases)}
+    gone = set(erased_before) | {n.lower() for r in [*requests, *earlier] for n in (r.target, *r.aliases)}
     out = PreservedPrompts()
     for request in requests:
         for template in request.templates:
@@ -98,22 +103,27 @@ def preserved_prompts(requests: list[ResolvedRequest], earlier: list[ResolvedReq
     for r in earlier:
         for template in r.templates:
             out.erased += [render_prompt(template, name) for name in dict.fromkeys((r.target, *r.aliases))]
+    for request in requests:
+        out.erased += [render_prompt(template, name) for template in request.templates
+                       for name in sorted(erased_before)]
     for name in GROUPS:  # one row per distinct prompt
         setattr(out, name, list(dict.fromkeys(getattr(out, name))))
     return out
 
 
 def run_preserved_prompts(requests: list[ResolvedRequest], earlier: list[ResolvedRequest],
-                          all_requests: list[ResolvedRequest], general_prompts: list[str]) -> PreservedPrompts:
+                          all_requests: list[ResolvedRequest], general_prompts: list[str],
+                          erased_before: set[str] = frozenset()) -> PreservedPrompts:
     """`preserved_prompts` with a run's concepts and vocabulary: on the built-in world (requests resolved
     there carry the target's `kind`) every world concept and every caption word; on a user's model every
-    request's preserved concepts and `GENERAL_WORDS`; the concept set's general prompts either way."""
+    request's preserved concepts and `GENERAL_WORDS`; the concept set's general prompts either way.
+    `erased_before`: name keys of what an earlier run erased (`preserved_prompts`)."""
     if any(r.kind is not None for r in all_requests):
         concepts, vocabulary = [c.name for c in CONCEPTS], world_vocabulary()
     else:
         concepts = [p for r in all_requests for p in r.preserve]
         vocabulary = list(GENERAL_WORDS)
-    return preserved_prompts(requests, earlier, concepts, vocabulary, list(general_prompts))
+    return preserved_prompts(requests, earlier, concepts, vocabulary, list(general_prompts), erased_before)
 
 
 def second_moment(states: torch.Tensor) -> torch.Tensor:
@@ -193,12 +203,13 @@ def project_update(update: torch.Tensor, projector: torch.Tensor) -> torch.Tenso
 
 def preservation_moments(backend: Backend, edits: LayerEdits, requests: list[ResolvedRequest],
                          earlier: list[ResolvedRequest], all_requests: list[ResolvedRequest],
-                         general_prompts: list[str], kind: str) -> dict[str, torch.Tensor]:
+                         general_prompts: list[str], kind: str,
+                         erased_before: set[str] = frozenset()) -> dict[str, torch.Tensor]:
     """Layer name → C for the penalty and projection regularisers (`run_preserved_prompts` of the request(s)
-    being trained); {} for the other regularisers."""
+    being trained, `erased_before` the name keys an earlier run erased); {} for the other regularisers."""
     if kind not in ("penalty", "projection"):
         return {}
-    prompts = run_preserved_prompts(requests, earlier, all_requests, general_prompts)
+    prompts = run_preserved_prompts(requests, earlier, all_requests, general_prompts, erased_before)
     moment = preservation_second_moment(backend.encode_prompts, prompts)
     return layer_moments({name: d.committed.shape[1] for name, d in edits.deltas.items()}, moment)
 

@@ -121,7 +121,8 @@ def run_unlearn(model: str, concepts_path: str, out: str | Path, config, overwri
 
     A `model` an earlier DUGE run wrote carries its manifest (`earlier_run`): what those requests erased stays
     erased for these (`resolve_concept_set(erased_before=...)`; what that changed is logged and listed in
-    report.json's `notes`), and the new manifest lists the earlier requests before these.
+    report.json's `notes`; the trainer counts them as erased too, `unlearn(erased_before=...)`), and the new
+    manifest lists the earlier requests before these.
 
     Under `accelerate launch` with several processes (`duge.distributed`) every process trains on
     its share of each batch and only the main process measures and writes; the others return {}.
@@ -198,7 +199,8 @@ def run_unlearn(model: str, concepts_path: str, out: str | Path, config, overwri
         result = unlearn(backend, requests, config, concept_set.general_prompts,
                          image_filter=anchor_filter(backend, evaluator) if evaluator else None,
                          evaluate=after_request, progress=progress, cancel=cancel, resume=resumed, phases=phases,
-                         on_request_done=lambda k, r, cache: checkpoint.save(k, r, cache, {"before": report.get("before")}))
+                         on_request_done=lambda k, r, cache: checkpoint.save(k, r, cache, {"before": report.get("before")}),
+                         erased_before=erased_before)
         for r in result.requests:
             entry = {"target": r.target, "seconds": round(r.seconds, 2), "steps": r.steps,
                      "final_losses": r.final_losses}
@@ -334,7 +336,8 @@ def _train_without_outputs(model, concept_set, config, device, allow_pickle, con
     requests = resolve_concept_set(concept_set, builtin_world, config.setting, erased_before=erased_before,
                                    erased_before_by=erased_before_by)
     unlearn(backend, requests, config, concept_set.general_prompts,
-            image_filter=anchor_filter(backend, evaluator) if evaluator else None, progress=progress, cancel=cancel)
+            image_filter=anchor_filter(backend, evaluator) if evaluator else None, progress=progress, cancel=cancel,
+            erased_before=erased_before)
 
 
 def _peak_memory_mb() -> float:

@@ -9,7 +9,8 @@ computed once, in no-grad passes:
   φ the model as request k−1 left it;
 - the prior term's target on the related rows: θ0's prediction for a prompt that names no erased
   concept (θ0 is the teacher of what was never erased, so one request's erosion does not become
-  the next request's target), φ's for one that names an erased concept (θ0 would draw it back).
+  the next request's target), φ's for one that names an erased concept (θ0 would draw it back),
+  including one an earlier run on the model erased (a continued ComfyUI session's θ0 still draws it).
 
 Every step then draws its rows from the pools, and only the trainable pass runs. A replayed row of
 an earlier request keeps the target its own request trained against (its pool is kept, frozen).
@@ -79,7 +80,8 @@ def build_teacher_pool(backend: Backend, edits: LayerEdits, cache: RequestCache,
                        micro_batch_size: int = 0) -> TeacherPool:
     """`size` rows drawn from `cache` as a step draws them, with the teachers' outputs (module doc).
 
-    `erased`: every name of every concept erased so far, the current request's included (lower case).
+    `erased`: every name of every concept erased so far, the current request's included, and by an earlier
+    run on the model (lower case).
     """
     rows = draw_batch(backend, [cache], method, dataclasses.replace(config, batch_size=size), rng, generator)
     capture = method.attention_term and config.beta > 0
@@ -120,10 +122,11 @@ def request_pool(backend: Backend, edits: LayerEdits, cache: RequestCache, metho
 
 def rebuild_pools(backend: Backend, edits: LayerEdits, method: Method, config: UnlearnConfig,
                   requests: list[ResolvedRequest], caches: list[RequestCache], deltas: list[dict],
-                  micro_batch_size: int = 0) -> list[TeacherPool]:
+                  micro_batch_size: int = 0, erased_before: set[str] = frozenset()) -> list[TeacherPool]:
     """The teacher pools of the requests a resumed sequential run had finished (one per cache), as they were
     built: request j's from the model θ0 + Σ_{i<j} ΔW_i (`deltas`: each request's ΔW per layer), with its own
-    seed. The committed deltas are restored afterwards."""
+    seed and `erased_before` (name keys an earlier run erased) counted as erased. The committed deltas are
+    restored afterwards."""
     final = edits.committed()
     pools = []
     try:
@@ -131,7 +134,7 @@ def rebuild_pools(backend: Backend, edits: LayerEdits, method: Method, config: U
             edits.load_committed({name: sum((d[name] for d in deltas[:j]), torch.zeros_like(final[name]))
                                   for name in final})
             seed = request_seed(config, j, requests[j].seed)
-            erased = {n.lower() for r in requests[: j + 1] for n in (r.target, *r.aliases)}
+            erased = erased_before | {n.lower() for r in requests[: j + 1] for n in (r.target, *r.aliases)}
             pools.append(request_pool(backend, edits, cache, method, config, seed, erased, micro_batch_size))
     finally:
         edits.load_committed(final)

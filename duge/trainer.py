@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 from .backends.base import Backend
 from .adversarial import AdversarialSearch, searches_in
-from .concepts import ResolvedRequest
+from .concepts import ResolvedRequest, names_keys
 from .config import UnlearnConfig, request_seed
 from .distributed import check_batch
 from .edits import LayerEdits, trainable_pattern
@@ -74,7 +74,7 @@ def train_request(run: Run, caches: list[RequestCache], steps: int, learning_rat
     `moments`: layer name → the second moment C of the text states to preserve (`duge.preservation`), for the
     penalty and projection regularisers. `pools`: the earlier requests' teacher pools when the method pools
     its teachers (`duge.teachers`); this request's pool(s) are built here and appended. `erased`: every name
-    of every concept erased so far, this request's included (the related rows' teacher rule)."""
+    of every concept erased so far, this request's and an earlier run's included (the related rows' teacher rule)."""
     edits, config, method = run.edits, run.config, run.method
     if method.objective == "closed_form":  # no optimisation: UCE's edit (`duge.uce`)
         with run.phases.phase(f"closed form for '{label}'", 1, "edit", "training", target=label):
@@ -124,7 +124,8 @@ def unlearn(backend: Backend, requests: list[ResolvedRequest], config: UnlearnCo
             image_filter=None, evaluate=None, progress: ProgressFn | None = None,
             cancel: Callable[[], bool] | None = None, start_deltas: dict[str, torch.Tensor] | None = None,
             start_index: int = 0, resume: ResumeState | None = None,
-            on_request_done: RequestDoneFn | None = None, phases: Phases | None = None) -> UnlearnResult:
+            on_request_done: RequestDoneFn | None = None, phases: Phases | None = None,
+            erased_before: Sequence[str] = ()) -> UnlearnResult:
     """Erase `requests` from the backend's model, in order.
 
     `requests` are resolved once by the caller (`duge.concepts.resolve_concept_set` with the run's
@@ -139,6 +140,10 @@ def unlearn(backend: Backend, requests: list[ResolvedRequest], config: UnlearnCo
     request k is committed (`duge.progress` saves a checkpoint there); `resume` holds what such
     checkpoints recorded for requests 0..k-1, and the run continues at request k with the same
     committed deltas and replay caches, so it ends with the same weights as an uninterrupted run.
+    `erased_before`: names of concepts an earlier run erased from this model (`duge.results.erased_in_manifest`;
+    on the built-in world every other name of each counts too), erased before request 0 in every setting: the
+    pooled teachers never take θ0 for a related prompt naming one, and the penalty and projection keep
+    their prompts' outputs edited (`duge.preservation`), as for an earlier request's target.
     """
     config.validate()
     check_batch(config.batch_size)
@@ -146,6 +151,7 @@ def unlearn(backend: Backend, requests: list[ResolvedRequest], config: UnlearnCo
         raise DugeError("a simultaneous run is one optimisation over every request and cannot be resumed; "
                         "start it again")
     method = get_method(config.method)
+    before = names_keys(erased_before, builtin_world=any(r.kind is not None for r in requests))
     results: list[RequestResult] = list(resume.results) if resume is not None else []
     torch.manual_seed(config.seed)
     with interrupt_as_cancel(), RunMemory(backend, method, config) as memory, \
@@ -166,8 +172,8 @@ def unlearn(backend: Backend, requests: list[ResolvedRequest], config: UnlearnCo
                 caches = [load_or_build_request_cache(backend, r, config, request_seed(config, k), image_filter, phases)
                           for k, r in enumerate(requests)]
             steps = sum(r.steps or config.steps for r in requests)
-            moments = preservation_moments(backend, edits, requests, [], requests, general_prompts, kind)
-            erased = {n.lower() for r in requests for n in (r.target, *r.aliases)}
+            moments = preservation_moments(backend, edits, requests, [], requests, general_prompts, kind, before)
+            erased = before | {n.lower() for r in requests for n in (r.target, *r.aliases)}
             delta, losses, _ = train_request(run, caches, steps, config.learning_rate, config.seed, "all requests",
                                              moments=moments, pools=[] if pooled else None, erased=erased)
             seconds = time.time() - t0
@@ -196,9 +202,9 @@ def unlearn(backend: Backend, requests: list[ResolvedRequest], config: UnlearnCo
                     micro_batch_size = run.memory.step_micro_batch_size(first_params, caches[0])
                     edits.discard_request()
                     pools = rebuild_pools(backend, edits, method, config, requests, caches, [r.delta for r in results],
-                                          micro_batch_size)
-                moments = preservation_moments(backend, edits, [request], earlier, requests, general_prompts, kind)
-                erased = {n.lower() for r in [*earlier, request] for n in (r.target, *r.aliases)}
+                                          micro_batch_size, before)
+                moments = preservation_moments(backend, edits, [request], earlier, requests, general_prompts, kind, before)
+                erased = before | {n.lower() for r in [*earlier, request] for n in (r.target, *r.aliases)}
                 delta, losses, adversarial = train_request(run, replayed + [cache], request.steps or config.steps,
                                                        request.learning_rate or config.learning_rate, seed,
                                                        request.target, replay=bool(replayed), moments=moments,

@@ -94,6 +94,19 @@ def test_preserved_prompts_leave_out_erased_concepts_and_protect_earlier_targets
     assert not any(word in p.split() for p in everything for word in ("red", "crimson", "circle", "disc"))
 
 
+def test_preserved_prompts_keep_what_an_earlier_run_erased_edited():
+    """A user's model on which an earlier run erased Monet (name key "monet"): its prompts, in this request's
+    templates, stay edited like an earlier request's target, and no group keeps them as in θ0."""
+    request = ResolvedRequest("Van Gogh", "", [], ["Monet", "Picasso"], ["{}", "a painting by {}"], None)
+    prompts = preserved_prompts([request], [], concepts=["Monet", "Picasso", "Dali"], vocabulary=["a", "monet"],
+                                general_prompts=["a painting by monet", "a painting"], erased_before={"monet"})
+
+    assert prompts.erased == ["monet", "a painting by monet"]
+    assert prompts.preserved == ["Picasso", "a painting by Picasso"]
+    assert prompts.never_erased == ["Dali", "a painting by Dali"]
+    assert prompts.vocabulary == ["a", "a painting"]
+
+
 def test_layer_moments_only_for_text_key_value_projections_of_the_text_width():
     moment = torch.eye(4)
     layers = {"down.0.attn2.to_k": 4, "down.0.attn2.to_v": 4, "down.0.attn2.to_q": 4, "down.0.attn1.to_k": 4,

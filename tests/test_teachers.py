@@ -13,12 +13,13 @@ import torch
 
 from duge.backends.diffusers_backend import DiffusersBackend
 from duge.batches import draw_batch, replay_requests
-from duge.concepts import parse_concept_set, resolve_request
+from duge.concepts import parse_concept_set, render_prompt, resolve_request
 from duge.config import UnlearnConfig
+from duge.edits import trainable_pattern
 from duge.image_cache import build_request_cache
 from duge.methods import get_method
 from duge.objective import pooled_step_terms, step_terms
-from duge.teachers import build_teacher_pool, names_erased
+from duge.teachers import build_teacher_pool, names_erased, request_pool
 from duge.trainer import unlearn
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -228,3 +229,72 @@ def test_a_steps_merged_unet_calls_give_the_loss_and_gradient_of_one_call_per_pr
     assert separate["output"] > 0 and separate["attention"] > 0 and separate["prior"] > 0
     for got, expected in zip(merged_grads, separate_grads):
         assert float((got - expected).norm()) <= 1e-4 * float(expected.norm())  # float32 rounding apart
+
+
+# One request whose related prompts are "a square" and "a red square" (its first two templates).
+CIRCLE_KEEPING_SQUARE = """
+name: one
+requests:
+  - target: circle
+    preserve: [square]
+"""
+
+
+def _start_deltas(backend, config):
+    """A continued ComfyUI session's deltas before request 0 (a stand-in: small random ones), so that the model
+    as the last request left it differs from θ0."""
+    with backend.edits(trainable_pattern(config.trainable)) as edits:
+        return {name: torch.randn(d.committed.shape, generator=torch.Generator().manual_seed(7)) * 3e-2
+                for name, d in edits.deltas.items()}
+
+
+@pytest.mark.parametrize("erased_before", [[], ["crimson"]])
+def test_pooled_teachers_never_take_theta0_for_what_an_earlier_run_erased(backend, monkeypatch, erased_before):
+    """A continued session whose earlier run erased red ("crimson", another of its names): the related row
+    "a red square" is taught by the model as the session left it, not by θ0 (which still draws red);
+    "a square" by θ0. Without `erased_before` both are θ0's."""
+    import duge.trainer as trainer
+
+    pools = []
+    monkeypatch.setattr(trainer, "request_pool", lambda *a, **k: pools.append(request_pool(*a, **k)) or pools[-1])
+    config = tiny_config(steps=1, teacher_pool=4, related_images=2)
+    start = _start_deltas(backend, config)
+    unlearn(backend, requests_of(CIRCLE_KEEPING_SQUARE), config, start_deltas=start, erased_before=erased_before)
+
+    rows, taught = pools[0].rows, pools[0].related_target
+    with torch.no_grad():
+        context = backend.encode_prompts(rows.related_prompts)
+        theta0 = backend.predict_noise(rows.related_zt, rows.related_t, context).float().cpu()
+        with backend.edits(trainable_pattern(config.trainable)) as edits:
+            edits.load_committed(start)
+            with edits.reference():
+                session = backend.predict_noise(rows.related_zt, rows.related_t, context).float().cpu()
+    red = [names_erased(p, {"red"}) for p in rows.related_prompts]
+    assert any(red) and not all(red), rows.related_prompts  # both kinds of related row were drawn
+    for i, names_red in enumerate(red):
+        expected = session if names_red and erased_before else theta0
+        other = theta0 if expected is session else session
+        assert torch.allclose(taught[i], expected[i], atol=1e-5), rows.related_prompts[i]
+        assert float((taught[i] - other[i]).abs().max()) > 1e-3, rows.related_prompts[i]
+
+
+@pytest.mark.parametrize("setting", ["sequential", "simultaneous"])
+def test_preservation_keeps_what_an_earlier_run_erased_edited(backend, monkeypatch, setting):
+    """regularizer=penalty in a run continuing one that erased red (named "crimson"): "red" and "crimson" in the
+    request's templates are in the group whose outputs stay edited, and in no group kept as in θ0."""
+    import duge.preservation as preservation
+
+    groups = []
+    built = preservation.run_preserved_prompts
+    monkeypatch.setattr(preservation, "run_preserved_prompts",
+                        lambda *a, **k: groups.append(built(*a, **k)) or groups[-1])
+    requests = requests_of(CIRCLE_KEEPING_SQUARE, setting)
+    unlearn(backend, requests, tiny_config(steps=1, regularizer="penalty", setting=setting),
+            erased_before=["crimson"])
+
+    prompts = groups[0]
+    templates = requests[0].templates
+    assert {render_prompt(t, name) for t in templates for name in ("red", "crimson")} <= set(prompts.erased)
+    kept_as_theta0 = [*prompts.preserved, *prompts.never_erased, *prompts.vocabulary]
+    assert not {"a red", "a crimson", "red", "crimson"} & set(kept_as_theta0)
+    assert "a blue" in prompts.never_erased and "blue" in prompts.vocabulary  # never erased: kept as in θ0

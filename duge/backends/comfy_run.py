@@ -198,7 +198,7 @@ def run_unlearn(model, clip, concept_set, config, vae=None, evaluate: bool = Fal
             kwargs["evaluate"] = world_evaluate(backend, evaluator, config.seed + EVALUATION_SEED_OFFSET, phases=phases)
     with training_mode():
         result = unlearn(backend, resolved, config, concept_set.general_prompts, phases=phases,
-                         cancel=cancel, start_deltas=start_deltas, **kwargs)
+                         cancel=cancel, start_deltas=start_deltas, erased_before=erased_before, **kwargs)
         total = {name: delta.detach().float().cpu() for name, delta in result.total_delta.items()}
         edited = backend.edited_model(total)
 
