@@ -244,6 +244,8 @@ def run_method(config, backend, concept_set, evaluation, memory: PeakMemory, mea
     def evaluate(b, requests_so_far):
         peaks.append((memory.peak_mb(), memory.peak_mb() - memory.start_mb))
         if not measure_every_request and len(requests_so_far) < total:
+            log(f"  {config.method:<11} seed {config.seed} request {len(requests_so_far):>2} "
+                f"({requests_so_far[-1].target}): trained at {time.perf_counter() - t0:.0f} s; measured after request {total}")
             memory.reset()
             return {}
         metrics = evaluation(b, requests_so_far)
