@@ -135,7 +135,8 @@ def unlearn(backend: Backend, requests: list[ResolvedRequest], config: UnlearnCo
     enabled (the current model). `progress(info)` receives step-level information; `phases`
     (`duge.phases`) each request's image generation and training, counted as the work is done. Raises
     UnlearnCancelled if `cancel()` returns True or on KeyboardInterrupt; the host is unchanged.
-    `start_deltas` are deltas already on the model before request 0 (a continued ComfyUI session);
+    `start_deltas` are deltas already on the model before request 0 (a continued ComfyUI session; in the
+    independent setting every request starts from them, and the total keeps them);
     `start_index` skips the first requests. `on_request_done(k, result, cache)` is called after
     request k is committed (`duge.progress` saves a checkpoint there); `resume` holds what such
     checkpoints recorded for requests 0..k-1, and the run continues at request k with the same
@@ -187,8 +188,10 @@ def unlearn(backend: Backend, requests: list[ResolvedRequest], config: UnlearnCo
                     continue
                 check_cancel(cancel)
                 t0 = time.time()
-                if config.setting == "independent":
+                if config.setting == "independent":  # each request from the model as the run found it
                     edits.reset()
+                    if start_deltas:
+                        edits.load_committed(start_deltas)
                 seed = request_seed(config, k, request.seed)
                 with edits.reference():
                     cache = load_or_build_request_cache(backend, request, config, seed, image_filter, phases)
@@ -218,7 +221,9 @@ def unlearn(backend: Backend, requests: list[ResolvedRequest], config: UnlearnCo
                                              adversarial))
                 if on_request_done is not None:
                     on_request_done(k, results[-1], cache)
-            if config.setting == "independent":
-                edits.load_committed({name: sum(r.delta[name] for r in results) for name in edits.deltas})
+            if config.setting == "independent":  # the run's starting deltas (a continued session's) and every request's
+                edits.load_committed({name: sum((r.delta[name] for r in results),
+                                                start_deltas[name].float() if start_deltas else 0)
+                                      for name in edits.deltas})
         total = edits.committed()
     return UnlearnResult(config, results, total)

@@ -298,3 +298,28 @@ def test_preservation_keeps_what_an_earlier_run_erased_edited(backend, monkeypat
     kept_as_theta0 = [*prompts.preserved, *prompts.never_erased, *prompts.vocabulary]
     assert not {"a red", "a crimson", "red", "crimson"} & set(kept_as_theta0)
     assert "a blue" in prompts.never_erased and "blue" in prompts.vocabulary  # never erased: kept as in θ0
+
+
+@pytest.mark.parametrize("setting", ["sequential", "independent"])
+def test_a_continued_session_keeps_its_earlier_deltas_in_every_setting(backend, monkeypatch, setting):
+    """The deltas a continued session starts with stay in the result: independent requests each start from the
+    model as the run found it (not θ0), and the total is those deltas plus every request's."""
+    import duge.trainer as trainer
+
+    config = tiny_config(steps=1, setting=setting)
+    start = _start_deltas(backend, config)
+    starts = []
+    original = trainer.train_request
+
+    def spy(run, *args, **kwargs):  # what is committed when each request's training starts
+        starts.append(run.edits.committed())
+        return original(run, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_request", spy)
+    result = unlearn(backend, requests_of(CONCEPTS, setting), config, start_deltas=start)
+    assert torch.allclose(starts[0][next(iter(start))], start[next(iter(start))])
+    if setting == "independent":
+        assert all(torch.allclose(s[name], start[name]) for s in starts for name in start)
+    for name in start:
+        expected = start[name] + sum(r.delta[name] for r in result.requests)
+        assert torch.allclose(result.total_delta[name], expected, atol=1e-6), name
