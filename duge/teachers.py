@@ -110,12 +110,18 @@ def build_teacher_pool(backend: Backend, edits: LayerEdits, cache: RequestCache,
     return TeacherPool(_to_cpu(rows), torch.cat(targets), anchor_maps, related_target)
 
 
+def pool_size(config: UnlearnConfig, steps: int) -> int:
+    """Rows in a request's pool: `config.teacher_pool`, but no more than the request's own steps draw
+    (steps × batch_size; a short request does not pay for 128 rows' teachers)."""
+    return max(1, min(config.teacher_pool, steps * config.batch_size))
+
+
 def request_pool(backend: Backend, edits: LayerEdits, cache: RequestCache, method: Method, config: UnlearnConfig,
-                 seed: int, erased: set[str], micro_batch_size: int = 0) -> TeacherPool:
-    """A request's teacher pool of `config.teacher_pool` rows, drawn with its own seed (the request's seed
-    plus `TEACHER_POOL_SEED_OFFSET`)."""
+                 seed: int, erased: set[str], micro_batch_size: int = 0, steps: int | None = None) -> TeacherPool:
+    """A request's teacher pool of `pool_size` rows (`steps`: the request's; None: `config.steps`), drawn with its
+    own seed (the request's seed plus `TEACHER_POOL_SEED_OFFSET`)."""
     pool_seed = seed + TEACHER_POOL_SEED_OFFSET
-    return build_teacher_pool(backend, edits, cache, method, config, config.teacher_pool,
+    return build_teacher_pool(backend, edits, cache, method, config, pool_size(config, steps or config.steps),
                               np.random.default_rng(pool_seed), torch.Generator().manual_seed(pool_seed), erased,
                               micro_batch_size)
 
@@ -135,7 +141,8 @@ def rebuild_pools(backend: Backend, edits: LayerEdits, method: Method, config: U
                                   for name in final})
             seed = request_seed(config, j, requests[j].seed)
             erased = erased_before | {n.lower() for r in requests[: j + 1] for n in (r.target, *r.aliases)}
-            pools.append(request_pool(backend, edits, cache, method, config, seed, erased, micro_batch_size))
+            pools.append(request_pool(backend, edits, cache, method, config, seed, erased, micro_batch_size,
+                                      requests[j].steps or config.steps))
     finally:
         edits.load_committed(final)
     return pools

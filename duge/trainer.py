@@ -90,7 +90,7 @@ def train_request(run: Run, caches: list[RequestCache], steps: int, learning_rat
     projected = projected_parameters(edits, moments or {}, config.projection_mu) \
         if method.regularizer_kind(config.regularizer) == "projection" else []
     if pools is not None:  # add this request's pool; replay without related rows of concepts erased since
-        new = [request_pool(run.backend, edits, cache, method, config, seed, erased, micro_batch_size)
+        new = [request_pool(run.backend, edits, cache, method, config, seed, erased, micro_batch_size, steps)
                for cache in (caches if config.setting == "simultaneous" else caches[-1:])]
         pools.append(merge_pools(new) if len(new) > 1 else new[0])
         replayed_pools = [without_erased_related(p, erased) for p in (pools if replay else pools[-1:])]

@@ -212,10 +212,11 @@ def test_ft_l2sp_adds_the_l2sp_penalty_to_the_output_term():
 
 
 def test_duge_sums_output_prior_and_regularisation():
-    out = _losses("duge", d=0.5, lambda_prior=3.0, lambda_reg=4.0, anchor_guidance=0.0)
+    out = _losses("duge", d=0.5, lambda_prior=3.0, lambda_reg=4.0, anchor_guidance=0.0, regularizer="l2sp")
     assert out["prior"] == pytest.approx(0.25)  # related prompt: (5 + d − 5)²
     assert out["loss"] == pytest.approx(1.5**2 + 3.0 * 0.25 + 4.0 * 0.25)
-    guided = _losses("duge", d=0.5, lambda_prior=3.0, lambda_reg=4.0, anchor_guidance=0.5)  # target 2 − 0.5
+    guided = _losses("duge", d=0.5, lambda_prior=3.0, lambda_reg=4.0, anchor_guidance=0.5,
+                     regularizer="l2sp")  # target 2 − 0.5
     assert guided["loss"] == pytest.approx(2.0**2 + 3.0 * 0.25 + 4.0 * 0.25)
 
 

@@ -174,7 +174,7 @@ def test_nan_loss_rolls_the_request_back_with_a_clear_error(backend, monkeypatch
 
     monkeypatch.setattr(trainer, "step_terms", nan_on_red)
     with pytest.raises(TrainingDiverged) as error:
-        unlearn(backend, requests_of(CONCEPTS), tiny_config(),
+        unlearn(backend, requests_of(CONCEPTS), tiny_config(teacher_pool=0),  # the per-step path's step_terms
                 on_request_done=lambda k, result, cache: done.append(result))
     assert str(error.value) == ("request 'red': loss became nan at step 1; the request was rolled back — "
                                 "lower the learning rate")

@@ -167,7 +167,8 @@ requests:
   - target: green
     preserve: [cyan]
 """
-    unlearn(backend, requests_of(concepts), tiny_config(steps=1, replay_batch_size=2))
+    # the per-step teachers' path (teacher_pool 0); the pooled one: tests/test_teachers.py
+    unlearn(backend, requests_of(concepts), tiny_config(steps=1, replay_batch_size=2, teacher_pool=0))
     request2, request3 = seen[1], seen[2]
     assert request2[0] == ("yellow", ["orange", "green"], ["orange", "green"])  # not erased yet: replayed
     assert request3[0] == ("yellow", ["orange"], ["orange"])  # erased now: gone from the replayed cache

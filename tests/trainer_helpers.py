@@ -17,8 +17,8 @@ requests:
 
 
 def tiny_config(**overrides) -> UnlearnConfig:
-    """A run of seconds: 3 steps per request, batch 2, two anchor images of 2 sampler steps."""
-    config = UnlearnConfig(steps=3, batch_size=2, anchor_images=2, related_images=1, sampler_steps=2)
+    """A run of seconds: 3 steps per request, batch 2, two anchor images of 2 sampler steps, teacher pools of 4 rows."""
+    config = UnlearnConfig(steps=3, batch_size=2, anchor_images=2, related_images=1, sampler_steps=2, teacher_pool=4)
     for key, value in overrides.items():
         setattr(config, key, value)
     return config
