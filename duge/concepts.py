@@ -616,7 +616,7 @@ def resolve_concept_set(concept_set: ConceptSet, builtin_world: bool, setting: s
     ]
     before = names_keys(erased_before, builtin_world)
     apply_anchor_rule(concept_set.requests, requests, location=f"{concept_set.source}: requests",
-                      erased_before=before, erased_before_by=erased_before_by, notes=notes)
+                      erased_before=before, erased_before_by=erased_before_by, notes=notes, setting=setting)
     for i, request in enumerate(requests):
         dropped = [p for p in request.preserve if _name_key(p) in before]
         request.preserve = [p for p in request.preserve if _name_key(p) not in before]
@@ -628,16 +628,24 @@ def resolve_concept_set(concept_set: ConceptSet, builtin_world: bool, setting: s
 
 def apply_anchor_rule(written: list[ConceptRequest], requests: list[ResolvedRequest],
                       location: str = "requests", erased_before: set[str] = frozenset(),
-                      erased_before_by: str = "an earlier run", notes: list[str] | None = None) -> list[ResolvedRequest]:
+                      erased_before_by: str = "an earlier run", notes: list[str] | None = None,
+                      setting: str | None = None) -> list[ResolvedRequest]:
     """The anchor rule of a sequence, in one place: no request is steered to a concept that an earlier
     request erased (under any of its names: `erased_name_keys`), or that an earlier run erased
-    (`erased_before`: name keys, that run named `erased_before_by`). An anchor the request states
+    (`erased_before`: name keys, that run named `erased_before_by`). By `setting`: independent requests
+    each start from the model the run was given, so only `erased_before` counts; simultaneous requests
+    are erased together, so every other request's target counts, a later one's too; None and
+    sequential: earlier requests. An anchor the request states
     (`written[i]`) is refused with a ConceptSetError naming `location[i].anchor` and the request or run that
     erased it; a default anchor (the built-in world's generic word of the kind) falls back to the empty
     prompt "" (noted in `notes` when an earlier run erased it). A concept only a later request erases is
     rightly an anchor until then. Changes `requests` (resolved from `written`, in order) in place and
     returns them."""
     erased_by: dict[str, str] = {key: erased_before_by for key in erased_before}  # name key -> who erased it
+    if setting == "simultaneous":
+        for i, resolved in enumerate(requests):
+            for key in erased_name_keys(resolved):
+                erased_by.setdefault(key, f"requests[{i}] (erased in the same run)")
     for i, (request, resolved) in enumerate(zip(written, requests)):
         earlier = erased_by.get(_name_key(resolved.anchor))
         if earlier is not None and request.anchor is not None:
@@ -650,8 +658,9 @@ def apply_anchor_rule(written: list[ConceptRequest], requests: list[ResolvedRequ
                 notes.append(f"requests[{i}].anchor ('{resolved.target}'): the default {resolved.anchor!r} was erased "
                              f"by {erased_before_by}; steered to '' (the empty prompt) instead")
             resolved.anchor = ""
-        for key in erased_name_keys(resolved):
-            erased_by.setdefault(key, f"requests[{i}]")
+        if setting != "independent":
+            for key in erased_name_keys(resolved):
+                erased_by.setdefault(key, f"requests[{i}]")
     return requests
 
 

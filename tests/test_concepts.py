@@ -814,13 +814,32 @@ def test_an_anchor_an_earlier_request_erased_is_refused_naming_both_requests(tmp
     path = tmp_path / "set.yaml"
     path.write_text(ERASES_CIRCLE_THEN_STEERS_TO_IT.format(anchor=anchor), encoding="utf-8")
     concept_set = load_concept_set(path)
-    for setting in (None, "sequential", "independent", "simultaneous"):
+    for setting, by in ((None, ""), ("sequential", ""), ("simultaneous", " (erased in the same run)")):
         with pytest.raises(ConceptSetError) as caught:
             resolve_concept_set(concept_set, builtin_world=True, setting=setting)
         assert str(caught.value) == (
-            f"{path}: requests[4].anchor: {anchor!r} was erased by requests[0]; "
+            f"{path}: requests[4].anchor: {anchor!r} was erased by requests[0]{by}; "
             "expected what the target should become among concepts still in the model"
         )
+    # independent requests each start from the model the run was given, where the circle is still drawn
+    assert resolve_concept_set(concept_set, builtin_world=True, setting="independent")[4].anchor == anchor
+
+
+def test_a_simultaneous_run_refuses_an_anchor_a_later_request_erases_and_independent_keeps_default_anchors():
+    text = """
+name: erased later
+requests:
+  - target: square
+    anchor: circle
+  - target: circle
+"""
+    with pytest.raises(ConceptSetError, match=r"requests\[0\]\.anchor: 'circle' was erased by requests\[1\] "
+                                              r"\(erased in the same run\)"):
+        resolve_concept_set(parse_concept_set(text), builtin_world=True, setting="simultaneous")
+    assert resolve_concept_set(parse_concept_set(text), builtin_world=True, setting="sequential")[0].anchor == "circle"
+    plain_first = ConceptSet("plain first", [ConceptRequest(target="plain"), ConceptRequest(target="dotted")])
+    assert [r.anchor for r in resolve_concept_set(plain_first, builtin_world=True, setting="independent")] == ["", "plain"]
+    assert [r.anchor for r in resolve_concept_set(plain_first, builtin_world=True, setting="simultaneous")] == ["", ""]
 
 
 def test_a_sets_anchor_is_checked_on_a_users_model_and_when_built_in_code():
