@@ -30,8 +30,9 @@ pass counted as two), whatever the model, so attacks on different models are com
 backend needs, besides `duge.backends.base.Backend`, the token calls of `TokenBackend`
 (`DiffusersBackend` has them: SD 1.x and 2.x).
 
-Adversarial training (`duge.adversarial`, `duge unlearn --adversarial N`) runs the prompt search inside
-the trainer, against the edit being trained, and trains on the prompts it finds.
+Adversarial training (`duge.adversarial`, `duge unlearn --adversarial N`) runs the prompt search or the
+concept inversion inside the trainer, against the edit being trained, and trains on the prompts or
+embeddings it finds.
 """
 
 from __future__ import annotations
@@ -384,7 +385,8 @@ def inverted_context(backend: TokenBackend, ids: list[int], position: int, embed
 def invert_concept(backend: TokenBackend, objective: DenoisingObjective, ids: list[int], position: int,
                    initial: torch.Tensor, config: AttackConfig, generator: torch.Generator,
                    progress: Progress | None = None, cancel=None) -> tuple[torch.Tensor, list[float]]:
-    """A learnt input embedding [dim] for the token at `position` of `ids`: Adam on L with fresh draws."""
+    """A learnt input embedding [dim] for the token at `position` of `ids`: Adam on L with fresh draws. Changes
+    no weight and no `.grad` but the embedding's own."""
     embedding = initial.detach().clone().float().to(backend.device).requires_grad_(True)
     optimizer = torch.optim.Adam([embedding], lr=config.inversion_learning_rate)
     n = config.inversion_batch
@@ -395,8 +397,9 @@ def invert_concept(backend: TokenBackend, objective: DenoisingObjective, ids: li
         noisy, timesteps, target = objective.random_draws(n, generator)
         pred = backend.predict_noise(noisy, timesteps, inverted_context(backend, ids, position, embedding).expand(n, -1, -1))
         loss = (pred.float() - target.float()).pow(2).mean()
-        optimizer.zero_grad()
-        loss.backward()
+        # The gradient of the embedding alone: no other tensor's `.grad` is touched (adversarial training runs
+        # this against a model whose trainable deltas hold the step's gradients).
+        embedding.grad = torch.autograd.grad(loss, embedding)[0]
         optimizer.step()
         objective.counter.spend(step_cost)
         curve.append(float(loss.detach()))
@@ -468,27 +471,43 @@ def _inversion_attack(edited: TokenBackend, objective, prompt, prompt_ids, conce
     """The concept inversion's AttackResult (UA still to judge) and the learnt token's conditioning."""
     table = edited.token_embedding_table().detach()
     candidates = candidate_token_ids(table, edited.special_token_ids())
-    if config.initializer:
-        init_ids = edited.prompt_token_ids(config.initializer)[1:-1]
-        if len(init_ids) != 1:
-            raise DugeError(f"attack setting initializer {config.initializer!r} is {len(init_ids)} tokens; "
-                            "expected a word that is one token")
-        initial = table[init_ids[0]].float()
-    else:
-        initial = table[candidates.to(table.device)].float().mean(0)
+    initial = initial_embedding(edited, table, candidates, config)
     name_ids = edited.prompt_token_ids(_name_in_prompt(prompt, concept))
     ids, position = replace_name_with_placeholder(prompt_ids, name_ids, int(candidates[0]))
     embedding, curve = invert_concept(edited, objective, ids, position, initial, config, generator, progress, cancel)
     with torch.no_grad():
         context = inverted_context(edited, ids, position, embedding)
         final = float(objective.losses(context)[0])
+    return AttackResult("inversion", "inversion", placeholder_prompt(edited, ids, position), ids, float("nan"), final,
+                        curve, ua=float("nan"), unet_passes=0, seconds=0.0,
+                        embedding=[round(float(v), 6) for v in embedding.cpu()],
+                        nearest_tokens=nearest_tokens(edited, table, candidates, embedding)), context
+
+
+def initial_embedding(backend: TokenBackend, table: torch.Tensor, candidates: torch.Tensor,
+                      config: AttackConfig) -> torch.Tensor:
+    """Where the inversion's embedding [dim] starts: the `initializer` word's, or the mean of the candidates'."""
+    if config.initializer:
+        init_ids = backend.prompt_token_ids(config.initializer)[1:-1]
+        if len(init_ids) != 1:
+            raise DugeError(f"attack setting initializer {config.initializer!r} is {len(init_ids)} tokens; "
+                            "expected a word that is one token")
+        return table[init_ids[0]].float()
+    return table[candidates.to(table.device)].float().mean(0)
+
+
+def nearest_tokens(backend: TokenBackend, table: torch.Tensor, candidates: torch.Tensor, embedding: torch.Tensor,
+                   count: int = 3) -> list[str]:
+    """The `count` candidate tokens whose embeddings are closest (cosine) to `embedding` [dim]."""
     rows = table[candidates.to(table.device)].float()
-    similarity = torch.nn.functional.cosine_similarity(rows, embedding[None].to(rows.device), dim=-1)
-    nearest = [edited.decode_token_ids([int(candidates[i])]) for i in similarity.topk(3).indices.cpu()]
-    words = (edited.decode_token_ids(ids[:position]), PLACEHOLDER, edited.decode_token_ids(ids[position + 1:]))
-    return AttackResult("inversion", "inversion", " ".join(w for w in words if w), ids, float("nan"), final, curve,
-                        ua=float("nan"), unet_passes=0, seconds=0.0,
-                        embedding=[round(float(v), 6) for v in embedding.cpu()], nearest_tokens=nearest), context
+    similarity = torch.nn.functional.cosine_similarity(rows, embedding[None].to(rows.device).float(), dim=-1)
+    return [backend.decode_token_ids([int(candidates[i])]) for i in similarity.topk(min(count, len(rows))).indices.cpu()]
+
+
+def placeholder_prompt(backend: TokenBackend, ids: list[int], position: int) -> str:
+    """The prompt of `ids` as text, with PLACEHOLDER for the learnt token at `position`."""
+    words = (backend.decode_token_ids(ids[:position]), PLACEHOLDER, backend.decode_token_ids(ids[position + 1:]))
+    return " ".join(w for w in words if w)
 
 
 def _name_in_prompt(prompt: str, concept: MeasuredConcept) -> str:

@@ -3,6 +3,11 @@
 The whole batch is drawn at once, from generators every process seeds alike, so it is the same in
 every process of a data-parallel run and for any micro-batching; `duge.harness.accumulate` then
 runs this process's rows of it a micro-batch at a time.
+
+Adversarial training (`duge.adversarial`) then puts its attacks into every other row of the current
+request for the trainable pass only (`duge.adversarial.with_attacks`): a text prefix (`trained_prompts`,
+`with_attack_prompts`), or the target word replaced by a learnt token embedding (`learnt_tokens`, put into
+the pass by `learnt_conditioning`).
 """
 
 from __future__ import annotations
@@ -18,6 +23,15 @@ from .concepts import render_prompt
 from .config import UnlearnConfig
 from .image_cache import RequestCache
 from .methods import Method
+
+
+@dataclass
+class LearntTokenRow:
+    """The trainable pass's conditioning of a row whose target word is replaced by a learnt token embedding
+    (adversarial training against the concept inversion, `duge.adversarial`)."""
+
+    context: torch.Tensor  # [tokens, dim]: duge.attacks.inverted_context of the row's prompt with the placeholder
+    word_positions: list[int]  # the target word's token positions in it (the placeholder's, and any later mention)
 
 
 @dataclass
@@ -38,12 +52,15 @@ class Batch:
     # What the trainable pass reads instead of target_prompts, where it differs (attack prompts, duge.adversarial);
     # the frozen teachers always read target_prompts.
     trained_prompts: list[str] | None = None
+    # Rows whose trainable pass is conditioned on a learnt token instead (attack embeddings; None: the prompt's).
+    learnt_tokens: list[LearntTokenRow | None] | None = None
 
     def __getitem__(self, rows: slice) -> "Batch":
         """The anchor part's rows `rows` (without the related rows)."""
         return Batch(self.zt[rows], self.t[rows], self.target_prompts[rows], self.anchor_prompts[rows],
                      self.target_words[rows], self.tok_anchor[rows], self.mask_anchor[rows], self.has_anchor[rows],
-                     trained_prompts=self.trained_prompts[rows] if self.trained_prompts is not None else None)
+                     trained_prompts=self.trained_prompts[rows] if self.trained_prompts is not None else None,
+                     learnt_tokens=self.learnt_tokens[rows] if self.learnt_tokens is not None else None)
 
 
 def replay_requests(earlier: int, rows: int, step: int) -> list[int]:
@@ -118,8 +135,35 @@ def with_attack_prompts(rows: Batch, prefixes: list[str], current_rows: int, ste
     if not prefixes:
         return rows
     trained = list(rows.target_prompts)
-    for i in range(min(current_rows, len(trained))):
-        row = step * current_rows + i
-        if row % 2 == 1:
-            trained[i] = f"{prefixes[(row // 2) % len(prefixes)]} {trained[i]}"
+    for i, turn in attacked_rows(current_rows, len(trained), step):
+        trained[i] = f"{prefixes[turn % len(prefixes)]} {trained[i]}"
     return dataclasses.replace(rows, trained_prompts=trained)
+
+
+def attacked_rows(current_rows: int, rows: int, step: int) -> list[tuple[int, int]]:
+    """(row i, turn j) of each row of step `step` an attack goes into: of the first `current_rows` rows (the
+    current request's), those with step·current_rows + i odd; the j-th such row of the request takes the
+    attacks in turn."""
+    return [(i, (step * current_rows + i) // 2) for i in range(min(current_rows, rows))
+            if (step * current_rows + i) % 2 == 1]
+
+
+def learnt_conditioning(context: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
+                        learnt: list[LearntTokenRow | None]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The trainable pass's context [B, tokens, dim] and target-word token indices and mask [B, K] with the
+    first len(learnt) rows' learnt tokens put in where set (`Batch.learnt_tokens`)."""
+    if not any(row is not None for row in learnt):
+        return context, tokens, mask
+    width = max([tokens.shape[1]] + [len(row.word_positions) for row in learnt if row is not None])
+    pad = width - tokens.shape[1]  # columns index 0, masked out
+    tokens = torch.cat([tokens, tokens.new_zeros(len(tokens), pad)], 1)
+    mask = torch.cat([mask, mask.new_zeros(len(mask), pad)], 1)
+    contexts = list(context.unbind(0))
+    for i, row in enumerate(learnt):
+        if row is None:
+            continue
+        contexts[i] = row.context.to(context.device, context.dtype)
+        tokens[i], mask[i] = 0, False
+        tokens[i, : len(row.word_positions)] = torch.tensor(row.word_positions, dtype=tokens.dtype, device=tokens.device)
+        mask[i, : len(row.word_positions)] = True
+    return torch.stack(contexts), tokens, mask

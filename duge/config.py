@@ -23,6 +23,9 @@ TRAINABLE_MODES = ("full", "lora")
 REGULARIZERS = ("l2sp", "fisher", "penalty", "projection", "none")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 EVAL_MODES = ("auto", "each", "final", "none")  # when a run measures UA/IRA/CRA (duge.run.measuring_mode)
+# What adversarial training attacks its edit with (duge.adversarial): the prompt search's text prefixes, or the
+# concept inversion's learnt embedding of the target's name.
+ADVERSARIAL_ATTACKS = ("prompt", "inversion")
 
 # Seeds derived from `UnlearnConfig.seed` (or a request's own seed), one offset per use, so that no
 # two uses draw the same random numbers.
@@ -105,14 +108,17 @@ class UnlearnConfig:
 
     # ---- adversarial training (duge.adversarial; DUGE only): the trainer attacks its own edit at intervals, as
     # AdvUnlearn and Receler do, and trains the erasure on the attack prompts it found
-    adversarial_every: int = _setting(0, "every N steps of a request (from step N on), search an attack prompt "
-                                      "against the current edit (duge attack's prompt search, tokens before the "
-                                      "target prompt) and train every other row of the request on its target prompt "
-                                      "with a found prompt's tokens in front; 0: off (DUGE method only)", "adversarial")
+    adversarial_every: int = _setting(0, "every N steps of a request (from step N on), attack the current edit "
+                                      "(adversarial_attack) and train every other row of the request on its target "
+                                      "prompt as the attack changed it; 0: off (DUGE method only)", "adversarial")
+    adversarial_attack: str = _setting("prompt", "what those attacks are: prompt: duge attack's prompt search, the "
+                                       "tokens found put before the target prompt; inversion: duge attack's concept "
+                                       "inversion, the target's name replaced by the learnt token embedding",
+                                       "adversarial", choices=ADVERSARIAL_ATTACKS)
     adversarial_budget: int = _setting(1000, "UNet passes of one latent each of those searches may spend (a backward "
                                        "pass counts as 2)", "adversarial")
-    adversarial_prompts: int = _setting(2, "how many of the request's latest attack prompts are trained on",
-                                        "adversarial")
+    adversarial_prompts: int = _setting(2, "how many of the request's latest attack prompts (or embeddings) are "
+                                        "trained on", "adversarial")
 
     # ---- the images the frozen model generates for each request before training
     anchor_images: int = _setting(16, "images generated per request from the anchor prompts", "images")
@@ -180,6 +186,9 @@ class UnlearnConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise DugeError(f"{name} must be a whole number of at least {least}, got {value!r}")
+        if self.adversarial_attack not in ADVERSARIAL_ATTACKS:
+            raise DugeError(f"adversarial_attack must be one of {', '.join(ADVERSARIAL_ATTACKS)}, "
+                            f"got {self.adversarial_attack!r}")
         if self.adversarial_every and self.method != "duge":
             raise DugeError(f"adversarial_every is a setting of the DUGE method; method {self.method!r} trains "
                             "without it (set adversarial_every to 0)")

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from .backends.base import Backend
-from .batches import Batch, draw_batch, with_attack_prompts
+from .adversarial import AttackInputs, with_attacks
+from .batches import Batch, draw_batch, learnt_conditioning
 from .config import UnlearnConfig
 from .distributed import masked_shard_weight, shard_weight
 from .edits import LayerEdits
@@ -58,7 +59,8 @@ def trainable_part(backend: Backend, rows: Batch, part: slice, config: UnlearnCo
     """L_out + β·L_attn + λ_prior·L_prior on rows `part` of a step's rows — the anchor rows, then the related
     rows — in ONE trainable UNet call, against the part's frozen targets: `target` [n] and `maps_anchor` of its
     n anchor rows, `related_target` [m] of its related rows. Each term weighted by the part's share of its rows.
-    The trainable pass reads the rows' `trained_prompts` where set (attack prompts), the teachers did not."""
+    The trainable pass reads the rows' `trained_prompts` where set (attack prompts) and their `learnt_tokens`'
+    conditioning and target-word positions where set (attack embeddings); the teachers read neither."""
     b, r = len(rows.t), len(rows.related_prompts)
     anchor, related = split_part(part, b)
     n = anchor.stop - anchor.start
@@ -68,7 +70,10 @@ def trainable_part(backend: Backend, rows: Batch, part: slice, config: UnlearnCo
     zt = torch.cat([rows.zt[anchor]] + ([rows.related_zt[related]] if r else []))
     t = torch.cat([rows.t[anchor]] + ([rows.related_t[related]] if r else []))
     tokens, mask = backend.token_indices(prompts, words)
-    pred, maps = predict(backend, zt, t, backend.encode_prompts(prompts), tokens, mask, config, beta > 0 and n > 0)
+    context = backend.encode_prompts(prompts)
+    if rows.learnt_tokens is not None:
+        context, tokens, mask = learnt_conditioning(context, tokens, mask, rows.learnt_tokens[anchor])
+    pred, maps = predict(backend, zt, t, context, tokens, mask, config, beta > 0 and n > 0)
     loss, values = pred.new_zeros(()), {}
     if n:
         loss, values = weighted_xattn(pred[:n], target, [m[:n] for m in maps], maps_anchor, beta, anchor,
@@ -146,13 +151,14 @@ def with_total(terms: dict[str, float], edits: LayerEdits, method: Method, confi
 def step_terms(backend: Backend, edits: LayerEdits, caches: list[RequestCache], method: Method, config: UnlearnConfig,
                rng: np.random.Generator, generator: torch.Generator, fisher: dict | None, replay: int = 0,
                micro_batch_size: int = 0, step: int = 0, moments: dict | None = None,
-               attack_prefixes: list[str] = ()) -> dict[str, float]:
+               attacks: AttackInputs | None = None) -> dict[str, float]:
     """One step's loss over a batch drawn from `caches`, its teachers run now, back-propagated into the
     trainable deltas' `.grad` (the caller zeroes them before and steps the optimiser after). Returns each
-    term's value: total = xattn + λ_prior·prior + λ_reg·reg. `attack_prefixes`: the current request's attack
-    prompts (`duge.adversarial`), put in front of every other of its rows' prompts in the trainable pass."""
-    batch = with_attack_prompts(draw_batch(backend, caches, method, config, rng, generator, replay, step),
-                                list(attack_prefixes), config.batch_size, step)
+    term's value: total = xattn + λ_prior·prior + λ_reg·reg. `attacks`: the current request's attack prompts
+    or embeddings (`duge.adversarial`), put into every other of its rows in the trainable pass
+    (`duge.adversarial.with_attacks`)."""
+    batch = with_attacks(backend, draw_batch(backend, caches, method, config, rng, generator, replay, step),
+                         attacks, config.batch_size, step)
     beta = config.beta if method.attention_term and config.beta > 0 else 0.0
     count = len(batch.t) + len(batch.related_prompts)  # the anchor rows, then the related rows (if the prior term has any)
     terms = accumulate(count, micro_batch_size, lambda part: step_part(backend, edits, batch, part, method, config, beta))
@@ -170,12 +176,12 @@ def pooled_part(backend: Backend, drawn: PoolRows, part: slice, config: UnlearnC
 def pooled_step_terms(backend: Backend, edits: LayerEdits, pools: list[TeacherPool], method: Method,
                       config: UnlearnConfig,
                       rng: np.random.Generator, fisher: dict | None, replay: int = 0, micro_batch_size: int = 0,
-                      step: int = 0, moments: dict | None = None, attack_prefixes: list[str] = ()) -> dict[str, float]:
+                      step: int = 0, moments: dict | None = None, attacks: AttackInputs | None = None) -> dict[str, float]:
     """`step_terms` with the teachers computed once per request (`duge.teachers`): the step's rows come from
     the pools (the last is the current request's, `replay` rows from the earlier ones) and only the
     trainable pass runs, anchor and related rows in the same UNet call."""
     drawn = draw_pool_rows(pools, config, rng, step, replay, backend.device)
-    drawn.rows = with_attack_prompts(drawn.rows, list(attack_prefixes), config.batch_size, step)
+    drawn.rows = with_attacks(backend, drawn.rows, attacks, config.batch_size, step)
     beta = config.beta if method.attention_term and config.beta > 0 else 0.0
     count = len(drawn.rows.t) + (len(drawn.rows.related_prompts) if method.prior_term and config.lambda_prior > 0 else 0)
     if count == len(drawn.rows.t):

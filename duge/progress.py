@@ -67,11 +67,14 @@ def run_inputs(model: str, model_sha256: str, config: UnlearnConfig, concept_set
     """Everything that decides a run's weights, as plain JSON: a checkpoint resumes only the same inputs.
 
     Config fields that cannot change the weights (`SETTINGS_NOT_IN_INPUTS`, and the adversarial settings while
-    `adversarial_every` is 0) are left out.
+    `adversarial_every` is 0) are left out, and `adversarial_attack` at "prompt" (what checkpoints written before it
+    existed did, and lack it).
     """
     settings = {k: v for k, v in asdict(config).items() if k not in SETTINGS_NOT_IN_INPUTS}
     if not config.adversarial_every:  # off, the adversarial settings change nothing (and older checkpoints lack them)
         settings = {k: v for k, v in settings.items() if not k.startswith("adversarial_")}
+    elif settings.get("adversarial_attack") == "prompt":
+        del settings["adversarial_attack"]
     return json.loads(json.dumps({
         "model": str(model),
         "model_sha256": model_sha256,

@@ -6,7 +6,7 @@ reference model generates the images the losses need (`duge.image_cache`), then 
 optimises the trainable deltas on the cross-attention K/V with the method's objective
 (`duge.objective`: L = L_xattn + λ_prior · L_prior + λ_reg · L_reg, design doc §2). With
 `adversarial_every` the request also attacks its own edit at intervals and trains on the attack
-prompts found (`duge.adversarial`).
+prompts or embeddings found (`duge.adversarial`).
 
 The frozen reference ε_φ of request k is the model as request k−1 left it (θ0 for the first request
 and in the independent setting); the regulariser anchors to θ0. Why: docs/method.md.
@@ -68,8 +68,8 @@ def train_request(run: Run, caches: list[RequestCache], steps: int, learning_rat
                   erased: set[str] = frozenset()) -> tuple[dict, dict, list[dict]]:
     """Optimise one request (the last of `caches`; the earlier ones replayed when `replay`, all alike when
     simultaneous) and commit it. Returns its ΔW per layer, the last step's loss terms and its attack searches
-    (`config.adversarial_every`, `duge.adversarial`: every N steps an attack prompt found against the edit
-    joins the request's target prompts; [] when off).
+    (`config.adversarial_every`, `duge.adversarial`: every N steps an attack prompt or embedding found against
+    the edit joins the request's target prompts; [] when off).
 
     `moments`: layer name → the second moment C of the text states to preserve (`duge.preservation`), for the
     penalty and projection regularisers. `pools`: the earlier requests' teacher pools when the method pools
@@ -107,11 +107,11 @@ def train_request(run: Run, caches: list[RequestCache], steps: int, learning_rat
             optimizer.zero_grad(set_to_none=True)
             if pools is not None:
                 losses = pooled_step_terms(run.backend, edits, replayed_pools, method, config, rng,
-                                           run.fisher, replay_rows, micro_batch_size, step, moments, attacks.prefixes)
+                                           run.fisher, replay_rows, micro_batch_size, step, moments, attacks.inputs)
             else:
                 losses = step_terms(run.backend, edits, caches, method, config, rng, generator, run.fisher,
                                     replay=replay_rows, micro_batch_size=micro_batch_size, step=step, moments=moments,
-                                    attack_prefixes=attacks.prefixes)
+                                    attacks=attacks.inputs)
             with projected_updates(projected):  # each update onto the soft null space of the preserved inputs
                 rollback.step(optimizer, params, losses["total"], step)
             run.phases.advance(1)

@@ -8,9 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from duge.adversarial import AdversarialSearch, searches_in
+import duge.adversarial
+import duge.objective
+from duge.adversarial import AdversarialSearch, searches_in, with_attack_embeddings
+from duge.attacks import candidate_token_ids, inverted_context, replace_name_with_placeholder
 from duge.backends.diffusers_backend import DiffusersBackend
-from duge.batches import with_attack_prompts
+from duge.batches import Batch, learnt_conditioning, with_attack_prompts
 from duge.cli import _unlearn_config, build_parser
 from duge.concepts import parse_concept_set
 from duge.edits import trainable_pattern
@@ -74,8 +77,6 @@ def test_searches_run_every_n_steps_and_their_prompts_are_trained_from_then_on(b
 
 
 def test_every_other_row_of_the_current_request_gets_an_attack_prefix(backend):
-    from duge.batches import Batch
-
     rows = Batch(torch.zeros(3, 1), torch.zeros(3), ["a circle", "a circle", "old"], ["", "", ""], ["circle"] * 3,
                  torch.zeros(3, 1), torch.zeros(3, 1, dtype=torch.bool), torch.zeros(3, dtype=torch.bool))
     assert with_attack_prompts(rows, [], 2, 0) is rows
@@ -86,6 +87,15 @@ def test_every_other_row_of_the_current_request_gets_an_attack_prefix(backend):
     assert step1[slice(1, 2)].trained_prompts == ["z a circle"]
 
 
+def _trained_deltas(edits) -> list[torch.Tensor]:
+    """A request's trainable deltas, moved off zero as a few steps of training would."""
+    params = edits.start_request(0)
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    return params
+
+
 def test_search_changes_no_weight_or_gradient_and_honours_cancel(backend):
     """Both searches: the greedy one (the built-in vocabulary) and the gradient-guided one (back-propagating
     through the edited UNet to the token choices)."""
@@ -93,10 +103,7 @@ def test_search_changes_no_weight_or_gradient_and_honours_cancel(backend):
     text_encoder = {k: v.clone() for k, v in backend.text_encoder.state_dict().items()}
     before = host_weights(backend)
     with backend.edits(trainable_pattern("kv")) as edits:
-        params = edits.start_request(0)
-        with torch.no_grad():
-            for p in params:
-                p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+        params = _trained_deltas(edits)
         trained = [p.detach().clone() for p in params]
         search = AdversarialSearch.start(backend, edits, request, tiny_config(adversarial_every=1, adversarial_budget=150),
                                          0, 8, Phases())
@@ -147,6 +154,9 @@ def test_adversarial_runs_are_seeded(backend):
     ({"adversarial_every": 2, "adversarial_prompts": 0}, "adversarial_prompts must be a whole number of at least 1"),
     ({"adversarial_every": 2, "method": "esd-x"}, "adversarial_every is a setting of the DUGE method"),
     ({"adversarial_every": 2, "setting": "simultaneous"}, "simultaneous setting trains every request at once"),
+    ({"adversarial_every": 2, "adversarial_attack": "textual"},
+     "adversarial_attack must be one of prompt, inversion, got 'textual'"),
+    ({"adversarial_attack": "both"}, "adversarial_attack must be one of prompt, inversion, got 'both'"),
 ])
 def test_bad_adversarial_settings_are_refused_before_any_work(backend, overrides, message):
     before = host_weights(backend)
@@ -160,7 +170,14 @@ def test_the_command_line_sets_adversarial_training():
                                       "--adversarial-budget", "300", "--adversarial-prompts", "3"])
     config = _unlearn_config(args)
     assert (config.adversarial_every, config.adversarial_budget, config.adversarial_prompts) == (25, 300, 3)
-    assert _unlearn_config(build_parser().parse_args(["unlearn", "--concepts", "c", "--out", "o"])).adversarial_every == 0
+    assert config.adversarial_attack == "prompt"
+    default = _unlearn_config(build_parser().parse_args(["unlearn", "--concepts", "c", "--out", "o"]))
+    assert default.adversarial_every == 0
+    args = build_parser().parse_args(["unlearn", "--concepts", "c", "--out", "o", "--adversarial", "25",
+                                      "--adversarial-attack", "inversion"])
+    assert _unlearn_config(args).adversarial_attack == "inversion"
+    with pytest.raises(SystemExit):  # argparse names the choices
+        build_parser().parse_args(["unlearn", "--concepts", "c", "--out", "o", "--adversarial-attack", "textual"])
 
 
 def test_a_checkpoints_inputs_hold_the_adversarial_settings_only_when_they_act():
@@ -171,3 +188,103 @@ def test_a_checkpoints_inputs_hold_the_adversarial_settings_only_when_they_act()
     assert off == run_inputs("builtin", "x", tiny_config(), concept_set)["config"]
     on = run_inputs("builtin", "x", tiny_config(adversarial_every=2, adversarial_budget=7), concept_set)["config"]
     assert (on["adversarial_every"], on["adversarial_budget"]) == (2, 7)
+    assert "adversarial_attack" not in on  # "prompt", what checkpoints written before the setting did
+    inverted = run_inputs("builtin", "x", tiny_config(adversarial_every=2, adversarial_attack="inversion"), concept_set)
+    assert inverted["config"]["adversarial_attack"] == "inversion"
+
+
+# ---------------------------------------------------------------- against the concept inversion (adversarial_attack)
+
+INVERSION = dict(QUICK, adversarial_attack="inversion")
+
+
+def test_inversion_training_runs_records_its_searches_and_trains_the_learnt_rows(backend, monkeypatch):
+    before = host_weights(backend)
+    learnt = []  # (prompt, word) of every row given a learnt token
+    real = duge.adversarial.learnt_token_row
+
+    def spy(backend_, prompt, word, embedding, placeholder_id):
+        learnt.append((prompt, word, embedding))
+        return real(backend_, prompt, word, embedding, placeholder_id)
+
+    monkeypatch.setattr(duge.adversarial, "learnt_token_row", spy)
+    result = unlearn(backend, requests_of(CONCEPTS), tiny_config(**INVERSION))
+    for request in result.requests:
+        assert [s["step"] for s in request.adversarial] == [2, 4]
+        for search in request.adversarial:
+            assert search["attack"] == search["search"] == "inversion" and "<concept>" in search["prompt"]
+            assert request.target not in search["prompt"].split()  # the name is what the token replaces
+            assert 0 < search["unet_passes"] <= INVERSION["adversarial_budget"] and len(search["nearest_tokens"]) == 3
+            assert search["objective_attacked"] == pytest.approx(search["objective_attacked"])  # a number, not NaN
+    words = {r.target for r in result.requests}
+    assert learnt and {w for _, w, _ in learnt} <= words | {a for r in requests_of(CONCEPTS) for a in r.aliases}
+    assert all(e.shape == (backend.token_embedding_table().shape[1],) and not e.requires_grad for _, _, e in learnt)
+    assert_bit_identical(before, backend)
+
+
+def test_inversion_search_changes_no_weight_and_no_gradient_of_the_deltas(backend):
+    """The inversion back-propagates through the edited UNet to its embedding: the deltas' `.grad` (holding
+    a step's gradients) must come out as they went in."""
+    request = requests_of(CONCEPTS)[0]
+    before = host_weights(backend)
+    with backend.edits(trainable_pattern("kv")) as edits:
+        params = _trained_deltas(edits)
+        for p in params:
+            p.grad = torch.full_like(p, 0.5)
+        trained = [p.detach().clone() for p in params]
+        config = tiny_config(adversarial_every=1, adversarial_budget=100, adversarial_attack="inversion",
+                             adversarial_prompts=1)
+        search = AdversarialSearch.start(backend, edits, request, config, 0, 8, Phases())
+        search.search(1, Phases())
+        search.search(2, Phases())
+        assert all(torch.equal(p, q) for p, q in zip(params, trained))
+        assert all(torch.equal(p.grad, torch.full_like(p, 0.5)) for p in params)
+        assert len(search.embeddings) == 1 and not search.prefixes  # adversarial_prompts 1 keeps the last
+        assert search.inputs.embeddings[0] is search.embeddings[0] and search.inputs.placeholder_id == search.placeholder_id
+        table = backend.token_embedding_table().detach()
+        start = table[candidate_token_ids(table, backend.special_token_ids())].float().mean(0)
+        assert not torch.allclose(search.embeddings[0], start)  # Adam moved it from the vocabulary's mean
+        assert search.found[-1]["unet_passes"] <= 100
+        with pytest.raises(UnlearnCancelled, match="attack search"):
+            search.search(3, Phases(), cancel=lambda: True)
+    assert_bit_identical(before, backend)
+
+
+def test_rows_trained_on_a_learnt_token_get_its_conditioning_and_its_attention_maps(backend, monkeypatch):
+    prompts, words = ["a red circle and a red circle", "a red circle and a red circle", "a square"], \
+        ["red circle", "red circle", "square"]
+    rows = Batch(torch.zeros(3, 4, 8, 8), torch.zeros(3, dtype=torch.long), prompts, ["", "", ""], words,
+                 torch.zeros(3, 1, dtype=torch.long), torch.zeros(3, 1, dtype=torch.bool),
+                 torch.zeros(3, dtype=torch.bool))
+    embedding = torch.randn(backend.token_embedding_table().shape[1], generator=torch.Generator().manual_seed(0))
+    placeholder = 5
+    assert with_attack_embeddings(backend, rows, [], placeholder, 2, 0) is rows
+    attacked = with_attack_embeddings(backend, rows, [embedding], placeholder, 2, 0)  # row 1 of 0, 1 is odd
+    assert attacked.learnt_tokens[0] is None and attacked.learnt_tokens[2] is None  # row 2: an earlier request's
+    ids, position = replace_name_with_placeholder(backend.prompt_token_ids(prompts[1]),
+                                                  backend.prompt_token_ids("red circle"), placeholder)
+    expected = inverted_context(backend, ids, position, embedding)[0].detach()
+    plain = backend.encode_prompts(prompts)
+    tokens, mask = backend.token_indices(prompts, words)
+    context, tokens_out, mask_out = learnt_conditioning(plain, tokens, mask, attacked.learnt_tokens)
+    assert torch.equal(context[1], expected) and not torch.allclose(context[1], plain[1])
+    assert torch.equal(context[0], plain[0]) and torch.equal(context[2], plain[2])
+    # "a <placeholder> and a red circle": the placeholder at 2, the second mention moved to 5, 6
+    assert tokens_out[1][mask_out[1]].tolist() == [2, 5, 6] and ids[2] == placeholder
+    assert torch.equal(tokens_out[0][mask_out[0]], tokens[0][mask[0]])
+    assert torch.equal(tokens_out[2][mask_out[2]], tokens[2][mask[2]])
+
+    seen = {}
+
+    class Seen(Exception):
+        pass
+
+    def capture(backend_, zt, t, context, tokens, mask, config, maps):  # what the trainable pass is given
+        seen.update(context=context, tokens=tokens, mask=mask)
+        raise Seen
+
+    monkeypatch.setattr(duge.objective, "predict", capture)
+    with pytest.raises(Seen):
+        duge.objective.trainable_part(backend, attacked, slice(1, 3), tiny_config(), 1.0, None, [], None)
+    assert torch.equal(seen["context"][0], expected) and torch.equal(seen["context"][1], plain[2])
+    assert seen["tokens"][0][seen["mask"][0]].tolist() == [2, 5, 6]
