@@ -28,8 +28,6 @@ from duge.paths import atomic_write_text  # noqa: E402
 from duge.phases import KINDS, Phases  # noqa: E402
 
 TARGET_SECONDS = 180  # the target for the whole demo on a quiet 2-core machine
-UNITS = {"loading": "part", "images": "image", "training": "step", "measuring": "image", "grid": "image",
-         "attacking": "UNet pass", "writing": "file"}
 
 
 def main(argv=None) -> int:
@@ -61,8 +59,8 @@ def main(argv=None) -> int:
     rows = []
     for kind in KINDS:
         seconds = phases.seconds.get(kind, 0.0)
-        rows.append({"phase": kind, "seconds": round(seconds, 2), "share": round(seconds / total, 3),
-                     "work": round(phases.counts.get(kind, 0.0), 1), "unit": UNITS[kind]})
+        work = {unit: round(n, 1) for unit, n in phases.counts.get(kind, {}).items()}  # e.g. training: steps, rows
+        rows.append({"phase": kind, "seconds": round(seconds, 2), "share": round(seconds / total, 3), "work": work})
     other = total - sum(phases.seconds.values())
     result = {
         "what": "wall time of `duge demo` per phase (this process, default settings, eval=" + args.eval + ")",
@@ -78,9 +76,10 @@ def main(argv=None) -> int:
     print(f"duge demo (eval={args.eval}) on {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads; "
           f"load average before {load_before[0]:.1f}, after {load_after[0]:.1f} "
           "(a quiet machine is near 0; more means other processes shared the cores)")
-    print(f"{'phase':<11}{'seconds':>9}{'share':>8}{'work':>9}  unit")
+    print(f"{'phase':<11}{'seconds':>9}{'share':>8}  work")
     for row in rows:
-        print(f"{row['phase']:<11}{row['seconds']:>9.1f}{row['share']:>8.1%}{row['work']:>9.0f}  {row['unit']}")
+        work = ", ".join(f"{n:.0f} {unit}" for unit, n in row["work"].items()) or "-"
+        print(f"{row['phase']:<11}{row['seconds']:>9.1f}{row['share']:>8.1%}  {work}")
     print(f"{'total':<11}{total:>9.1f}{1:>8.0%}   (target {TARGET_SECONDS} s on a quiet 2-core machine; "
           f"{'met' if total <= TARGET_SECONDS else 'not met'} here)")
     final = report.get("final") or {}

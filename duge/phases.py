@@ -7,7 +7,8 @@ previews) and leaves it when it ends. `Phases` itself only keeps the wall time o
 (`seconds`, e.g. for benchmarks/demo_time.py); `TqdmPhases` draws one tqdm bar per phase on the
 command line, and duge.backends.comfy_run drives ComfyUI's progress bar with previews the same way.
 
-Kinds: "loading", "images" (a request's anchor and related images), "training", "measuring",
+Kinds: "loading", "images" (a request's anchor and related images), "training" (a request's teacher
+pool, counted in rows, and its steps), "measuring",
 "grid" (the before/after images), "attacking" (`duge unlearn --attack`), "writing".
 """
 
@@ -26,9 +27,9 @@ class Phases:
 
     def __init__(self):
         self.seconds: dict[str, float] = {}  # wall time per kind
-        self.counts: dict[str, float] = {}  # work done per kind, in the phases' units
+        self.counts: dict[str, dict[str, float]] = {}  # work done per kind and unit (e.g. training: steps, rows)
         self.info: dict = {}  # the current phase's **info (e.g. target=...)
-        self._current: tuple[str, str, float] | None = None  # (name, kind, start time)
+        self._current: tuple[str, str, float, str] | None = None  # (name, kind, start time, unit)
 
     @contextmanager
     def phase(self, name: str, total: float, unit: str, kind: str, **info):
@@ -39,7 +40,7 @@ class Phases:
         if self._current is not None:
             yield self
             return
-        self._current, self.info = (name, kind, time.perf_counter()), info
+        self._current, self.info = (name, kind, time.perf_counter(), unit), info
         self.started(name, total, unit, kind)
         try:
             yield self
@@ -57,7 +58,8 @@ class Phases:
     def advance(self, n: float = 1, latents=None, image=None) -> None:
         """`n` more units of the current phase done; `latents` [1, C, h, w] or `image` [3, H, W]: what was just made."""
         if self._current is not None:
-            self.counts[self.kind] = self.counts.get(self.kind, 0.0) + n
+            done = self.counts.setdefault(self.kind, {})
+            done[self._current[3]] = done.get(self._current[3], 0.0) + n
         self.advanced(n, latents, image)
 
     # What a display does; nothing here.

@@ -37,6 +37,7 @@ from .edits import LayerEdits
 from .harness import micro_batches
 from .image_cache import RequestCache
 from .methods import Method
+from .phases import Phases, current_phases
 from .targets import OBJECTIVES
 
 
@@ -77,36 +78,44 @@ def without_erased_related(pool: TeacherPool, erased: set[str]) -> TeacherPool:
 
 def build_teacher_pool(backend: Backend, edits: LayerEdits, cache: RequestCache, method: Method, config: UnlearnConfig, size: int,
                        rng: np.random.Generator, generator: torch.Generator, erased: set[str],
-                       micro_batch_size: int = 0) -> TeacherPool:
+                       micro_batch_size: int = 0, phases: Phases | None = None) -> TeacherPool:
     """`size` rows drawn from `cache` as a step draws them, with the teachers' outputs (module doc).
 
     `erased`: every name of every concept erased so far, the current request's included, and by an earlier
-    run on the model (lower case).
+    run on the model (lower case). The teachers' passes are a phase of kind "training" on `phases`
+    ("teachers for '<target>'"), counted in rows (anchor and related) micro-batch by micro-batch.
     """
     rows = draw_batch(backend, [cache], method, dataclasses.replace(config, batch_size=size), rng, generator)
     capture = method.attention_term and config.beta > 0
-    targets, maps = [], []
-    for part in micro_batches(slice(0, size), micro_batch_size):
-        part_rows = rows[part]
-        target, part_maps, _ = OBJECTIVES[method.objective].target(backend, edits, part_rows, method, config, capture)
-        targets.append(target.detach().float().cpu())
-        maps.append([m.detach().float().cpu() for m in part_maps])
-    anchor_maps = [torch.cat(layer) for layer in zip(*maps)] if capture else []
-    related_target = None
-    if rows.related_zt is not None:
-        related_target = torch.empty(rows.related_zt.shape)
-        with torch.no_grad():
-            for part in micro_batches(slice(0, len(rows.related_prompts)), micro_batch_size):
-                prompts = rows.related_prompts[part]
-                context = backend.encode_prompts(prompts)
-                kept = torch.tensor([not names_erased(p, erased) for p in prompts])
-                with edits.disabled():  # θ0: the teacher of concepts never erased
-                    from_theta0 = backend.predict_noise(rows.related_zt[part], rows.related_t[part], context)
-                if not bool(kept.all()):
-                    with edits.reference():  # a prompt naming an erased concept: the model as the last request left it
-                        from_reference = backend.predict_noise(rows.related_zt[part], rows.related_t[part], context)
-                    from_theta0 = torch.where(kept.to(from_theta0.device)[:, None, None, None], from_theta0, from_reference)
-                related_target[part] = from_theta0.float().cpu()
+    related = len(rows.related_prompts) if rows.related_zt is not None else 0
+    phases = current_phases(phases)
+    target_name = cache.request.target
+    with phases.phase(f"teachers for '{target_name}'", size + related, "row", "training", target=target_name):
+        targets, maps = [], []
+        for part in micro_batches(slice(0, size), micro_batch_size):
+            part_rows = rows[part]
+            target, part_maps, _ = OBJECTIVES[method.objective].target(backend, edits, part_rows, method, config, capture)
+            targets.append(target.detach().float().cpu())
+            maps.append([m.detach().float().cpu() for m in part_maps])
+            phases.advance(part.stop - part.start)
+        anchor_maps = [torch.cat(layer) for layer in zip(*maps)] if capture else []
+        related_target = None
+        if related:
+            related_target = torch.empty(rows.related_zt.shape)
+            with torch.no_grad():
+                for part in micro_batches(slice(0, related), micro_batch_size):
+                    prompts = rows.related_prompts[part]
+                    context = backend.encode_prompts(prompts)
+                    kept = torch.tensor([not names_erased(p, erased) for p in prompts])
+                    with edits.disabled():  # θ0: the teacher of concepts never erased
+                        from_theta0 = backend.predict_noise(rows.related_zt[part], rows.related_t[part], context)
+                    if not bool(kept.all()):
+                        with edits.reference():  # a prompt naming an erased concept: the model as the last request left it
+                            from_reference = backend.predict_noise(rows.related_zt[part], rows.related_t[part], context)
+                        from_theta0 = torch.where(kept.to(from_theta0.device)[:, None, None, None], from_theta0,
+                                                  from_reference)
+                    related_target[part] = from_theta0.float().cpu()
+                    phases.advance(part.stop - part.start)
     return TeacherPool(_to_cpu(rows), torch.cat(targets), anchor_maps, related_target)
 
 
@@ -117,18 +126,20 @@ def pool_size(config: UnlearnConfig, steps: int) -> int:
 
 
 def request_pool(backend: Backend, edits: LayerEdits, cache: RequestCache, method: Method, config: UnlearnConfig,
-                 seed: int, erased: set[str], micro_batch_size: int = 0, steps: int | None = None) -> TeacherPool:
+                 seed: int, erased: set[str], micro_batch_size: int = 0, steps: int | None = None,
+                 phases: Phases | None = None) -> TeacherPool:
     """A request's teacher pool of `pool_size` rows (`steps`: the request's; None: `config.steps`), drawn with its
-    own seed (the request's seed plus `TEACHER_POOL_SEED_OFFSET`)."""
+    own seed (the request's seed plus `TEACHER_POOL_SEED_OFFSET`), its passes counted on `phases`."""
     pool_seed = seed + TEACHER_POOL_SEED_OFFSET
     return build_teacher_pool(backend, edits, cache, method, config, pool_size(config, steps or config.steps),
                               np.random.default_rng(pool_seed), torch.Generator().manual_seed(pool_seed), erased,
-                              micro_batch_size)
+                              micro_batch_size, phases)
 
 
 def rebuild_pools(backend: Backend, edits: LayerEdits, method: Method, config: UnlearnConfig,
                   requests: list[ResolvedRequest], caches: list[RequestCache], deltas: list[dict],
-                  micro_batch_size: int = 0, erased_before: set[str] = frozenset()) -> list[TeacherPool]:
+                  micro_batch_size: int = 0, erased_before: set[str] = frozenset(),
+                  phases: Phases | None = None) -> list[TeacherPool]:
     """The teacher pools of the requests a resumed sequential run had finished (one per cache), as they were
     built: request j's from the model θ0 + Σ_{i<j} ΔW_i (`deltas`: each request's ΔW per layer), with its own
     seed and `erased_before` (name keys an earlier run erased) counted as erased. The committed deltas are
@@ -142,7 +153,7 @@ def rebuild_pools(backend: Backend, edits: LayerEdits, method: Method, config: U
             seed = request_seed(config, j, requests[j].seed)
             erased = erased_before | {n.lower() for r in requests[: j + 1] for n in (r.target, *r.aliases)}
             pools.append(request_pool(backend, edits, cache, method, config, seed, erased, micro_batch_size,
-                                      requests[j].steps or config.steps))
+                                      requests[j].steps or config.steps, phases))
     finally:
         edits.load_committed(final)
     return pools

@@ -90,7 +90,7 @@ def train_request(run: Run, caches: list[RequestCache], steps: int, learning_rat
     projected = projected_parameters(edits, moments or {}, config.projection_mu) \
         if method.regularizer_kind(config.regularizer) == "projection" else []
     if pools is not None:  # add this request's pool; replay without related rows of concepts erased since
-        new = [request_pool(run.backend, edits, cache, method, config, seed, erased, micro_batch_size, steps)
+        new = [request_pool(run.backend, edits, cache, method, config, seed, erased, micro_batch_size, steps, run.phases)
                for cache in (caches if config.setting == "simultaneous" else caches[-1:])]
         pools.append(merge_pools(new) if len(new) > 1 else new[0])
         replayed_pools = [without_erased_related(p, erased) for p in (pools if replay else pools[-1:])]
@@ -205,7 +205,7 @@ def unlearn(backend: Backend, requests: list[ResolvedRequest], config: UnlearnCo
                     micro_batch_size = run.memory.step_micro_batch_size(first_params, caches[0])
                     edits.discard_request()
                     pools = rebuild_pools(backend, edits, method, config, requests, caches, [r.delta for r in results],
-                                          micro_batch_size, before)
+                                          micro_batch_size, before, phases)
                 moments = preservation_moments(backend, edits, [request], earlier, requests, general_prompts, kind, before)
                 erased = before | {n.lower() for r in [*earlier, request] for n in (r.target, *r.aliases)}
                 delta, losses, adversarial = train_request(run, replayed + [cache], request.steps or config.steps,

@@ -71,8 +71,9 @@ def test_every_phase_advances_step_by_step_while_it_works(tmp_path, monkeypatch)
     report = run.run_unlearn("builtin", _concepts(tmp_path, ONE_REQUEST), tmp_path / "out",
                              tiny_config(eval="final", sampler_steps=4), phases=phases, log=lambda *a: None)
     names = [p["name"] for p in phases.log]
-    assert names == ["loading the model", "measuring the unedited model", "images for 'circle'", "training 'circle'",
-                     "measuring after 'circle'", "before/after grid", "writing outputs"]
+    assert names == ["loading the model", "measuring the unedited model", "images for 'circle'",
+                     "teachers for 'circle'", "training 'circle'", "measuring after 'circle'", "before/after grid",
+                     "writing outputs"]
     for phase in phases.log:
         assert sum(phase["advances"]) == pytest.approx(phase["total"]), phase["name"]  # the count reaches its total
         assert phase["total"] > 0
@@ -86,6 +87,9 @@ def test_every_phase_advances_step_by_step_while_it_works(tmp_path, monkeypatch)
     assert measured["total"] == 24 + 20 * 8
     assert len([n for n in measured["advances"] if n > 0]) == 2 * 3 and measured["previews"] == 3
     assert by_name["training 'circle'"]["advances"] == [1, 1, 1]
+    teachers = by_name["teachers for 'circle'"]  # tiny_config's pool of 4 rows, and 4 related rows (square)
+    assert teachers["unit"] == "row" and teachers["kind"] == "training" and teachers["total"] == 8
+    assert phases.counts["training"] == {"row": 8, "step": 3}
     assert set(phases.seconds) == {"loading", "images", "training", "measuring", "grid", "writing"}
     assert report["eval"] == "final" and report["final"]["UA"] is not None
     assert json.loads((tmp_path / "out" / "report.json").read_text())["before"]["UA"] is not None

@@ -126,7 +126,8 @@ class ComfyPhases(Phases):
     def started(self, name, total, unit, kind):
         logger.info("DUGE Unlearn: %s (%g %s)", name, total, unit)
         self.total, self.done = max(total, 1e-9), 0.0
-        self.next_preview = self.total / 4 if kind == "training" else 0.0
+        # training steps (not the teachers' rows) preview the target every quarter of the phase
+        self.next_preview = self.total / 4 if kind == "training" and unit == "step" else float("inf")
         self.bar.update_absolute(0, self._scaled(self.total))
 
     def advanced(self, n, latents, image):
