@@ -795,6 +795,12 @@ def names_keys(names: Sequence[str], builtin_world: bool) -> set[str]:
     return keys
 
 
+def erased_keys(requests: Sequence[ResolvedRequest], before: set[str] = frozenset()) -> set[str]:
+    """The lower-case names (target and aliases) of every request in `requests`, with `before` (keys an earlier
+    run erased): what counts as erased once those requests are done."""
+    return set(before) | {n.lower() for r in requests for n in (r.target, *r.aliases)}
+
+
 def preserved_at(requests: list[ResolvedRequest], k: int) -> list[list[str]]:
     """The continual rule, in one place: at request k (0-based), the preserve list of each request
     0..k with every concept erased at or before k left out.

@@ -187,6 +187,25 @@ def erasure_rates(generate: Generate, classifier: ConceptClassifier, erased: Seq
     return out
 
 
+def shown_prompts(erased: Sequence[ResolvedRequest], concepts: Sequence[MeasuredConcept],
+                  preserved_per_request: int = 2) -> tuple[list[str], list[str]]:
+    """Prompts whose measured images show a run's result, as `measure_requests` renders them: each erased
+    concept's first UA prompt (its first paraphrase template with its first name), and the retention prompt of
+    the first `preserved_per_request` preserved concepts of each request that the classifier knows (a preserved
+    concept erased by another request is left out: its accuracy is not measured). Returns (targets' prompts,
+    preserved concepts' prompts), each without repeats."""
+    targets, preserved = [], []
+    gone = {find_concept(r.target, concepts).name for r in erased}
+    known = {n.lower(): c for c in concepts for n in c.names}
+    for request in erased:
+        concept = find_concept(request.target, concepts)
+        template = concept.paraphrase_templates[0] if concept.paraphrase_templates else request.templates[0]
+        targets.append(render_prompt(template, concept.names[0]))
+        kept = [known[p.lower()] for p in request.preserve if p.lower() in known]
+        preserved += [c.retention_prompt for c in kept if c.name not in gone][:preserved_per_request]
+    return list(dict.fromkeys(targets)), list(dict.fromkeys(preserved))
+
+
 def concept_accuracies(generate: Generate, classifier: ConceptClassifier, concepts: Sequence[MeasuredConcept],
                        samples: int = 8, seed: int = 0, skip: set[str] | frozenset = frozenset()) -> dict[str, float]:
     """acc(c) for every concept not in `skip`: the share of its retention prompt's images read as c.

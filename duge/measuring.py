@@ -83,28 +83,55 @@ class PlannedImages:
         return images
 
 
-def measuring(backend: Backend, classifier, concepts, seed: int, phases: Phases | None = None, steps: int = 20,
-              guidance: float = 7.5, with_request_templates: bool = False, batch_size: int = SAMPLE_BATCH_SIZE):
-    """`evaluate(backend, requests_so_far, name=None)` for the trainer: cumulative UA/IRA/CRA/H and the
-    per-concept numbers (`duge.evaluation.measure_requests`) of the model as it is now, its images made in
-    sampler calls of `batch_size` across the measurement's prompts (`PlannedImages`) and counted on `phases`
-    sampler step by sampler step, as one "measuring" phase."""
-    phases = current_phases(phases)
+class Measuring:
+    """`evaluate(backend, requests_so_far, name=None)` for the trainer (`measuring`). `shown` holds, of the last
+    measurement, the first `keep` images [keep, 3, H, W] of each prompt in `keep_prompts`: the very images its
+    figures were read from, for a run to show (`duge.run`'s before/after grid)."""
 
-    def evaluate(_backend: Backend, requests_so_far, name: str | None = None) -> dict:
+    def __init__(self, backend: Backend, classifier, concepts, seed: int, phases: Phases, steps: int, guidance: float,
+                 with_request_templates: bool, batch_size: int, keep_prompts=(), keep: int = 0):
+        self.backend, self.classifier, self.concepts, self.seed = backend, classifier, concepts, seed
+        self.phases, self.steps, self.guidance = phases, steps, guidance
+        self.with_request_templates, self.batch_size = with_request_templates, batch_size
+        self.keep_prompts, self.keep = set(keep_prompts), keep
+        self.shown: dict[str, torch.Tensor] = {}
+
+    def __call__(self, _backend: Backend, requests_so_far, name: str | None = None) -> dict:
         def measure(generate, reader):
-            return measure_requests(generate, reader, requests_so_far, concepts, seed=seed,
-                                    with_request_templates=with_request_templates)
+            return measure_requests(generate, reader, requests_so_far, self.concepts, seed=self.seed,
+                                    with_request_templates=self.with_request_templates)
 
         def make(prompts, seeds):
-            images = backend.generate(prompts, seeds, steps, guidance,
-                                      on_step=lambda n=len(prompts): phases.advance(n / steps))
-            phases.advance(0, image=images[0])
+            images = self.backend.generate(prompts, seeds, self.steps, self.guidance,
+                                           on_step=lambda n=len(prompts): self.phases.advance(n / self.steps))
+            self.phases.advance(0, image=images[0])
             return images
 
         calls = planned_calls(measure)
-        with phases.phase(name or f"measuring after '{requests_so_far[-1].target}'",
-                          sum(len(prompts) for prompts, _ in calls), "image", "measuring"):
-            return measure(PlannedImages(make, calls, batch_size), classifier)
+        planned = PlannedImages(make, calls, self.batch_size)
+        shown: dict[str, list[torch.Tensor]] = {}
 
-    return evaluate
+        def generate(prompts, seed):
+            images = planned(prompts, seed)
+            for prompt, image in zip(prompts, images):
+                if prompt in self.keep_prompts and len(shown.setdefault(prompt, [])) < self.keep:
+                    shown[prompt].append(image)
+            return images
+
+        with self.phases.phase(name or f"measuring after '{requests_so_far[-1].target}'",
+                               sum(len(prompts) for prompts, _ in calls), "image", "measuring"):
+            metrics = measure(generate, self.classifier)
+        self.shown = {prompt: torch.stack(images) for prompt, images in shown.items()}
+        return metrics
+
+
+def measuring(backend: Backend, classifier, concepts, seed: int, phases: Phases | None = None, steps: int = 20,
+              guidance: float = 7.5, with_request_templates: bool = False, batch_size: int = SAMPLE_BATCH_SIZE,
+              keep_prompts=(), keep: int = 0) -> Measuring:
+    """`evaluate(backend, requests_so_far, name=None)` for the trainer: cumulative UA/IRA/CRA/H and the
+    per-concept numbers (`duge.evaluation.measure_requests`) of the model as it is now, its images made in
+    sampler calls of `batch_size` across the measurement's prompts (`PlannedImages`) and counted on `phases`
+    sampler step by sampler step, as one "measuring" phase. The first `keep` images of each of `keep_prompts`
+    are kept in `evaluate.shown` (`Measuring`)."""
+    return Measuring(backend, classifier, concepts, seed, current_phases(phases), steps, guidance,
+                     with_request_templates, batch_size, keep_prompts, keep)

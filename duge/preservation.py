@@ -35,7 +35,7 @@ import torch
 
 from .backends.base import Backend
 from .conditioning import text_hidden_states
-from .concepts import ResolvedRequest, render_prompt
+from .concepts import ResolvedRequest, erased_keys, render_prompt
 from .edits import LayerEdits
 from .world.vocabulary import CONCEPTS, FILLER_WORDS, GENERIC_WORD
 
@@ -90,7 +90,7 @@ def preserved_prompts(requests: list[ResolvedRequest], earlier: list[ResolvedReq
     (`duge.concepts.names_keys`), left out like `earlier`'s and put in `erased` in the templates of
     `requests` (that run's own templates are not known).
     """
-    gone = set(erased_before) | {n.lower() for r in [*requests, *earlier] for n in (r.target, *r.aliases)}
+    gone = erased_keys([*requests, *earlier], set(erased_before))
     out = PreservedPrompts()
     for request in requests:
         for template in request.templates:

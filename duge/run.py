@@ -21,7 +21,7 @@ from .config import EVALUATION_SEED_OFFSET
 from .distributed import launched_distributed
 from .distributed import start as start_distributed
 from .errors import DugeError, OutputExistsError
-from .evaluation import concepts_for, retention_ratios
+from .evaluation import concepts_for, retention_ratios, shown_prompts
 from .grids import labelled_grid, to_pil
 from .image_cache import BUILTIN_SAMPLE_BATCH_SIZE, SAMPLE_BATCH_SIZE, sample_with_progress
 from .io import make_manifest, model_hash, read_manifest, save_diffusers_folder, save_lora, save_single_file
@@ -37,7 +37,7 @@ from .measuring import measuring, measuring_mode
 from .world.callbacks import anchor_filter, builtin_evaluator, uses_builtin_world
 
 GRID_IMAGES = 4  # images per prompt, before and after, in before_after.png
-GRID_STEPS = 25  # sampler steps of those images
+GRID_STEPS = 25  # sampler steps of those images when they are sampled (a run that does not measure before and after)
 
 
 def comparison_prompts(requests: list[ResolvedRequest]) -> list[str]:
@@ -61,6 +61,20 @@ def before_after_grid(before_generate, after_generate, prompts, n: int, seed: in
             for k in range(len(prompts))]
     columns = [f"before {i}" for i in range(n)] + [f"after {i}" for i in range(n)]
     return labelled_grid(rows, list(prompts), column_labels=columns)
+
+
+def measured_grid(before: dict, after: dict, target_prompts: list[str], preserved_prompts: list[str]):
+    """The before/after grid from a run's first and last measurements' own images (`Measuring.shown`: prompt ->
+    images [n, 3, H, W], image i of the measurement's seeds, the same in both): a row per target prompt and per
+    preserved concept's prompt that both measured. None when a target's images are missing from either (e.g. a
+    resumed run, whose first measurement's images were not kept), and the grid is sampled instead."""
+    if not target_prompts or any(p not in before or p not in after for p in target_prompts):
+        return None
+    prompts = target_prompts + [p for p in preserved_prompts if p in before and p in after]
+    rows = [[to_pil(x) for x in before[p]] + [to_pil(x) for x in after[p]] for p in prompts]
+    n = min(len(before[p]) for p in prompts)
+    columns = [f"before {i}" for i in range(n)] + [f"after {i}" for i in range(n)]
+    return labelled_grid(rows, prompts, column_labels=columns)
 
 
 def prepare_output_folder(out: Path, overwrite: bool, resume: bool = False) -> Path:
@@ -168,11 +182,13 @@ def run_unlearn(model: str, concepts_path: str, out: str | Path, config, overwri
         sample_batch = BUILTIN_SAMPLE_BATCH_SIZE if builtin_world else SAMPLE_BATCH_SIZE  # images per sampler call
         reader = classifier if classifier is not None else evaluator
         mode = measuring_mode(config.eval, reader is not None, str(model))
-        evaluate = None
+        evaluate, shown = None, ([], [])
         if mode != "none":
-            evaluate = measuring(backend, reader, concepts_for(reader, builtin_world),
-                                 config.seed + EVALUATION_SEED_OFFSET, phases,
-                                 with_request_templates=not builtin_world, batch_size=sample_batch)
+            measured_concepts = concepts_for(reader, builtin_world)
+            shown = shown_prompts(requests, measured_concepts)  # the grid shows these prompts' measured images
+            evaluate = measuring(backend, reader, measured_concepts, config.seed + EVALUATION_SEED_OFFSET, phases,
+                                 with_request_templates=not builtin_world, batch_size=sample_batch,
+                                 keep_prompts=shown[0] + shown[1], keep=GRID_IMAGES)
         report: dict = {"model": str(model), "concept_set": concept_set.name, "method": config.method,
                         "setting": config.setting, "config": asdict(config), "eval": mode, "requests": [],
                         "processes": state.world if state is not None else 1}
@@ -190,8 +206,10 @@ def run_unlearn(model: str, concepts_path: str, out: str | Path, config, overwri
         else:
             checkpoint = ProgressCheckpoint(progress_folder(out), inputs)
             checkpoint.clear()
+        shown_before = {}
         if evaluate and "before" not in report:
             report["before"] = evaluate(backend, requests, "measuring the unedited model")
+            shown_before = getattr(evaluate, "shown", {})
         peak_before = _peak_memory_mb()
         after_request = evaluate
         if mode == "final":  # only once every request is done
@@ -221,14 +239,18 @@ def run_unlearn(model: str, concepts_path: str, out: str | Path, config, overwri
         report["peak_memory_mb"] = max(peak_before, _peak_memory_mb())
 
         edited = backend.edited_pipeline(result.total_delta)
-        prompts = comparison_prompts(requests)
         after_backend = DiffusersBackend(edited, device=backend.device, dtype=config.dtype)
-        with phases.phase("before/after grid", 2 * GRID_IMAGES * len(prompts), "image", "grid"):
-            grid = before_after_grid(
-                lambda p, seeds: sample_with_progress(backend, p, seeds, GRID_STEPS, 7.5, phases, True, sample_batch),
-                lambda p, seeds: sample_with_progress(after_backend, p, seeds, GRID_STEPS, 7.5, phases, True,
-                                                      sample_batch),
-                prompts, GRID_IMAGES, config.seed)
+        # the first and last measurements' own images when the run measured both; else sampled for the grid
+        grid = measured_grid(shown_before, getattr(evaluate, "shown", {}), *shown) if result.requests else None
+        if grid is None:
+            prompts = comparison_prompts(requests)
+            with phases.phase("before/after grid", 2 * GRID_IMAGES * len(prompts), "image", "grid"):
+                grid = before_after_grid(
+                    lambda p, seeds: sample_with_progress(backend, p, seeds, GRID_STEPS, 7.5, phases, True,
+                                                          sample_batch),
+                    lambda p, seeds: sample_with_progress(after_backend, p, seeds, GRID_STEPS, 7.5, phases, True,
+                                                          sample_batch),
+                    prompts, GRID_IMAGES, config.seed)
         # the earlier runs' rows first (a later run then still sees what they erased); base_model is the model
         # this run loaded, which this run's LoRAs are deltas of
         manifest = make_manifest(config.method, earlier_rows + manifest_rows(result, requests),

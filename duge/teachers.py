@@ -31,7 +31,7 @@ import torch
 
 from .backends.base import Backend
 from .batches import Batch, draw_batch, replay_requests
-from .concepts import ResolvedRequest
+from .concepts import ResolvedRequest, erased_keys
 from .config import TEACHER_POOL_SEED_OFFSET, UnlearnConfig, request_seed
 from .edits import LayerEdits
 from .harness import micro_batches
@@ -151,7 +151,7 @@ def rebuild_pools(backend: Backend, edits: LayerEdits, method: Method, config: U
             edits.load_committed({name: sum((d[name] for d in deltas[:j]), torch.zeros_like(final[name]))
                                   for name in final})
             seed = request_seed(config, j, requests[j].seed)
-            erased = erased_before | {n.lower() for r in requests[: j + 1] for n in (r.target, *r.aliases)}
+            erased = erased_keys(requests[: j + 1], erased_before)
             pools.append(request_pool(backend, edits, cache, method, config, seed, erased, micro_batch_size,
                                       requests[j].steps or config.steps, phases))
     finally:

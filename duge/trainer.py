@@ -28,7 +28,7 @@ import torch
 
 from .backends.base import Backend
 from .adversarial import AdversarialSearch, searches_in
-from .concepts import ResolvedRequest, names_keys
+from .concepts import ResolvedRequest, erased_keys, names_keys
 from .config import UnlearnConfig, request_seed
 from .distributed import check_batch
 from .edits import LayerEdits, trainable_pattern
@@ -174,7 +174,7 @@ def unlearn(backend: Backend, requests: list[ResolvedRequest], config: UnlearnCo
                           for k, r in enumerate(requests)]
             steps = sum(r.steps or config.steps for r in requests)
             moments = preservation_moments(backend, edits, requests, [], requests, general_prompts, kind, before)
-            erased = before | {n.lower() for r in requests for n in (r.target, *r.aliases)}
+            erased = erased_keys(requests, before)
             delta, losses, _ = train_request(run, caches, steps, config.learning_rate, config.seed, "all requests",
                                              moments=moments, pools=[] if pooled else None, erased=erased)
             seconds = time.time() - t0
@@ -207,7 +207,7 @@ def unlearn(backend: Backend, requests: list[ResolvedRequest], config: UnlearnCo
                     pools = rebuild_pools(backend, edits, method, config, requests, caches, [r.delta for r in results],
                                           micro_batch_size, before, phases)
                 moments = preservation_moments(backend, edits, [request], earlier, requests, general_prompts, kind, before)
-                erased = before | {n.lower() for r in [*earlier, request] for n in (r.target, *r.aliases)}
+                erased = erased_keys([*earlier, request], before)
                 delta, losses, adversarial = train_request(run, replayed + [cache], request.steps or config.steps,
                                                        request.learning_rate or config.learning_rate, seed,
                                                        request.target, replay=bool(replayed), moments=moments,

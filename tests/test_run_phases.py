@@ -48,21 +48,10 @@ def _concepts(tmp_path, text) -> str:
     return str(path)
 
 
-def _short_measuring(monkeypatch, calls=None):
+def _short_measuring(monkeypatch):
     """The real measurement with 2 sampler steps per image (the same prompts, seeds and counts)."""
     measuring = run.measuring
-
-    def short(*args, **kwargs):
-        evaluate = measuring(*args, **kwargs, steps=2)
-
-        def counted(backend, requests, name=None):
-            if calls is not None:
-                calls.append(len(requests))
-            return evaluate(backend, requests, name)
-
-        return counted
-
-    monkeypatch.setattr(run, "measuring", short)
+    monkeypatch.setattr(run, "measuring", lambda *args, **kwargs: measuring(*args, **kwargs, steps=2))
 
 
 def test_every_phase_advances_step_by_step_while_it_works(tmp_path, monkeypatch):
@@ -71,9 +60,9 @@ def test_every_phase_advances_step_by_step_while_it_works(tmp_path, monkeypatch)
     report = run.run_unlearn("builtin", _concepts(tmp_path, ONE_REQUEST), tmp_path / "out",
                              tiny_config(eval="final", sampler_steps=4), phases=phases, log=lambda *a: None)
     names = [p["name"] for p in phases.log]
+    # the before/after grid is the two measurements' own images: no sampling of its own
     assert names == ["loading the model", "measuring the unedited model", "images for 'circle'",
-                     "teachers for 'circle'", "training 'circle'", "measuring after 'circle'", "before/after grid",
-                     "writing outputs"]
+                     "teachers for 'circle'", "training 'circle'", "measuring after 'circle'", "writing outputs"]
     for phase in phases.log:
         assert sum(phase["advances"]) == pytest.approx(phase["total"]), phase["name"]  # the count reaches its total
         assert phase["total"] > 0
@@ -90,7 +79,8 @@ def test_every_phase_advances_step_by_step_while_it_works(tmp_path, monkeypatch)
     teachers = by_name["teachers for 'circle'"]  # tiny_config's pool of 4 rows, and 4 related rows (square)
     assert teachers["unit"] == "row" and teachers["kind"] == "training" and teachers["total"] == 8
     assert phases.counts["training"] == {"row": 8, "step": 3}
-    assert set(phases.seconds) == {"loading", "images", "training", "measuring", "grid", "writing"}
+    assert set(phases.seconds) == {"loading", "images", "training", "measuring", "writing"}
+    assert (tmp_path / "out" / "before_after.png").is_file()
     assert report["eval"] == "final" and report["final"]["UA"] is not None
     assert json.loads((tmp_path / "out" / "report.json").read_text())["before"]["UA"] is not None
 
@@ -202,3 +192,55 @@ def test_a_bar_fed_fractions_of_images_ends_at_its_total_without_a_warning():
             for _ in range(20):
                 phases.advance(64 / 20)
             assert phases._bar.n == 64
+
+
+class SeedImages:
+    """A stand-in backend whose image of (prompt, seed) is one value, different for the model before and after."""
+
+    def __init__(self, offset: float):
+        self.offset = offset
+
+    def generate(self, prompts, seeds, steps, guidance, on_step=None):
+        for _ in range(steps):
+            if on_step:
+                on_step()
+        return torch.stack([torch.full((3, 2, 2), self.value(p, s)) for p, s in zip(prompts, seeds)])
+
+    def value(self, prompt, seed):
+        return (hash(prompt) % 97 + seed % 89) / 200 + self.offset
+
+
+def test_the_grid_shows_the_images_the_first_and_last_measurements_read():
+    """`Measuring.shown` keeps, of its last measurement, the first images of the prompts asked for, exactly as
+    the classifier saw them; `measured_grid` lays them out before/after, and gives up (None) when a target's
+    images are missing, e.g. a resumed run's first measurement."""
+    from duge.concepts import ConceptRequest, resolve_request
+    from duge.evaluation import shown_prompts, world_measured_concepts
+
+    concepts = world_measured_concepts()
+    requests = [resolve_request(ConceptRequest("circle", preserve=["square", "red"]), builtin_world=True),
+                resolve_request(ConceptRequest("red", preserve=["square", "orange"]), builtin_world=True)]
+    targets, preserved = shown_prompts(requests, concepts)
+    assert len(targets) == 2 and "circle" in targets[0] and "red" in targets[1]
+    assert len(preserved) == 2 and all("red" not in p for p in preserved)  # red is erased: not measured, not shown
+    seen = []
+
+    class Classifier:  # records what it read; names nothing
+        def predict(self, images):
+            seen.append(images.clone())
+            return {kind: ["?"] * len(images) for kind in ("object", "colour", "style")}
+
+    shown = {}
+    for name, backend in (("before", SeedImages(0.0)), ("after", SeedImages(0.5))):
+        evaluate = measuring.measuring(backend, Classifier(), concepts, seed=5, steps=2, batch_size=16,
+                                       keep_prompts=targets + preserved, keep=4)
+        evaluate(None, requests, name)
+        shown[name] = evaluate.shown
+        assert set(evaluate.shown) == set(targets + preserved)
+        for prompt, images in evaluate.shown.items():
+            assert images.shape == (4, 3, 2, 2)
+            assert any(torch.equal(images, read[i : i + 4]) for read in seen for i in range(len(read) - 3)), prompt
+    assert not torch.equal(shown["before"][targets[0]], shown["after"][targets[0]])
+    grid = run.measured_grid(shown["before"], shown["after"], targets, preserved)
+    assert grid is not None and grid.height > 4 * 2 and grid.width > 8 * 2
+    assert run.measured_grid({}, shown["after"], targets, preserved) is None
