@@ -34,14 +34,19 @@ def backend(builtin_pipe):
 
 
 class CountingPhases(Phases):
-    """Keeps every advance of the training phases, to see the searches counted as they spend."""
+    """Keeps every advance of the training phases counted in steps (not the teacher pools' rows), to see the
+    searches counted as they spend."""
 
     def __init__(self):
         super().__init__()
         self.training_advances: list[float] = []
+        self.unit = None
+
+    def started(self, name, total, unit, kind):
+        self.unit = unit
 
     def advanced(self, n, latents, image):
-        if self.kind == "training":
+        if self.kind == "training" and self.unit == "step":
             self.training_advances.append(n)
 
 
