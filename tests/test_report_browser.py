@@ -63,18 +63,18 @@ def _launch(playwright):
 
 
 def _demo_like_report_folder(folder: Path) -> Path:
-    """A `duge unlearn` folder as the demo writes it: its grid built from the demo's prompts (random
-    images stand in for the model's), report.json with three requests and the unedited model's values."""
-    from duge.concepts import example_concept_set_path, load_concept_set
-    from duge.run import before_after_grid, comparison_prompts
-
-    from duge.concepts import resolve_request
+    """A `duge unlearn` folder as the demo writes it: its grid of the measured prompts the demo shows (random
+    images stand in for the measurements'), report.json with three requests and the unedited model's values."""
+    from duge.concepts import example_concept_set_path, load_concept_set, resolve_request
+    from duge.evaluation import shown_prompts, world_measured_concepts
+    from duge.run import measured_grid
 
     demo = load_concept_set(example_concept_set_path("demo"))
-    prompts = comparison_prompts([resolve_request(r, builtin_world=True) for r in demo.requests])
+    targets, preserved = shown_prompts([resolve_request(r, builtin_world=True) for r in demo.requests],
+                                       world_measured_concepts())
     generator = torch.Generator().manual_seed(0)
-    images = lambda p, s: torch.rand(len(p), 3, 32, 32, generator=generator)  # noqa: E731
-    before_after_grid(images, images, prompts, 4, 0).save(folder / "before_after.png")
+    shown = {p: torch.rand(4, 3, 32, 32, generator=generator) for p in targets + preserved}
+    measured_grid(shown, shown, targets, preserved).save(folder / "before_after.png")
     report = {"model": "builtin", "concept_set": "demo", "method": "duge", "setting": "sequential",
               "config": {"steps": 150}, "seconds_total": 120.0, "peak_memory_mb": 540.0,
               "before": {"UA": 0.02, "IRA": 0.929, "CRA": 0.936},
