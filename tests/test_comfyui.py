@@ -287,10 +287,12 @@ def test_progress_bar_moves_through_images_training_and_measuring_with_previews(
     finally:
         comfy.utils.set_progress_bar_global_hook(None)
     assert {n for _, _, _, n in updates} == {"7"}
-    (images_total, images, images_previews), (train_total, train, train_previews), \
-        (measure_total, measured, measure_previews) = _phases(updates)
+    (images_total, images, images_previews), (teachers_total, teachers, teachers_previews), \
+        (train_total, train, train_previews), (measure_total, measured, measure_previews) = _phases(updates)
     # 2 anchor + 4 related images, 3 sampler steps: the bar moves at every step, not only per batch
     assert images_total == 6 * SCALE and images[-1] == images_total and len(set(images)) == 3 and images_previews == 1
+    # the teacher pool: 8 steps x batch 8 = 64 anchor rows and as many related rows, counted as they are done
+    assert teachers_total == 128 * SCALE and teachers[-1] == teachers_total and teachers_previews == 0
     assert train_total == 8 * SCALE and sorted(set(train)) == [k * SCALE for k in range(1, 9)]
     assert train_previews == 4  # every quarter of the steps
     # after the request: UA of circle (3 paraphrases x 2 names x 4 images) and 8 images of each of 20 kept concepts

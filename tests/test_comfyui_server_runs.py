@@ -37,6 +37,7 @@ TINY_SET = "name: test\nrequests:\n  - target: circle\n    preserve: [square]\n"
 BROKEN_SET = "name: broken\nrequests:\n  - target: ''\n    preserve: [square]\n"
 TRAIN_STEPS = 3
 CANCEL_STEPS = 12  # long enough that the interrupt lands while training
+SCALE = 100  # duge.backends.comfy_run.ComfyPhases.SCALE: ComfyUI's bar counts hundredths of an image or step
 UNLEARN = "3"  # node id of DUGE Unlearn in the prompts below
 RUN_TIMEOUT = 1800
 
@@ -104,7 +105,8 @@ async def queue_and_interrupt_mid_training(server: ComfyServer, prompt: dict, to
                         continue
                     seen.append(event["type"])
                     training = (event["type"] == "progress" and data.get("node") == UNLEARN
-                                and data.get("max") == total_steps and 1 <= data.get("value", 0) < total_steps - 2)
+                                and data.get("max") == total_steps * SCALE
+                                and SCALE <= data.get("value", 0) < (total_steps - 2) * SCALE)
                     if training and not interrupted:
                         async with session.post(f"{server.url}/interrupt", json={}) as _:
                             interrupted = True
