@@ -57,10 +57,16 @@ def before_after_grid(before_generate, after_generate, prompts, n: int, seed: in
     every_prompt = [prompt for prompt in prompts for _ in range(n)]
     seeds = [seed + i for _ in prompts for i in range(n)]
     before, after = before_generate(every_prompt, seeds), after_generate(every_prompt, seeds)
-    rows = [[to_pil(x) for x in before[k * n : (k + 1) * n]] + [to_pil(x) for x in after[k * n : (k + 1) * n]]
-            for k in range(len(prompts))]
+    return _before_after_rows({p: before[k * n : (k + 1) * n] for k, p in enumerate(prompts)},
+                              {p: after[k * n : (k + 1) * n] for k, p in enumerate(prompts)}, list(prompts))
+
+
+def _before_after_rows(before: dict, after: dict, prompts: list[str]):
+    """A labelled grid: a row per prompt, its images [n, 3, H, W] before, then after."""
+    rows = [[to_pil(x) for x in before[p]] + [to_pil(x) for x in after[p]] for p in prompts]
+    n = min(len(before[p]) for p in prompts)
     columns = [f"before {i}" for i in range(n)] + [f"after {i}" for i in range(n)]
-    return labelled_grid(rows, list(prompts), column_labels=columns)
+    return labelled_grid(rows, prompts, column_labels=columns)
 
 
 def measured_grid(before: dict, after: dict, target_prompts: list[str], preserved_prompts: list[str]):
@@ -70,11 +76,7 @@ def measured_grid(before: dict, after: dict, target_prompts: list[str], preserve
     resumed run, whose first measurement's images were not kept), and the grid is sampled instead."""
     if not target_prompts or any(p not in before or p not in after for p in target_prompts):
         return None
-    prompts = target_prompts + [p for p in preserved_prompts if p in before and p in after]
-    rows = [[to_pil(x) for x in before[p]] + [to_pil(x) for x in after[p]] for p in prompts]
-    n = min(len(before[p]) for p in prompts)
-    columns = [f"before {i}" for i in range(n)] + [f"after {i}" for i in range(n)]
-    return labelled_grid(rows, prompts, column_labels=columns)
+    return _before_after_rows(before, after, target_prompts + [p for p in preserved_prompts if p in before and p in after])
 
 
 def prepare_output_folder(out: Path, overwrite: bool, resume: bool = False) -> Path:
