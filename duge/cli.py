@@ -172,9 +172,10 @@ def _cmd_eval(args) -> int:
         raise DugeError(f"'{args.model}' is not a model of the built-in world, and `duge eval` has no classifier "
                         "for it; score it with a classifier of your own (duge.evaluation.ConceptClassifier)")
     requests = resolve_concept_set(concept_set, builtin_world=True)
-    evaluate = world_evaluate(DiffusersBackend(pipe), builtin_evaluator(), args.seed, phases=phases)
+    steps = getattr(args, "eval_steps", UnlearnConfig.eval_steps)
+    evaluate = world_evaluate(DiffusersBackend(pipe), builtin_evaluator(), args.seed, steps, phases=phases)
     measured = evaluate(None, requests, f"measuring '{args.model}'")
-    metrics = {"model": args.model, "concept_set": concept_set.name,
+    metrics = {"model": args.model, "concept_set": concept_set.name, "eval_steps": steps,
                **{k: measured[k] for k in ("UA", "IRA", "CRA", "UA_per_concept", "accuracy_per_concept")}}
     text = json.dumps(metrics, indent=2)
     if args.json:
@@ -419,6 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concepts", required=True, help="concept set whose targets count as erased")
     p.add_argument("--json", default=None, help="write the metrics here")
     p.add_argument("--seed", type=int, default=0)
+    add_config_options(p, ("eval_steps",))
     _add_allow_pickle(p)
     p.set_defaults(func=_cmd_eval)
 

@@ -8,6 +8,7 @@ from collections import defaultdict
 import torch
 
 from .backends.base import Backend
+from .config import UnlearnConfig
 from .errors import DugeError
 from .evaluation import MissingClassifierError, measure_requests, require_classifier
 from .image_cache import SAMPLE_BATCH_SIZE
@@ -125,7 +126,8 @@ class Measuring:
         return metrics
 
 
-def measuring(backend: Backend, classifier, concepts, seed: int, phases: Phases | None = None, steps: int = 20,
+def measuring(backend: Backend, classifier, concepts, seed: int, phases: Phases | None = None,
+              steps: int = UnlearnConfig.eval_steps,
               guidance: float = 7.5, with_request_templates: bool = False, batch_size: int = SAMPLE_BATCH_SIZE,
               keep_prompts=(), keep: int = 0) -> Measuring:
     """`evaluate(backend, requests_so_far, name=None)` for the trainer: cumulative UA/IRA/CRA/H and the

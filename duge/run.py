@@ -189,6 +189,7 @@ def run_unlearn(model: str, concepts_path: str, out: str | Path, config, overwri
             measured_concepts = concepts_for(reader, builtin_world)
             shown = shown_prompts(requests, measured_concepts)  # the grid shows these prompts' measured images
             evaluate = measuring(backend, reader, measured_concepts, config.seed + EVALUATION_SEED_OFFSET, phases,
+                                 steps=config.eval_steps,
                                  with_request_templates=not builtin_world, batch_size=sample_batch,
                                  keep_prompts=shown[0] + shown[1], keep=GRID_IMAGES)
         report: dict = {"model": str(model), "concept_set": concept_set.name, "method": config.method,

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from duge import run
+from duge.config import UnlearnConfig
 from duge.phases import Phases
 from duge import measuring
 from duge.world import callbacks
@@ -48,17 +49,10 @@ def _concepts(tmp_path, text) -> str:
     return str(path)
 
 
-def _short_measuring(monkeypatch):
-    """The real measurement with 2 sampler steps per image (the same prompts, seeds and counts)."""
-    measuring = run.measuring
-    monkeypatch.setattr(run, "measuring", lambda *args, **kwargs: measuring(*args, **kwargs, steps=2))
-
-
 def test_every_phase_advances_step_by_step_while_it_works(tmp_path, monkeypatch):
-    _short_measuring(monkeypatch)
     phases = RecordedPhases()
     report = run.run_unlearn("builtin", _concepts(tmp_path, ONE_REQUEST), tmp_path / "out",
-                             tiny_config(eval="final", sampler_steps=4), phases=phases, log=lambda *a: None)
+                             tiny_config(eval="final", sampler_steps=4, eval_steps=2), phases=phases, log=lambda *a: None)
     names = [p["name"] for p in phases.log]
     # the before/after grid is the two measurements' own images: no sampling of its own
     assert names == ["loading the model", "measuring the unedited model", "images for 'circle'",
@@ -71,7 +65,7 @@ def test_every_phase_advances_step_by_step_while_it_works(tmp_path, monkeypatch)
     assert images["total"] == 3 and len([n for n in images["advances"] if n > 0]) == 4 and images["previews"] == 1
     measured = by_name["measuring after 'circle'"]
     # UA: 3 paraphrases x 2 names x 4 images; acc(c): 8 images of each of the 20 kept concepts, made in sampler
-    # calls of 64 images across concepts (3 calls); each call advances once per sampler step (2 here), so the bar
+    # calls of 64 images across concepts (3 calls); each call advances once per sampler step (eval_steps 2), so the bar
     # moves 2x per call, never only at the end.
     assert measured["total"] == 24 + 20 * 8
     assert len([n for n in measured["advances"] if n > 0]) == 2 * 3 and measured["previews"] == 3
@@ -144,8 +138,8 @@ def test_eval_command_measures_through_the_phases_and_writes_the_metrics(tmp_pat
 
     seen = {}
 
-    def world_evaluate(backend, evaluator, seed, steps=20, phases=None):
-        seen["phases"] = type(phases).__name__
+    def world_evaluate(backend, evaluator, seed, steps, phases=None):
+        seen["phases"], seen["steps"] = type(phases).__name__, steps
         return lambda b, requests, name=None: {"UA": 0.25, "IRA": 1.0, "CRA": 0.5, "H": 0.4, "UA_per_concept": {},
                                                "accuracy_per_concept": {}}
 
@@ -153,6 +147,9 @@ def test_eval_command_measures_through_the_phases_and_writes_the_metrics(tmp_pat
     out = tmp_path / "m.json"
     assert main(["eval", "--concepts", _concepts(tmp_path, ONE_REQUEST), "--json", str(out)]) == 0
     assert json.loads(out.read_text())["UA"] == 0.25 and seen["phases"] == "TqdmPhases"
+    assert seen["steps"] == UnlearnConfig().eval_steps == json.loads(out.read_text())["eval_steps"]
+    assert main(["eval", "--concepts", _concepts(tmp_path, ONE_REQUEST), "--json", str(out), "--eval-steps", "3"]) == 0
+    assert seen["steps"] == 3 == json.loads(out.read_text())["eval_steps"]
 
 
 def test_planned_images_are_the_images_each_call_would_have_made():

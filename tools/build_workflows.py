@@ -83,7 +83,7 @@ def demo_workflow(object_info: dict) -> dict:
     concepts = w.node("DugeLoadConceptSet", (0, 720), size=(360, 240), file=TYPED_TEXT, text=DEMO_CONCEPT_SET)
     model, clip, vae = demo.out("MODEL"), demo.out("CLIP"), demo.out("VAE")
 
-    # the node's own defaults (150 steps, 16 anchor images): half a minute on an idle 2-core CPU.
+    # the node's own defaults (75 steps, 16 anchor images): half a minute on an idle 2-core CPU.
     # Tall and wide: web/duge.js shows the run's summary under the widgets, the progress preview below it.
     unlearn = w.node("DugeUnlearn", (440, 0), size=(480, 960), model=model, clip=clip,
                      concept_set=concepts.out("concept_set"), vae=vae, seed=0, evaluate=False)

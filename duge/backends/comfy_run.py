@@ -196,7 +196,8 @@ def run_unlearn(model, clip, concept_set, config, vae=None, evaluate: bool = Fal
     if evaluator is not None:
         kwargs["image_filter"] = anchor_filter(backend, evaluator)
         if evaluate:
-            kwargs["evaluate"] = world_evaluate(backend, evaluator, config.seed + EVALUATION_SEED_OFFSET, phases=phases)
+            kwargs["evaluate"] = world_evaluate(backend, evaluator, config.seed + EVALUATION_SEED_OFFSET, config.eval_steps,
+                                                 phases=phases)
     with training_mode():
         result = unlearn(backend, resolved, config, concept_set.general_prompts, phases=phases,
                          cancel=cancel, start_deltas=start_deltas, erased_before=erased_before, **kwargs)

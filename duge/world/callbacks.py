@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..backends.base import Backend
+from ..config import UnlearnConfig
 from ..evaluation import world_measured_concepts
 from ..image_cache import BUILTIN_SAMPLE_BATCH_SIZE
 from ..measuring import measuring
@@ -38,7 +39,8 @@ def anchor_filter(backend: Backend, evaluator):
     return keep
 
 
-def world_evaluate(backend: Backend, evaluator, seed: int, steps: int = 20, phases: Phases | None = None):
+def world_evaluate(backend: Backend, evaluator, seed: int, steps: int = UnlearnConfig.eval_steps,
+                   phases: Phases | None = None):
     """`evaluate` for the trainer: UA / IRA / CRA of the model as it is now, on images of `seed`, with the
     built-in evaluator (`duge.measuring.measuring`; its images counted on `phases`)."""
     return measuring(backend, evaluator, world_measured_concepts(), seed, phases, steps,
