@@ -44,6 +44,7 @@ import comfy.sd  # noqa: E402
 import comfy.utils  # noqa: E402
 import folder_paths  # noqa: E402
 from comfyui_server import ComfyServer, status_messages  # noqa: E402
+from duge.config import UnlearnConfig  # noqa: E402
 from duge.image_cache import BUILTIN_SAMPLE_BATCH_SIZE  # noqa: E402
 
 torch.set_num_threads(1)
@@ -300,9 +301,9 @@ def test_progress_bar_moves_through_images_training_and_measuring_with_previews(
     # after the request: UA of circle (3 paraphrases x 2 names x 4 images) and 8 images of each of 20 kept concepts
     assert measure_total == (24 + 20 * 8) * SCALE and measured[-1] == measure_total
     # the measurement's images are made in sampler calls of 64 across concepts (duge.measuring.PlannedImages):
-    # the bar moves at each of a call's 20 sampler steps, and each call previews its first image
+    # the bar moves at each of a call's sampler steps (the config's eval_steps), and each call previews its first image
     calls = math.ceil((24 + 20 * 8) / BUILTIN_SAMPLE_BATCH_SIZE)
-    assert len(set(measured)) == calls * 20 and measure_previews == calls
+    assert len(set(measured)) == calls * UnlearnConfig().eval_steps and measure_previews == calls
     kind, image, size = next(p for _, _, p, _ in updates if p is not None)  # what latent_preview sends
     assert kind == "JPEG" and isinstance(image, Image.Image) and image.width >= 128 and size >= 128
 
