@@ -44,11 +44,12 @@ import comfy.sd  # noqa: E402
 import comfy.utils  # noqa: E402
 import folder_paths  # noqa: E402
 from comfyui_server import ComfyServer, status_messages  # noqa: E402
+from duge.backends.comfy_run import ComfyPhases  # noqa: E402
 from duge.config import UnlearnConfig  # noqa: E402
 from duge.image_cache import BUILTIN_SAMPLE_BATCH_SIZE  # noqa: E402
 
 torch.set_num_threads(1)
-SCALE = 100  # duge.backends.comfy_run.ComfyPhases.SCALE: ComfyUI's bar counts hundredths of an image or step
+SCALE = ComfyPhases.SCALE  # ComfyUI's bar counts hundredths of an image or step
 
 
 @pytest.fixture(scope="module")
