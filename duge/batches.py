@@ -120,6 +120,8 @@ def draw_batch(backend: Backend, caches: list[RequestCache], method: Method, con
     batch = Batch(backend.add_noise(z0, noise, t), t, target_prompts, anchor_prompts, target_words,
                   tok_anchor, mask_anchor, mask_anchor.any(1))
     if related_z and method.prior_term and config.lambda_prior > 0:
+        if config.related_batch_size is not None:  # unset: one related row per anchor and replayed row
+            related_z, related_prompts = related_z[: config.related_batch_size], related_prompts[: config.related_batch_size]
         zr0 = torch.stack(related_z).to(device)
         noise_r = torch.randn(zr0.shape, generator=generator).to(device)
         t_r = torch.randint(0, backend.num_train_timesteps, (len(related_z),), generator=generator).to(device)

@@ -279,6 +279,7 @@ CONFIG_PARSING = {
     "memory_budget_gb": {"type": float, "metavar": "GIB"},
     "image_cache_dir": {"type": str, "metavar": "DIR"},
     "adversarial_every": {"type": int, "metavar": "N"},
+    "related_batch_size": {"type": int, "metavar": "N"},
 }
 CONFIG_ALIASES = {"learning_rate": ["--lr"], "memory_budget_gb": ["--memory-budget", "--memory-budget-gib"],
                   "image_cache_dir": ["--cache-dir"], "adversarial_every": ["--adversarial"]}

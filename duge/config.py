@@ -61,6 +61,9 @@ class UnlearnConfig:
                           "them, override it)", "run")
     learning_rate: float = _setting(4e-3, "AdamW's learning rate", "run")
     batch_size: int = _setting(8, "anchor samples per step", "run")
+    related_batch_size: int | None = _setting(None, "related-concept samples of the prior term per step (DUGE; None: "
+                                              "as many as batch_size, or one per anchor and replayed sample when the "
+                                              "teachers run every step)", "run")
     # Sequential setting: samples replaying the cross-attention loss of earlier requests (their cached
     # anchor images), added to each step's batch, so that a later request — and the regulariser's pull
     # towards θ0 — cannot undo an earlier erasure. 0 turns replay off.
@@ -156,6 +159,11 @@ class UnlearnConfig:
     uce_erase_scale: float = _setting(1.0, "erase scale of UCE's closed form", "baselines")
     uce_preserve_scale: float = _setting(1.0, "preserve scale of UCE's closed form", "baselines")
 
+    @property
+    def related_rows(self) -> int:
+        """Related-concept rows of the prior term per step: `related_batch_size`, or `batch_size` if unset."""
+        return self.batch_size if self.related_batch_size is None else self.related_batch_size
+
     def validate(self) -> None:
         for name, allowed in (("setting", SETTINGS), ("trainable", TRAINABLE), ("trainable_mode", TRAINABLE_MODES),
                               ("regularizer", REGULARIZERS), ("dtype", DTYPES), ("eval", EVAL_MODES)):
@@ -168,6 +176,11 @@ class UnlearnConfig:
                 raise DugeError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.projection_mu < 0:
             raise DugeError(f"projection_mu must be 0 (the hard null space) or more, got {self.projection_mu}")
+        if self.related_batch_size is not None and (isinstance(self.related_batch_size, bool)
+                                                    or not isinstance(self.related_batch_size, int)
+                                                    or self.related_batch_size < 1):
+            raise DugeError(f"related_batch_size must be None (as many as batch_size) or a number of rows of at least 1, "
+                            f"got {self.related_batch_size!r}")
         if self.replay_batch_size < 0:
             raise DugeError(f"replay_batch_size must be 0 (no replay) or more, got {self.replay_batch_size}")
         if self.anchor_guidance < 0:

@@ -295,7 +295,7 @@ def plan_run(pipe, config, model_name: str = "", resolution: int | None = None, 
     # sequential run, the replayed rows) and its related rows run through the UNet one group after
     # the other, each back-propagated before the next: the activations peak at the larger group.
     rows = batch + (config.replay_batch_size if config.setting == "sequential" else 0)
-    related = batch if related_concepts > 0 and config.lambda_prior > 0 else 0
+    related = config.related_rows if related_concepts > 0 and config.lambda_prior > 0 else 0
     samples = rows + related
 
     if config.trainable_mode == "lora":

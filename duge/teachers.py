@@ -85,7 +85,8 @@ def build_teacher_pool(backend: Backend, edits: LayerEdits, cache: RequestCache,
     run on the model (lower case). The teachers' passes are a phase of kind "training" on `phases`
     ("teachers for '<target>'"), counted in rows (anchor and related) micro-batch by micro-batch.
     """
-    rows = draw_batch(backend, [cache], method, dataclasses.replace(config, batch_size=size), rng, generator)
+    rows = draw_batch(backend, [cache], method, dataclasses.replace(config, batch_size=size, related_batch_size=None),
+                      rng, generator)
     capture = method.attention_term and config.beta > 0
     related = len(rows.related_prompts) if rows.related_zt is not None else 0
     phases = current_phases(phases)
@@ -190,8 +191,8 @@ class PoolRows:
 def draw_pool_rows(pools: list[TeacherPool], config: UnlearnConfig, rng: np.random.Generator, step: int,
                    replay: int, device) -> PoolRows:
     """`config.batch_size` rows of the current request's pool (the last) and `replay` rows of the earlier
-    pools, one pool per row as `replay_requests` cycles; the related rows are the current pool's, as
-    many as the batch. Rows are drawn with the same `rng` in every process."""
+    pools, one pool per row as `replay_requests` cycles; the related rows are the current pool's,
+    `config.related_rows` of them. Rows are drawn with the same `rng` in every process."""
     current = pools[-1]
     picks = [(len(pools) - 1, int(i)) for i in rng.integers(0, len(current), config.batch_size)]
     picks += [(p, int(rng.integers(0, len(pools[p])))) for p in replay_requests(len(pools) - 1, replay, step)]
@@ -202,7 +203,7 @@ def draw_pool_rows(pools: list[TeacherPool], config: UnlearnConfig, rng: np.rand
             if current.anchor_maps else [])
     related_target = None
     if current.related_target is not None:
-        r = torch.as_tensor(rng.integers(0, len(current.related_target), config.batch_size))
+        r = torch.as_tensor(rng.integers(0, len(current.related_target), config.related_rows))
         rows.related_zt, rows.related_t = current.rows.related_zt[r], current.rows.related_t[r]
         rows.related_prompts = [current.rows.related_prompts[int(i)] for i in r]
         related_target = current.related_target[r]

@@ -19,7 +19,7 @@ from duge.edits import trainable_pattern
 from duge.image_cache import build_request_cache
 from duge.methods import get_method
 from duge.objective import pooled_step_terms, step_terms
-from duge.teachers import build_teacher_pool, names_erased, request_pool
+from duge.teachers import build_teacher_pool, draw_pool_rows, names_erased, request_pool
 from duge.trainer import unlearn
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -107,6 +107,26 @@ def test_pool_rows_are_the_same_rows_the_per_step_path_draws(backend):
     batch = draw_batch(backend, [cache], method, config, np.random.default_rng(5), torch.Generator().manual_seed(5))
     assert torch.equal(pool.rows.zt, batch.zt.cpu()) and pool.rows.target_prompts == batch.target_prompts
     assert pool.target.shape == batch.zt.shape and len(pool.anchor_maps) == len(backend.cross_attention_layers())
+
+
+@pytest.mark.parametrize("related_batch_size", [None, 2])
+def test_a_step_draws_related_batch_size_related_rows(backend, related_batch_size):
+    """Pooled or not, a step's prior term runs on `related_batch_size` related rows (unset: batch_size pooled,
+    one per anchor and replayed row per step), while the pool keeps one related row per pool row."""
+    concept_set = parse_concept_set(CONCEPTS)
+    config = tiny_config(batch_size=3, related_batch_size=related_batch_size)
+    method = get_method("duge")
+    cache = build_request_cache(backend, resolve_request(concept_set.requests[1], builtin_world=True), config, 0)
+    with backend.edits(r"attn2\.to_[kv]$") as edits:
+        pool = build_teacher_pool(backend, edits, cache, method, config, 5, np.random.default_rng(5),
+                                  torch.Generator().manual_seed(5), erased={"red", "crimson"})
+    assert len(pool.rows.related_prompts) == len(pool.related_target) == 5
+    drawn = draw_pool_rows([pool], config, np.random.default_rng(1), 0, 0, "cpu")
+    expected = 3 if related_batch_size is None else related_batch_size
+    assert len(drawn.rows.related_prompts) == len(drawn.related_target) == len(drawn.rows.related_t) == expected
+    batch = draw_batch(backend, [cache, cache], method, config, np.random.default_rng(5), torch.Generator().manual_seed(5),
+                       replay=1)
+    assert len(batch.related_prompts) == len(batch.related_t) == (4 if related_batch_size is None else related_batch_size)
 
 
 def test_related_prompts_naming_an_erased_concept_are_recognised():
