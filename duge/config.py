@@ -111,6 +111,16 @@ class UnlearnConfig:
                                       "target-minus-anchor direction), not only towards the anchor; 0: off",
                                       "loss weights")
 
+    # ---- output-space erasure (duge.output_erasure; DUGE only): after a request trains, the output directions of each
+    # K/V projection that carry its target are removed for every input, so that no prompt or learnt embedding reaches them
+    output_erasure_rank: int = _setting(0, "output directions per request removed from every K/V projection after it "
+                                        "trains (its target minus its anchor, against what must stay): no prompt, "
+                                        "an inverted embedding included, reaches them again; 0: off (DUGE method only)",
+                                        "erasure")
+    output_erasure_kappa: float = _setting(1.0, "how strongly those directions avoid the outputs that must stay: the "
+                                           "top eigenvectors of A − κ·B (target-minus-anchor and protected output "
+                                           "energy, each of trace 1)", "erasure")
+
     # ---- adversarial training (duge.adversarial; DUGE only): the trainer attacks its own edit at intervals, as
     # AdvUnlearn and Receler do, and trains the erasure on the attack prompts it found
     adversarial_every: int = _setting(0, "every N steps of a request (from step N on), attack the current edit "
@@ -197,6 +207,14 @@ class UnlearnConfig:
             raise DugeError(f"memory_budget_gb must be positive or None, got {self.memory_budget_gb!r}")
         get_method(self.method)
         self._validate_adversarial()
+        if isinstance(self.output_erasure_rank, bool) or not isinstance(self.output_erasure_rank, int) \
+                or self.output_erasure_rank < 0:
+            raise DugeError(f"output_erasure_rank must be a whole number of at least 0, got {self.output_erasure_rank!r}")
+        if self.output_erasure_kappa < 0:
+            raise DugeError(f"output_erasure_kappa must be 0 or more, got {self.output_erasure_kappa}")
+        if self.output_erasure_rank and self.method != "duge":
+            raise DugeError(f"output_erasure_rank is a setting of the DUGE method; method {self.method!r} trains "
+                            "without it (set output_erasure_rank to 0)")
 
     def _validate_adversarial(self) -> None:
         for name, least in (("adversarial_every", 0), ("adversarial_budget", 1), ("adversarial_prompts", 1)):

@@ -39,6 +39,7 @@ from .image_cache import RequestCache, load_or_build_request_cache, replayed_cac
 from .memory import RunMemory
 from .methods import Method, get_method
 from .objective import pooled_step_terms, step_terms
+from .output_erasure import directions_so_far, remove_directions, request_directions
 from .preservation import preservation_moments, projected_parameters, projected_updates
 from .phases import Phases, current_phases
 from .results import ProgressFn, RequestDoneFn, RequestResult, ResumeState, UnlearnResult
@@ -166,6 +167,7 @@ def unlearn(backend: Backend, requests: list[ResolvedRequest], config: UnlearnCo
         phases = current_phases(phases)
         run = Run(backend, edits, method, config, fisher, memory, cancel, progress, phases)
         pooled = method.pooled_teachers and config.teacher_pool > 0
+        erasing = config.output_erasure_rank  # rank of duge.output_erasure's directions per request; 0: off
 
         if config.setting == "simultaneous":
             t0 = time.time()
@@ -175,14 +177,20 @@ def unlearn(backend: Backend, requests: list[ResolvedRequest], config: UnlearnCo
             steps = sum(r.steps or config.steps for r in requests)
             moments = preservation_moments(backend, edits, requests, [], requests, general_prompts, kind, before)
             erased = erased_keys(requests, before)
+            start = edits.committed()
+            directions = [request_directions(backend, edits, requests, [], requests, general_prompts, erasing,
+                                             config.output_erasure_kappa, before)] if erasing else []
             delta, losses, _ = train_request(run, caches, steps, config.learning_rate, config.seed, "all requests",
                                              moments=moments, pools=[] if pooled else None, erased=erased)
+            if erasing:  # the targets' output directions, removed for every input (duge.output_erasure)
+                delta = remove_directions(edits, directions, start)
             seconds = time.time() - t0
             metrics = evaluate(backend, requests) if evaluate else {}
             results.append(RequestResult(", ".join(r.target for r in requests), delta, seconds, steps, losses, metrics))
         else:
             caches: list[RequestCache] = list(resume.caches) if resume is not None else []
             pools: list[TeacherPool] | None = [] if pooled else None
+            directions = []  # each sequential request's output directions (duge.output_erasure)
             for k, request in enumerate(requests):
                 if k < start_index:
                     continue
@@ -208,11 +216,21 @@ def unlearn(backend: Backend, requests: list[ResolvedRequest], config: UnlearnCo
                                           micro_batch_size, before, phases)
                 moments = preservation_moments(backend, edits, [request], earlier, requests, general_prompts, kind, before)
                 erased = erased_keys([*earlier, request], before)
+                start = edits.committed()
+                if erasing:
+                    if sequential and len(directions) < k:  # resumed: the earlier requests' directions, as they were
+                        directions = directions_so_far(backend, edits, requests, [r.delta for r in results],
+                                                       general_prompts, erasing, config.output_erasure_kappa, before)
+                    directions = (directions if sequential else []) + [request_directions(
+                        backend, edits, [request], earlier, requests, general_prompts, erasing,
+                        config.output_erasure_kappa, before)]
                 delta, losses, adversarial = train_request(run, replayed + [cache], request.steps or config.steps,
                                                        request.learning_rate or config.learning_rate, seed,
                                                        request.target, replay=bool(replayed), moments=moments,
                                                        pools=(pools if sequential else []) if pooled else None,
                                                        erased=erased)
+                if erasing:  # its target's output directions (and the earlier requests'), removed for every input
+                    delta = remove_directions(edits, directions, start)
                 caches.append(cache)
                 seconds = time.time() - t0  # caching and training; the measurement is not the request's cost
                 metrics = evaluate(backend, requests[: k + 1]) if evaluate else {}
