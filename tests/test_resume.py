@@ -33,7 +33,8 @@ def _interrupt_in(target: str, step: int):
 
 @pytest.mark.parametrize("overrides", [{}, {"teacher_pool": 4, "regularizer": "projection"},
                                        {"adversarial_every": 1, "adversarial_budget": 40},
-                                       {"adversarial_every": 1, "adversarial_budget": 40, "adversarial_attack": "inversion"}])
+                                       {"adversarial_every": 1, "adversarial_budget": 40, "adversarial_attack": "inversion"},
+                                       {"output_erasure_rank": 2}])
 def test_resume_after_ctrl_c_gives_exactly_the_uninterrupted_weights(backend, tmp_path, overrides):
     """Also with teacher pools: the resumed run rebuilds the finished requests' pools as they were; and with
     adversarial training: the interrupted request searches its attack prompts again, as the uninterrupted run
