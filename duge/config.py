@@ -117,9 +117,10 @@ class UnlearnConfig:
                                         "trains (its target minus its anchor, against what must stay): no prompt, "
                                         "an inverted embedding included, reaches them again; 0: off (DUGE method only)",
                                         "erasure")
-    output_erasure_kappa: float = _setting(1.0, "how strongly those directions avoid the outputs that must stay: the "
-                                           "top eigenvectors of A − κ·B (target-minus-anchor and protected output "
-                                           "energy, each of trace 1)", "erasure")
+    output_erasure_epsilon: float = _setting(0.1, "how strictly those directions avoid the outputs that must stay: "
+                                             "the directions maximise the target-minus-anchor output energy over the "
+                                             "protected outputs' energy plus ε (each of trace 1); smaller ε, more "
+                                             "specific directions", "erasure")
 
     # ---- adversarial training (duge.adversarial; DUGE only): the trainer attacks its own edit at intervals, as
     # AdvUnlearn and Receler do, and trains the erasure on the attack prompts it found
@@ -210,8 +211,8 @@ class UnlearnConfig:
         if isinstance(self.output_erasure_rank, bool) or not isinstance(self.output_erasure_rank, int) \
                 or self.output_erasure_rank < 0:
             raise DugeError(f"output_erasure_rank must be a whole number of at least 0, got {self.output_erasure_rank!r}")
-        if self.output_erasure_kappa < 0:
-            raise DugeError(f"output_erasure_kappa must be 0 or more, got {self.output_erasure_kappa}")
+        if not self.output_erasure_epsilon > 0:
+            raise DugeError(f"output_erasure_epsilon must be positive, got {self.output_erasure_epsilon}")
         if self.output_erasure_rank and self.method != "duge":
             raise DugeError(f"output_erasure_rank is a setting of the DUGE method; method {self.method!r} trains "
                             "without it (set output_erasure_rank to 0)")

@@ -179,7 +179,7 @@ def unlearn(backend: Backend, requests: list[ResolvedRequest], config: UnlearnCo
             erased = erased_keys(requests, before)
             start = edits.committed()
             directions = [request_directions(backend, edits, requests, [], requests, general_prompts, erasing,
-                                             config.output_erasure_kappa, before)] if erasing else []
+                                             config.output_erasure_epsilon, before)] if erasing else []
             delta, losses, _ = train_request(run, caches, steps, config.learning_rate, config.seed, "all requests",
                                              moments=moments, pools=[] if pooled else None, erased=erased)
             if erasing:  # the targets' output directions, removed for every input (duge.output_erasure)
@@ -220,10 +220,10 @@ def unlearn(backend: Backend, requests: list[ResolvedRequest], config: UnlearnCo
                 if erasing:
                     if sequential and len(directions) < k:  # resumed: the earlier requests' directions, as they were
                         directions = directions_so_far(backend, edits, requests, [r.delta for r in results],
-                                                       general_prompts, erasing, config.output_erasure_kappa, before)
+                                                       general_prompts, erasing, config.output_erasure_epsilon, before)
                     directions = (directions if sequential else []) + [request_directions(
                         backend, edits, [request], earlier, requests, general_prompts, erasing,
-                        config.output_erasure_kappa, before)]
+                        config.output_erasure_epsilon, before)]
                 delta, losses, adversarial = train_request(run, replayed + [cache], request.steps or config.steps,
                                                        request.learning_rate or config.learning_rate, seed,
                                                        request.target, replay=bool(replayed), moments=moments,

@@ -24,14 +24,15 @@ def backend(builtin_pipe):
 
 
 def test_the_direction_is_where_the_target_differs_and_the_protected_outputs_do_not():
-    """With W = I, the target-minus-anchor energy on axes 0 and 1, and the protected states' on axis 0 and 2,
-    the removed direction is axis 1 (κ = 1); with κ = 0 the protection is ignored and axis 0 (the largest) wins."""
+    """With W = I, the target-minus-anchor energy on axes 0 and 1, and the protected states' on axes 0 and 2,
+    the removed direction is axis 1 (ε = 0.1); with a huge ε the protection no longer counts and axis 0, where the
+    difference is largest, wins."""
     weight = torch.eye(4, dtype=torch.float64)
     difference = torch.diag(torch.tensor([3.0, 2.0, 0.0, 0.0], dtype=torch.float64))
     protected = torch.diag(torch.tensor([4.0, 0.0, 4.0, 0.0], dtype=torch.float64))
-    q = output_directions(weight, difference, protected, rank=1, kappa=1.0)
+    q = output_directions(weight, difference, protected, rank=1, epsilon=0.1)
     assert q.shape == (4, 1) and torch.allclose(q[:, 0].abs(), torch.tensor([0.0, 1.0, 0.0, 0.0], dtype=torch.float64))
-    q0 = output_directions(weight, difference, protected, rank=1, kappa=0.0)
+    q0 = output_directions(weight, difference, protected, rank=1, epsilon=1e6)
     assert torch.allclose(q0[:, 0].abs(), torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=torch.float64))
 
 
@@ -49,11 +50,12 @@ def test_no_input_reaches_a_removed_direction_after_the_run(backend, setting):
         if setting == "sequential":
             edits.load_committed(result.total_delta)
             directions = directions_so_far(backend, edits, requests, [r.delta for r in result.requests], [],
-                                           config.output_erasure_rank, config.output_erasure_kappa)
+                                           config.output_erasure_rank, config.output_erasure_epsilon)
         else:  # from θ0: each request's own (independent), or all at once (simultaneous)
             from duge.output_erasure import request_directions
             groups = [[r] for r in requests] if setting == "independent" else [requests]
-            directions = [request_directions(backend, edits, g, [], requests, [], 2, 1.0) for g in groups]
+            directions = [request_directions(backend, edits, g, [], requests, [], 2, config.output_erasure_epsilon)
+                          for g in groups]
     assert len(directions) == (1 if setting == "simultaneous" else len(requests))
     for name, delta in (result.total_delta if setting == "sequential" else result.requests[0].delta).items():
         weight = originals[name] + delta.double()
