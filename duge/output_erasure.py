@@ -63,15 +63,20 @@ def output_directions(weight: torch.Tensor, difference_moment: torch.Tensor, pro
 
 def request_directions(backend: Backend, edits: LayerEdits, requests: list[ResolvedRequest],
                        earlier: list[ResolvedRequest], all_requests: list[ResolvedRequest], general_prompts: list[str],
-                       rank: int, epsilon: float, erased_before: set[str] = frozenset()) -> Directions:
+                       rank: int, epsilon: float, erased_before: set[str] = frozenset(),
+                       protected_moment: torch.Tensor | None = None) -> Directions:
     """Q of `requests` (one request, or every one when simultaneous) for each edited text projection, from the
-    current weights (θ0 plus the committed deltas, i.e. the model before these requests train)."""
+    current weights (θ0 plus the committed deltas, i.e. the model before these requests train).
+    `protected_moment`: C of these requests when the caller has it (`duge.preservation.preservation_moments`
+    built it for the penalty); else it is built here from the same prompts."""
     with torch.no_grad():
         erase, guide, _ = uce_embeddings(backend, requests)
         difference = (erase - guide).to(torch.float64)
         difference_moment = difference.T @ difference / len(difference)
-        protected = run_preserved_prompts(requests, earlier, all_requests, general_prompts, erased_before)
-        protected_moment = preservation_second_moment(backend.encode_prompts, protected)
+        if protected_moment is None:
+            protected = run_preserved_prompts(requests, earlier, all_requests, general_prompts, erased_before)
+            protected_moment = preservation_second_moment(backend.encode_prompts, protected)
+        protected_moment = protected_moment.to(device="cpu", dtype=torch.float64)
         directions = {}
         for name, delta in edits.deltas.items():
             weight = edits.originals[name].detach().float() + delta.committed.detach().float()

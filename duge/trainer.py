@@ -64,6 +64,11 @@ class Run:
     phases: Phases
 
 
+def same_moment(moments: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The request's C (`preservation_moments` gives every text K/V layer the same one), or None without it."""
+    return next(iter(moments.values()), None)
+
+
 def train_request(run: Run, caches: list[RequestCache], steps: int, learning_rate: float, seed: int, label: str,
                   replay: bool = False, moments: dict | None = None, pools: list[TeacherPool] | None = None,
                   erased: set[str] = frozenset()) -> tuple[dict, dict, list[dict]]:
@@ -177,9 +182,9 @@ def unlearn(backend: Backend, requests: list[ResolvedRequest], config: UnlearnCo
             steps = sum(r.steps or config.steps for r in requests)
             moments = preservation_moments(backend, edits, requests, [], requests, general_prompts, kind, before)
             erased = erased_keys(requests, before)
-            start = edits.committed()
+            start = edits.committed() if erasing else None
             directions = [request_directions(backend, edits, requests, [], requests, general_prompts, erasing,
-                                             config.output_erasure_epsilon, before)] if erasing else []
+                                             config.output_erasure_epsilon, before, same_moment(moments))] if erasing else []
             delta, losses, _ = train_request(run, caches, steps, config.learning_rate, config.seed, "all requests",
                                              moments=moments, pools=[] if pooled else None, erased=erased)
             if erasing:  # the targets' output directions, removed for every input (duge.output_erasure)
@@ -216,14 +221,14 @@ def unlearn(backend: Backend, requests: list[ResolvedRequest], config: UnlearnCo
                                           micro_batch_size, before, phases)
                 moments = preservation_moments(backend, edits, [request], earlier, requests, general_prompts, kind, before)
                 erased = erased_keys([*earlier, request], before)
-                start = edits.committed()
+                start = edits.committed() if erasing else None
                 if erasing:
                     if sequential and len(directions) < k:  # resumed: the earlier requests' directions, as they were
                         directions = directions_so_far(backend, edits, requests, [r.delta for r in results],
                                                        general_prompts, erasing, config.output_erasure_epsilon, before)
                     directions = (directions if sequential else []) + [request_directions(
                         backend, edits, [request], earlier, requests, general_prompts, erasing,
-                        config.output_erasure_epsilon, before)]
+                        config.output_erasure_epsilon, before, same_moment(moments))]
                 delta, losses, adversarial = train_request(run, replayed + [cache], request.steps or config.steps,
                                                        request.learning_rate or config.learning_rate, seed,
                                                        request.target, replay=bool(replayed), moments=moments,
