@@ -308,11 +308,17 @@ def _settings(profile: Profile):
                                           profile.final_compositional_samples, profile.final_distance_samples))
 
 
-def _load_sequence(name: str, profile: Profile):
-    from duge.concepts import example_concept_set_path, load_concept_set
+def sequence_path(name: str) -> Path:
+    """The concept set of a sequence: a method-tuning one (benchmarks/tuning/) or a shipped one."""
+    from duge.concepts import example_concept_set_path
 
-    path = METHOD_TUNING_DIR / f"{name}.yaml" if name in METHOD_TUNING_SEQUENCES else example_concept_set_path(name)
-    concept_set = load_concept_set(path)
+    return METHOD_TUNING_DIR / f"{name}.yaml" if name in METHOD_TUNING_SEQUENCES else example_concept_set_path(name)
+
+
+def _load_sequence(name: str, profile: Profile):
+    from duge.concepts import load_concept_set
+
+    concept_set = load_concept_set(sequence_path(name))
     if profile.requests is not None:
         concept_set.requests = concept_set.requests[: profile.requests]
     return concept_set
@@ -538,14 +544,14 @@ def attach_attacks(result: dict, deltas_dir: Path, attack, cache: Path | None = 
     run with --attack would have been (run["attack"]), and the sanity row (result["attack"]). Runs that
     already hold attacks with another config, or whose edit was not saved, are named and left as they are."""
     from duge.backends.diffusers_backend import DiffusersBackend
-    from duge.concepts import example_concept_set_path, load_concept_set
+    from duge.concepts import load_concept_set
     from duge.models import load_pipeline
 
     earlier = result.get("attack")
     if earlier and earlier.get("config") != asdict(attack):
         raise SystemExit("--attach: the result already holds attacks with other settings; attach with the same "
                          "--attack and --attack-budget, or to a result made without --attack")
-    requests = load_concept_set(example_concept_set_path(result["sequence"])).requests[: len(result["requests"])]
+    requests = load_concept_set(sequence_path(result["sequence"])).requests[: len(result["requests"])]
     if [r.target for r in requests] != result["requests"]:
         raise SystemExit(f"--attach: the result's requests {result['requests']} are not the start of "
                          f"{result['sequence']}'s")

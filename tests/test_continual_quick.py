@@ -346,3 +346,12 @@ def test_benchmark_attacks_each_runs_last_model_and_attaches_attacks_to_saved_ed
     with pytest.raises(ModelLoadError, match="not the final edit of duge seed 0"):
         bench.load_final_delta(run / "deltas" / "uce_seed0.safetensors", backend, result, "duge", 0)
     assert bench.load_final_delta(run / "deltas" / "uce_seed0.safetensors", backend, result, "uce", 0)
+
+
+def test_attach_finds_the_sequence_of_a_method_tuning_run():
+    # --attach reads the run's sequence by name; a method-tuning sequence lives in benchmarks/tuning/, not
+    # among the shipped concept sets (it raised ConceptSetError before).
+    bench = _benchmark()
+    assert bench.sequence_path("method_tuning10") == bench.METHOD_TUNING_DIR / "method_tuning10.yaml"
+    assert bench.sequence_path("method_tuning10").is_file()
+    assert bench.sequence_path("sequence10").name == "sequence10.yaml" and bench.sequence_path("sequence10").is_file()
