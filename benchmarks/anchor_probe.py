@@ -14,7 +14,7 @@ the reported ones):
    edited model draws instead.
 
     python benchmarks/anchor_probe.py [--concepts SET.yaml] [--targets square,cross] [--guidance 0.5,1,2]
-                                      [--samples 16] [--json PATH]
+                                      [--steps N] [--samples 16] [--json PATH]
 
 Prints one row per target and η, and writes benchmarks/results/method/anchor_probe.json. Measuring seeds
 (`--seed`, default 5000) are not the training seeds. One torch thread.
@@ -40,6 +40,7 @@ def main(argv=None) -> int:
     parser.add_argument("--concepts", default=str(ROOT / "benchmarks" / "tuning" / "method_tuning10.yaml"))
     parser.add_argument("--targets", default=None, help="comma-separated targets of the set (default: its objects)")
     parser.add_argument("--guidance", default="0.5,1,2", help="comma-separated anchor_guidance values to erase with")
+    parser.add_argument("--steps", type=int, default=None, help="training steps of each request (default: DUGE's)")
     parser.add_argument("--samples", type=int, default=16, help="images per held-out prompt")
     parser.add_argument("--seed", type=int, default=5000, help="measuring seed (not a training seed)")
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "method" / "anchor_probe.json"))
@@ -81,7 +82,8 @@ def main(argv=None) -> int:
         anchor_share = float(np.mean([label == concept.name for label in anchor_labels]))
         held_out = [render_prompt(t, name) for t in concept.paraphrase_templates for name in concept.names]
         for eta in (float(x) for x in args.guidance.split(",")):
-            config = method_config("duge", seed=0, anchor_guidance=eta)
+            config = method_config("duge", seed=0, anchor_guidance=eta,
+                                   **({"steps": args.steps} if args.steps else {}))
             found = {}
 
             def evaluate(edited, _requests, found=found, concept=concept, held_out=held_out):
@@ -95,7 +97,7 @@ def main(argv=None) -> int:
             unlearn(base, resolve_concept_set(single, builtin_world=True), config, single.general_prompts,
                     evaluate=evaluate)
             row = {"target": request.target, "anchor": request.anchor, "anchor_shows_target": anchor_share,
-                   "anchor_guidance": eta, "UA_alone": found["UA"],
+                   "anchor_guidance": eta, "steps": config.steps, "UA_alone": found["UA"],
                    "edited_draws": found["draws"]}
             rows.append(row)
             print(f"{row['target']:<10} anchor '{row['anchor']}' shows it {anchor_share:.2f}  eta {eta:<4g} UA alone {found['UA']:.2f}  draws {found['draws']}",
