@@ -60,8 +60,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(1)
     concept_set = load_concept_set(args.concepts)
-    requests = resolve_concept_set(ConceptSet(concept_set.name, concept_set.requests, concept_set.general_prompts),
-                                   builtin_world=True, setting="independent")
+    requests = resolve_concept_set(concept_set, builtin_world=True, setting="independent")
     measured = world_measured_concepts()
     wanted = args.targets.split(",") if args.targets else [r.target for r in requests if r.kind == "object"]
     evaluator = builtin_evaluator()

@@ -81,13 +81,14 @@ def main(argv=None) -> int:
                     own = 0.0
                     for weight in weights.values():
                         q = output_directions(weight, own_moment, protected, rank, epsilon)  # [out, rank]
-                        for name, moment in [("__own__", own_moment), *moments.items()]:
+
+                        def removed(moment, weight=weight, q=q) -> float:  # share of W·M·Wᵀ's trace along q
                             energy = weight @ moment @ weight.T
-                            removed = float((q.T @ energy @ q).trace() / energy.trace()) / len(weights)
-                            if name == "__own__":
-                                own += removed
-                            else:
-                                share[name] += removed
+                            return float((q.T @ energy @ q).trace() / energy.trace()) / len(weights)
+
+                        own += removed(own_moment)
+                        for name, moment in moments.items():
+                            share[name] += removed(moment)
                     others = sorted(((v, n) for n, v in share.items() if n != request.target), reverse=True)
                     row = {"request": position, "target": request.target, "epsilon": epsilon, "rank": rank,
                            "own_removed": own, "others_removed": {n: v for v, n in others}}
