@@ -99,8 +99,8 @@ def main(argv=None) -> int:
                    "anchor_guidance": eta, "steps": config.steps, "UA_alone": found["UA"],
                    "edited_draws": found["draws"]}
             rows.append(row)
-            print(f"{row['target']:<10} anchor '{row['anchor']}' shows it {anchor_share:.2f}  eta {eta:<4g} UA alone {found['UA']:.2f}  draws {found['draws']}",
-                  flush=True)
+            print(f"{row['target']:<10} anchor '{row['anchor']}' shows it {anchor_share:.2f}  eta {eta:<4g} "
+                  f"UA alone {found['UA']:.2f}  draws {found['draws']}", flush=True)
     out = {"concepts": args.concepts, "samples_per_prompt": args.samples, "seed": args.seed, "sampler_steps": steps,
            "rows": rows}
     atomic_write_text(Path(args.json), json.dumps(out, indent=2), overwrite=args.overwrite)
